@@ -1,0 +1,28 @@
+//! Vigil: a store-and-forward MQTT bridge for hospital wards.
+//!
+//! # Map of the crate
+//!
+//! Data flows one way, and only acknowledgements flow back, through the store:
+//!
+//! ```text
+//! device --MQTT--> gate --> store (fjall, encrypted, fsynced) --> forward --mTLS--> cloud
+//!                                   ^                                 |
+//!                                   +--------- cloud PUBACK: ack -----+
+//! ```
+//!
+//! * [`event`]: the unit that flows: a device message with its identity
+//!   (UUID v7 id, per-device sequence number, SHA-256 of its canonical encoding).
+//! * [`store`]: the durable queue: one lane per priority, group commit with
+//!   fsync, deletion only on the cloud's ack, counted eviction under a quota,
+//!   dead-letter and quarantine. Its module docs are the storage design.
+//! * [`crypto`]: AES-256-GCM sealing of stored records and master-key loading;
+//!   used only by the store.
+//! * [`cli`]: the `vigil` command.
+//!
+//! The delivery contract these modules keep is in the README and in
+//! `DESIGN.md` section 1.
+
+pub mod cli;
+pub mod crypto;
+pub mod event;
+pub mod store;

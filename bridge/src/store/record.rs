@@ -1,0 +1,263 @@
+//! The on-disk record format: keys, sealed values, and the bodies they carry.
+//!
+//! ```text
+//! key   = seq: u64, big-endian (so fjall's byte order is sequence order)
+//! value = format: u8 (= RECORD_FORMAT)
+//!         epoch:  u32, big-endian (the boot epoch the record was sealed in)
+//!         AES-256-GCM( body_format: u8 || postcard(body) ) || tag[16]
+//!           nonce = epoch || seq
+//!           aad   = store id, keyspace name, seq, RECORD_FORMAT (crypto::RecordContext)
+//! ```
+//!
+//! Bodies: an [`Event`] in the priority lanes ([`EVENT_FORMAT`]), a
+//! [`DeadLetterEntry`] in `dead-letter` ([`DEAD_LETTER_FORMAT`]). Quarantine
+//! entries are not sealed again: they keep the original sealed bytes as found,
+//! with a cleartext note of where they were and why they were moved.
+//!
+//! **Warning.** These layouts are on disk. Never change a field's order or type:
+//! add a new format version and keep reading the old ones.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::crypto::{CryptoError, DataKey, Nonce, RecordContext};
+use crate::event::{Event, Timestamp};
+
+/// Version of the sealed value layout (header + ciphertext).
+pub const RECORD_FORMAT: u8 = 1;
+/// Body format: a postcard-encoded [`Event`].
+pub const EVENT_FORMAT: u8 = 1;
+/// Body format: a postcard-encoded [`DeadLetterEntry`].
+pub const DEAD_LETTER_FORMAT: u8 = 0x81;
+/// Format of a (cleartext) [`QuarantineEntry`].
+pub const QUARANTINE_FORMAT: u8 = 1;
+/// Bytes before the ciphertext: format byte and epoch.
+pub const HEADER_LEN: usize = 5;
+/// Bytes a key takes.
+pub const KEY_LEN: usize = 8;
+
+/// Why a stored value could not be turned back into its body.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The value is shorter than the header.
+    #[error("value of {len} bytes is shorter than the {HEADER_LEN}-byte record header")]
+    TooShort {
+        /// Length found.
+        len: usize,
+    },
+    /// The header names a record format this build does not know.
+    #[error("unknown record format {0} (this build reads format {RECORD_FORMAT})")]
+    UnknownFormat(u8),
+    /// Authentication failed: see [`CryptoError`].
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The plaintext carries a body format other than the one expected here.
+    #[error("body format {found:#x} where {expected:#x} was expected")]
+    WrongBody {
+        /// Found.
+        found: u8,
+        /// Expected.
+        expected: u8,
+    },
+    /// The plaintext authenticated but does not decode (a bug, or a newer writer).
+    #[error("authenticated body does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+    /// A key is not 8 bytes.
+    #[error("key of {0} bytes is not an 8-byte sequence number")]
+    BadKey(usize),
+}
+
+/// A record moved out of the queue for good, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterEntry {
+    /// The event as it was queued.
+    pub event: Event,
+    /// The store sequence number it had in its lane.
+    pub original_seq: u64,
+    /// Why it was moved (e.g. the cloud's PUBACK reason code).
+    pub reason: String,
+    /// When it was moved.
+    pub dead_lettered_at: Timestamp,
+}
+
+/// A stored value that failed to authenticate or decode, kept as found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    /// The keyspace the value was found in.
+    pub keyspace: String,
+    /// The key it was found under.
+    pub seq: u64,
+    /// What was wrong with it.
+    pub reason: String,
+    /// When it was moved.
+    pub quarantined_at: Timestamp,
+    /// The value exactly as it was on disk.
+    pub raw: Vec<u8>,
+}
+
+/// Encodes a sequence number as a key.
+pub fn key(seq: u64) -> [u8; KEY_LEN] {
+    seq.to_be_bytes()
+}
+
+/// Decodes a key.
+pub fn seq_of(key: &[u8]) -> Result<u64, RecordError> {
+    let bytes: [u8; KEY_LEN] = key.try_into().map_err(|_| RecordError::BadKey(key.len()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Where a record is sealed: everything but the body.
+#[derive(Debug, Clone, Copy)]
+pub struct Seal<'a> {
+    /// The store's data key.
+    pub key: &'a DataKey,
+    /// The store's id.
+    pub store_id: &'a [u8; 16],
+    /// The keyspace the value goes into.
+    pub keyspace: &'a str,
+    /// Its key.
+    pub seq: u64,
+}
+
+impl Seal<'_> {
+    fn context(&self) -> RecordContext<'_> {
+        RecordContext {
+            store_id: self.store_id,
+            keyspace: self.keyspace,
+            seq: self.seq,
+            format: RECORD_FORMAT,
+        }
+    }
+
+    /// Seals `body` (tagged `body_format`) under `epoch`.
+    pub fn seal<T: Serialize>(
+        &self,
+        epoch: u32,
+        body_format: u8,
+        body: &T,
+    ) -> Result<Vec<u8>, RecordError> {
+        let mut buf = Vec::with_capacity(256);
+        buf.push(RECORD_FORMAT);
+        buf.extend_from_slice(&epoch.to_be_bytes());
+        buf.push(body_format);
+        let mut buf = postcard::to_extend(body, buf)?;
+        buf.reserve_exact(crate::crypto::TAG_LEN);
+        self.key.seal_in_place(
+            Nonce {
+                epoch,
+                seq: self.seq,
+            },
+            &self.context(),
+            &mut buf,
+            HEADER_LEN,
+        )?;
+        Ok(buf)
+    }
+
+    /// Opens a sealed value and decodes its body, which must be `body_format`.
+    pub fn open<T: DeserializeOwned>(&self, body_format: u8, value: &[u8]) -> Result<T, RecordError> {
+        let (header, sealed) = value
+            .split_at_checked(HEADER_LEN)
+            .ok_or(RecordError::TooShort { len: value.len() })?;
+        let [format, e0, e1, e2, e3] = *header else {
+            return Err(RecordError::TooShort { len: value.len() });
+        };
+        if format != RECORD_FORMAT {
+            return Err(RecordError::UnknownFormat(format));
+        }
+        let epoch = u32::from_be_bytes([e0, e1, e2, e3]);
+        let plain = self.key.open(
+            Nonce {
+                epoch,
+                seq: self.seq,
+            },
+            &self.context(),
+            sealed,
+        )?;
+        let (&found, body) = plain.split_first().ok_or(RecordError::TooShort { len: 0 })?;
+        if found != body_format {
+            return Err(RecordError::WrongBody {
+                found,
+                expected: body_format,
+            });
+        }
+        Ok(postcard::from_bytes(body)?)
+    }
+}
+
+/// The epoch a sealed value was written in, read from its cleartext header.
+pub fn epoch_of(value: &[u8]) -> Option<u32> {
+    let bytes = value.get(1..HEADER_LEN)?;
+    Some(u32::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Encodes a quarantine entry (cleartext: its `raw` is still ciphertext).
+pub fn encode_quarantine(entry: &QuarantineEntry) -> Result<Vec<u8>, RecordError> {
+    Ok(postcard::to_extend(entry, vec![QUARANTINE_FORMAT])?)
+}
+
+/// Decodes a quarantine entry.
+pub fn decode_quarantine(value: &[u8]) -> Result<QuarantineEntry, RecordError> {
+    match value.split_first() {
+        Some((&QUARANTINE_FORMAT, body)) => Ok(postcard::from_bytes(body)?),
+        Some((&other, _)) => Err(RecordError::UnknownFormat(other)),
+        None => Err(RecordError::TooShort { len: 0 }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    #[test]
+    fn sealed_values_open_only_where_they_were_sealed() {
+        let id = [3u8; 16];
+        let key = DataKey::derive(&MasterKey::from_bytes([1; 32]), &id);
+        let here = Seal {
+            key: &key,
+            store_id: &id,
+            keyspace: "p1",
+            seq: 9,
+        };
+        let value = here.seal(7, EVENT_FORMAT, &"hello".to_string()).unwrap();
+        assert_eq!(value[0], RECORD_FORMAT);
+        assert_eq!(epoch_of(&value), Some(7));
+        let back: String = here.open(EVENT_FORMAT, &value).unwrap();
+        assert_eq!(back, "hello");
+
+        let moved = Seal {
+            keyspace: "p2",
+            ..here
+        };
+        assert!(matches!(
+            moved.open::<String>(EVENT_FORMAT, &value),
+            Err(RecordError::Crypto(CryptoError::Authentication))
+        ));
+        assert!(matches!(
+            here.open::<String>(DEAD_LETTER_FORMAT, &value),
+            Err(RecordError::WrongBody { .. })
+        ));
+        let mut flipped = value.clone();
+        flipped[HEADER_LEN + 2] ^= 0x10;
+        assert!(here.open::<String>(EVENT_FORMAT, &flipped).is_err());
+        assert!(matches!(
+            here.open::<String>(EVENT_FORMAT, &value[..3]),
+            Err(RecordError::TooShort { len: 3 })
+        ));
+        let mut future = value;
+        future[0] = 9;
+        assert!(matches!(
+            here.open::<String>(EVENT_FORMAT, &future),
+            Err(RecordError::UnknownFormat(9))
+        ));
+    }
+
+    #[test]
+    fn keys_sort_in_sequence_order() {
+        let mut keys: Vec<_> = [300u64, 2, 70_000, 1].iter().map(|s| key(*s)).collect();
+        keys.sort();
+        let seqs: Vec<u64> = keys.iter().map(|k| seq_of(k).unwrap()).collect();
+        assert_eq!(seqs, vec![1, 2, 300, 70_000]);
+        assert!(seq_of(&[1, 2]).is_err());
+    }
+}

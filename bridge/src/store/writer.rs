@@ -1,0 +1,974 @@
+//! The writer thread: every mutation of the store, group-committed.
+//!
+//! See the module docs of [`super`] for the batching, eviction and gap-notice
+//! rules. In short: `run` takes one command, then what is already queued (up to
+//! `max_batch` or `commit_interval`), applies them to a [`Batch`], and `commit`
+//! writes that batch with the updated state in one fjall batch, persists it, and
+//! only then replies. Any failure while committing poisons the writer: in-memory
+//! state has already moved ahead of the disk, so no later write may be trusted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fjall::PersistMode;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::record::{
+    self, DEAD_LETTER_FORMAT, DeadLetterEntry, EVENT_FORMAT, KEY_LEN, QuarantineEntry,
+};
+use super::{
+    AckReport, Appended, DEAD_LETTER, Durability, Evicted, QUARANTINE, STATE_KEY, Shared,
+    StoreError, StoreOptions, StoreStats, scan,
+};
+use crate::event::{Event, Ingest, Kind, Qos, Timestamp, VIGIL_DEVICE};
+
+/// Topic of gap-notice events (under the cloud prefix once forwarded).
+pub const GAP_NOTICE_TOPIC: &str = "vigil/gap-notice";
+/// Device and gap caches are dropped (they are persisted) past this many entries.
+const CACHE_LIMIT: usize = 65_536;
+
+/// Where a record lives, for moves and quarantine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Area {
+    Lane(u8),
+    DeadLetter,
+    Quarantine,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A request to the writer.
+pub(super) enum Command {
+    Append {
+        ingest: Ingest,
+        done: Reply<Appended>,
+    },
+    Ack {
+        priority: u8,
+        seqs: Vec<u64>,
+        done: Reply<AckReport>,
+    },
+    DeadLetter {
+        priority: u8,
+        seq: u64,
+        reason: String,
+        done: Reply<Option<u64>>,
+    },
+    Requeue {
+        seq: u64,
+        done: Reply<Option<u64>>,
+    },
+    Purge {
+        seq: u64,
+        done: Reply<bool>,
+    },
+    Quarantine {
+        area: Area,
+        seq: u64,
+        reason: String,
+        done: Reply<bool>,
+    },
+    Close {
+        done: Reply<()>,
+    },
+}
+
+impl Command {
+    fn fail(self, err: StoreError) {
+        match self {
+            Command::Append { done, .. } => drop(done.send(Err(err))),
+            Command::Ack { done, .. } => drop(done.send(Err(err))),
+            Command::DeadLetter { done, .. } | Command::Requeue { done, .. } => {
+                drop(done.send(Err(err)))
+            }
+            Command::Purge { done, .. } | Command::Quarantine { done, .. } => {
+                drop(done.send(Err(err)))
+            }
+            Command::Close { done } => drop(done.send(Err(err))),
+        }
+    }
+}
+
+/// Sends a deferred reply: the value on success, the commit's error otherwise.
+type Deferred = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+fn defer<T: Send + 'static>(done: Reply<T>, value: T) -> Deferred {
+    Box::new(move |err| {
+        let _ = done.send(match err {
+            None => Ok(value),
+            Some(e) => Err(copy_error(e)),
+        });
+    })
+}
+
+/// The error every waiter of a failed batch receives.
+fn copy_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Poisoned(m) => StoreError::Poisoned(m.clone()),
+        other => StoreError::Persist(other.to_string()),
+    }
+}
+
+enum Op {
+    Put(Area, u64, Vec<u8>),
+    Delete(Area, u64),
+    Meta(Vec<u8>, Vec<u8>),
+}
+
+/// A range of one device's messages evicted from one lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct GapRange {
+    first: u64,
+    last: u64,
+    count: u64,
+    first_received_at: Timestamp,
+    last_received_at: Timestamp,
+}
+
+impl GapRange {
+    fn one(device_seq: u64, at: Timestamp) -> Self {
+        Self {
+            first: device_seq,
+            last: device_seq,
+            count: 1,
+            first_received_at: at,
+            last_received_at: at,
+        }
+    }
+
+    fn merge(self, other: GapRange) -> Self {
+        Self {
+            first: self.first.min(other.first),
+            last: self.last.max(other.last),
+            count: self.count + other.count,
+            first_received_at: self.first_received_at.min(other.first_received_at),
+            last_received_at: self.last_received_at.max(other.last_received_at),
+        }
+    }
+}
+
+/// The open gap record of one (lane, device): its notice in lane 0 and what it covers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct GapState {
+    notice_seq: u64,
+    range: GapRange,
+}
+
+/// The JSON payload of a gap-notice event (documented in the README).
+#[derive(Serialize)]
+struct GapNoticePayload<'a> {
+    device: &'a str,
+    priority: u8,
+    first_seq: u64,
+    last_seq: u64,
+    count: u64,
+    first_received_at: String,
+    last_received_at: String,
+    reason: &'static str,
+}
+
+struct Batch {
+    ops: Vec<Op>,
+    replies: Vec<Deferred>,
+    deleted: HashSet<(Area, u64)>,
+    commands: usize,
+    /// Whether the batch must be fsynced before replying (it holds appends or moves).
+    sync: bool,
+    /// Whether `state` changed (it is written whenever it did).
+    dirty: bool,
+    /// Lanes whose head may have moved.
+    heads: BTreeSet<u8>,
+    /// Lanes with appends not yet committed (they are not eviction candidates yet).
+    pending_lanes: u32,
+    devices: BTreeSet<String>,
+    evictions: BTreeMap<(u8, String), GapRange>,
+    /// Where the next eviction scan of each lane resumes.
+    scan_from: Vec<Option<u64>>,
+}
+
+impl Batch {
+    fn new(lanes: usize) -> Self {
+        Self {
+            ops: Vec::new(),
+            replies: Vec::new(),
+            deleted: HashSet::new(),
+            commands: 0,
+            sync: false,
+            dirty: false,
+            heads: BTreeSet::new(),
+            pending_lanes: 0,
+            devices: BTreeSet::new(),
+            evictions: BTreeMap::new(),
+            scan_from: vec![None; lanes],
+        }
+    }
+
+    fn delete(&mut self, area: Area, seq: u64) {
+        self.deleted.insert((area, seq));
+        self.ops.push(Op::Delete(area, seq));
+        self.dirty = true;
+        if let Area::Lane(p) = area {
+            self.heads.insert(p);
+        }
+    }
+
+    fn put(&mut self, area: Area, seq: u64, value: Vec<u8>) {
+        self.ops.push(Op::Put(area, seq, value));
+        self.dirty = true;
+        self.sync = true;
+    }
+}
+
+enum Room {
+    /// Commit what is pending and try once more: uncommitted appends may be evictable.
+    Flush,
+    Refuse(StoreError),
+}
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    state: StoreStats,
+    quota: u64,
+    step: u64,
+    durability: Durability,
+    commit_interval: Duration,
+    max_batch: usize,
+    devices: HashMap<String, u64>,
+    gaps: HashMap<(u8, String), Option<GapState>>,
+    fatal: Option<String>,
+}
+
+fn dev_key(device: &str) -> Vec<u8> {
+    [b"dev/".as_slice(), device.as_bytes()].concat()
+}
+
+fn gap_key(lane: u8, device: &str) -> Vec<u8> {
+    format!("gap/{lane}/{device}").into_bytes()
+}
+
+fn size_of(value_len: usize) -> u64 {
+    (KEY_LEN + value_len) as u64
+}
+
+impl Writer {
+    pub(super) fn new(shared: Arc<Shared>, options: &StoreOptions, state: StoreStats) -> Self {
+        Self {
+            shared,
+            state,
+            quota: options.quota_bytes,
+            step: options.eviction_step_bytes,
+            durability: options.durability,
+            commit_interval: options.commit_interval,
+            max_batch: options.max_batch,
+            devices: HashMap::new(),
+            gaps: HashMap::new(),
+            fatal: None,
+        }
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let started = Instant::now();
+            let mut batch = Batch::new(self.state.lanes.len());
+            let mut closing = None;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                if let Command::Close { done } = cmd {
+                    closing = Some(done);
+                    break;
+                }
+                batch.commands += 1;
+                self.apply(cmd, &mut batch);
+                if batch.commands >= self.max_batch || started.elapsed() >= self.commit_interval {
+                    break;
+                }
+                next = rx.try_recv().ok();
+            }
+            self.commit(batch);
+            if let Some(done) = closing {
+                let _ = done.send(self.close());
+                rx.close();
+                while let Ok(cmd) = rx.try_recv() {
+                    cmd.fail(StoreError::Closed);
+                }
+                return;
+            }
+        }
+        // Every handle is gone: leave the disk synced.
+        let _ = self.close();
+    }
+
+    fn close(&mut self) -> Result<(), StoreError> {
+        if let Some(reason) = &self.fatal {
+            return Err(StoreError::Poisoned(reason.clone()));
+        }
+        self.shared
+            .db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| StoreError::Persist(format!("{e:?}")))
+    }
+
+    fn apply(&mut self, cmd: Command, batch: &mut Batch) {
+        if let Some(reason) = &self.fatal {
+            cmd.fail(StoreError::Poisoned(reason.clone()));
+            return;
+        }
+        match cmd {
+            Command::Append { ingest, done } => self.append(ingest, done, batch),
+            Command::Ack {
+                priority,
+                seqs,
+                done,
+            } => match self.ack(priority, &seqs, batch) {
+                Ok(report) => batch.replies.push(defer(done, report)),
+                Err(e) => drop(done.send(Err(e))),
+            },
+            Command::DeadLetter {
+                priority,
+                seq,
+                reason,
+                done,
+            } => match self.dead_letter(priority, seq, reason, batch) {
+                Ok(moved) => batch.replies.push(defer(done, moved)),
+                Err(e) => drop(done.send(Err(e))),
+            },
+            Command::Requeue { seq, done } => match self.requeue(seq, batch) {
+                Ok(moved) => batch.replies.push(defer(done, moved)),
+                Err(e) => drop(done.send(Err(e))),
+            },
+            Command::Purge { seq, done } => match self.purge(seq, batch) {
+                Ok(found) => batch.replies.push(defer(done, found)),
+                Err(e) => drop(done.send(Err(e))),
+            },
+            Command::Quarantine {
+                area,
+                seq,
+                reason,
+                done,
+            } => match self.quarantine_if_bad(area, seq, reason, batch) {
+                Ok(moved) => batch.replies.push(defer(done, moved)),
+                Err(e) => drop(done.send(Err(e))),
+            },
+            Command::Close { done } => drop(done.send(Ok(()))),
+        }
+    }
+
+    fn engine(&self, e: fjall::Error) -> StoreError {
+        StoreError::engine(&self.shared.dir, e)
+    }
+
+    fn area_name(&self, area: Area) -> String {
+        match area {
+            Area::Lane(p) => super::lane_name(p),
+            Area::DeadLetter => DEAD_LETTER.into(),
+            Area::Quarantine => QUARANTINE.into(),
+        }
+    }
+
+    fn keyspace(&self, area: Area) -> Result<&fjall::Keyspace, StoreError> {
+        match area {
+            Area::Lane(p) => Ok(self.shared.lane(p)?.0),
+            Area::DeadLetter => Ok(&self.shared.dead_letter),
+            Area::Quarantine => Ok(&self.shared.quarantine),
+        }
+    }
+
+    fn get(&self, area: Area, seq: u64, batch: &Batch) -> Result<Option<Vec<u8>>, StoreError> {
+        if batch.deleted.contains(&(area, seq)) {
+            return Ok(None);
+        }
+        let value = self
+            .keyspace(area)?
+            .get(record::key(seq))
+            .map_err(|e| self.engine(e))?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.state.next_seq;
+        self.state.next_seq += 1;
+        seq
+    }
+
+    /// Counts a record added to `area` under `seq`. A record added to an empty
+    /// lane is its head: the cursor and oldest age point at it.
+    fn figures_add(&mut self, area: Area, seq: u64, bytes: u64, oldest: Option<Timestamp>) {
+        match area {
+            Area::Lane(p) => {
+                if let Some(lane) = self.state.lanes.get_mut(usize::from(p)) {
+                    if lane.messages == 0 {
+                        lane.oldest = oldest;
+                        lane.cursor = seq;
+                    }
+                    lane.messages += 1;
+                    lane.bytes += bytes;
+                }
+            }
+            Area::DeadLetter => {
+                self.state.dead_letter.messages += 1;
+                self.state.dead_letter.bytes += bytes;
+            }
+            Area::Quarantine => {
+                self.state.quarantine.messages += 1;
+                self.state.quarantine.bytes += bytes;
+            }
+        }
+    }
+
+    fn figures_sub(&mut self, area: Area, bytes: u64) {
+        let (messages, total) = match area {
+            Area::Lane(p) => match self.state.lanes.get_mut(usize::from(p)) {
+                Some(lane) => (&mut lane.messages, &mut lane.bytes),
+                None => return,
+            },
+            Area::DeadLetter => (
+                &mut self.state.dead_letter.messages,
+                &mut self.state.dead_letter.bytes,
+            ),
+            Area::Quarantine => (
+                &mut self.state.quarantine.messages,
+                &mut self.state.quarantine.bytes,
+            ),
+        };
+        *messages = messages.saturating_sub(1);
+        *total = total.saturating_sub(bytes);
+    }
+
+    fn peek_device_seq(&mut self, device: &str) -> Result<u64, StoreError> {
+        if let Some(last) = self.devices.get(device) {
+            return Ok(last + 1);
+        }
+        let last = match self
+            .shared
+            .meta
+            .get(dev_key(device))
+            .map_err(|e| self.engine(e))?
+        {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            None => 0,
+        };
+        self.devices.insert(device.to_string(), last);
+        Ok(last + 1)
+    }
+
+    fn take_device_seq(&mut self, device: &str, seq: u64, batch: &mut Batch) {
+        self.devices.insert(device.to_string(), seq);
+        batch.devices.insert(device.to_string());
+    }
+
+    fn append(&mut self, ingest: Ingest, done: Reply<Appended>, batch: &mut Batch) {
+        let priority = ingest.priority;
+        let name = match self.shared.lane(priority) {
+            Ok((_, name)) => name.to_string(),
+            Err(e) => return drop(done.send(Err(e))),
+        };
+        let mut allow_flush = true;
+        loop {
+            let device_seq = match self.peek_device_seq(&ingest.device) {
+                Ok(s) => s,
+                Err(e) => return drop(done.send(Err(e))),
+            };
+            let seq = self.state.next_seq;
+            let event = Event::from_ingest(ingest.clone(), Uuid::now_v7(), device_seq);
+            let value = match self.shared.seal_for(&name, seq).seal(
+                self.shared.epoch,
+                EVENT_FORMAT,
+                &event,
+            ) {
+                Ok(v) => v,
+                Err(source) => {
+                    return drop(done.send(Err(StoreError::Record {
+                        keyspace: name,
+                        seq,
+                        source,
+                    })));
+                }
+            };
+            let stored_bytes = size_of(value.len());
+            match self.make_room(priority, stored_bytes, batch, allow_flush) {
+                Ok(evicted) => {
+                    self.take_device_seq(&event.device, device_seq, batch);
+                    self.take_seq();
+                    self.figures_add(Area::Lane(priority), seq, stored_bytes, Some(event.received_at));
+                    self.state.counters.appended += 1;
+                    batch.put(Area::Lane(priority), seq, value);
+                    batch.pending_lanes |= 1 << priority;
+                    let appended = Appended {
+                        seq,
+                        device_seq,
+                        id: event.id,
+                        stored_bytes,
+                        evicted,
+                    };
+                    batch.replies.push(defer(done, appended));
+                    return;
+                }
+                Err(Room::Flush) => {
+                    let full = std::mem::replace(batch, Batch::new(self.state.lanes.len()));
+                    batch.commands = full.commands;
+                    self.commit(full);
+                    if let Some(reason) = &self.fatal {
+                        return drop(done.send(Err(StoreError::Poisoned(reason.clone()))));
+                    }
+                    allow_flush = false;
+                }
+                Err(Room::Refuse(e)) => {
+                    // Reply after the commit, so the refusal is counted on disk
+                    // and in the figures before the device hears of it.
+                    self.state.counters.refused_full += 1;
+                    batch.dirty = true;
+                    batch.replies.push(Box::new(move |err| {
+                        let _ = done.send(Err(err.map_or(e, copy_error)));
+                    }));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Evicts what a `size`-byte append at `priority` needs, or says why not.
+    fn make_room(
+        &mut self,
+        priority: u8,
+        size: u64,
+        batch: &mut Batch,
+        allow_flush: bool,
+    ) -> Result<Vec<Evicted>, Room> {
+        let used = self.state.used_bytes();
+        if used + size <= self.quota {
+            return Ok(Vec::new());
+        }
+        let needed = used + size - self.quota;
+        let floor = usize::from(priority.max(1));
+        let evictable: u64 = self.state.lanes.iter().skip(floor).map(|l| l.bytes).sum();
+        let quota = self.quota;
+        let full = |evictable| {
+            Room::Refuse(StoreError::Full {
+                priority,
+                needed: size,
+                quota,
+                used,
+                evictable,
+            })
+        };
+        if evictable < needed {
+            return Err(full(evictable));
+        }
+        let target = needed.saturating_add(self.step).min(evictable);
+        let mut freed = 0u64;
+        let mut evicted = Vec::new();
+        for lane in (floor..self.state.lanes.len()).rev() {
+            let Ok(q) = u8::try_from(lane) else { break };
+            while freed < target {
+                let Some((seq, value)) = self.next_victim(q, batch).map_err(Room::Refuse)? else {
+                    break;
+                };
+                let vsize = size_of(value.len());
+                let name = super::lane_name(q);
+                match self.shared.seal_for(&name, seq).open::<Event>(EVENT_FORMAT, &value) {
+                    Ok(event) => {
+                        batch.delete(Area::Lane(q), seq);
+                        self.figures_sub(Area::Lane(q), vsize);
+                        if let Some(n) = self.state.counters.evicted.get_mut(lane) {
+                            *n += 1;
+                        }
+                        let one = GapRange::one(event.device_seq, event.received_at);
+                        batch
+                            .evictions
+                            .entry((q, event.device))
+                            .and_modify(|g| *g = g.merge(one))
+                            .or_insert(one);
+                        evicted.push(Evicted { priority: q, seq });
+                        freed += vsize;
+                    }
+                    Err(e) => self.stage_quarantine(Area::Lane(q), seq, value, e.to_string(), batch),
+                }
+            }
+            if freed >= target {
+                break;
+            }
+        }
+        if freed >= needed {
+            return Ok(evicted);
+        }
+        let uncommitted = batch.pending_lanes >> floor != 0;
+        if allow_flush && uncommitted {
+            Err(Room::Flush)
+        } else {
+            Err(full(evictable))
+        }
+    }
+
+    /// The oldest committed record of lane `q` not yet deleted in this batch.
+    fn next_victim(&self, q: u8, batch: &mut Batch) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let lane = usize::from(q);
+        let from = batch
+            .scan_from
+            .get(lane)
+            .copied()
+            .flatten()
+            .unwrap_or_else(|| self.state.lanes.get(lane).map_or(0, |l| l.cursor));
+        let ks = self.keyspace(Area::Lane(q))?;
+        for guard in ks.range(record::key(from)..) {
+            let (k, v) = guard.into_inner().map_err(|e| self.engine(e))?;
+            let Ok(seq) = record::seq_of(&k) else { continue };
+            if let Some(slot) = batch.scan_from.get_mut(lane) {
+                *slot = Some(seq + 1);
+            }
+            if batch.deleted.contains(&(Area::Lane(q), seq)) {
+                continue;
+            }
+            return Ok(Some((seq, v.to_vec())));
+        }
+        Ok(None)
+    }
+
+    fn ack(&mut self, priority: u8, seqs: &[u64], batch: &mut Batch) -> Result<AckReport, StoreError> {
+        let area = Area::Lane(priority);
+        let ks = self.keyspace(area)?.clone();
+        let mut report = AckReport::default();
+        for &seq in seqs {
+            let size = if batch.deleted.contains(&(area, seq)) {
+                None
+            } else {
+                ks.size_of(record::key(seq)).map_err(|e| self.engine(e))?
+            };
+            match size {
+                Some(len) => {
+                    batch.delete(area, seq);
+                    self.figures_sub(area, size_of(len as usize));
+                    self.state.counters.acked += 1;
+                    report.deleted += 1;
+                }
+                None => {
+                    self.state.counters.stale_acks += 1;
+                    batch.dirty = true;
+                    report.stale += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn dead_letter(
+        &mut self,
+        priority: u8,
+        seq: u64,
+        reason: String,
+        batch: &mut Batch,
+    ) -> Result<Option<u64>, StoreError> {
+        let area = Area::Lane(priority);
+        let Some(value) = self.get(area, seq, batch)? else {
+            return Ok(None);
+        };
+        let name = super::lane_name(priority);
+        let event = match self.shared.seal_for(&name, seq).open::<Event>(EVENT_FORMAT, &value) {
+            Ok(event) => event,
+            Err(e) => {
+                self.stage_quarantine(area, seq, value, e.to_string(), batch);
+                return Ok(None);
+            }
+        };
+        let dl_seq = self.take_seq();
+        let entry = DeadLetterEntry {
+            event,
+            original_seq: seq,
+            reason,
+            dead_lettered_at: Timestamp::now(),
+        };
+        let sealed = self
+            .shared
+            .seal_for(DEAD_LETTER, dl_seq)
+            .seal(self.shared.epoch, DEAD_LETTER_FORMAT, &entry)
+            .map_err(|source| StoreError::Record {
+                keyspace: DEAD_LETTER.into(),
+                seq: dl_seq,
+                source,
+            })?;
+        tracing::warn!(
+            priority,
+            seq,
+            dead_letter_seq = dl_seq,
+            device = %entry.event.device,
+            device_seq = entry.event.device_seq,
+            reason = %entry.reason,
+            "message moved to dead-letter"
+        );
+        batch.delete(area, seq);
+        self.figures_sub(area, size_of(value.len()));
+        self.figures_add(Area::DeadLetter, dl_seq, size_of(sealed.len()), None);
+        batch.put(Area::DeadLetter, dl_seq, sealed);
+        self.state.counters.dead_lettered += 1;
+        Ok(Some(dl_seq))
+    }
+
+    fn requeue(&mut self, dl_seq: u64, batch: &mut Batch) -> Result<Option<u64>, StoreError> {
+        let Some(value) = self.get(Area::DeadLetter, dl_seq, batch)? else {
+            return Ok(None);
+        };
+        let entry = match self
+            .shared
+            .seal_for(DEAD_LETTER, dl_seq)
+            .open::<DeadLetterEntry>(DEAD_LETTER_FORMAT, &value)
+        {
+            Ok(entry) => entry,
+            Err(e) => {
+                self.stage_quarantine(Area::DeadLetter, dl_seq, value, e.to_string(), batch);
+                return Ok(None);
+            }
+        };
+        let last = self.shared.priorities().saturating_sub(1);
+        let priority = entry.event.priority.min(last);
+        let name = super::lane_name(priority);
+        let seq = self.take_seq();
+        let sealed = self
+            .shared
+            .seal_for(&name, seq)
+            .seal(self.shared.epoch, EVENT_FORMAT, &entry.event)
+            .map_err(|source| StoreError::Record {
+                keyspace: name.clone(),
+                seq,
+                source,
+            })?;
+        batch.delete(Area::DeadLetter, dl_seq);
+        self.figures_sub(Area::DeadLetter, size_of(value.len()));
+        self.figures_add(
+            Area::Lane(priority),
+            seq,
+            size_of(sealed.len()),
+            Some(entry.event.received_at),
+        );
+        batch.put(Area::Lane(priority), seq, sealed);
+        batch.pending_lanes |= 1 << priority;
+        self.state.counters.requeued += 1;
+        tracing::info!(dead_letter_seq = dl_seq, priority, seq, "dead letter requeued");
+        Ok(Some(seq))
+    }
+
+    fn purge(&mut self, dl_seq: u64, batch: &mut Batch) -> Result<bool, StoreError> {
+        let Some(value) = self.get(Area::DeadLetter, dl_seq, batch)? else {
+            return Ok(false);
+        };
+        batch.delete(Area::DeadLetter, dl_seq);
+        self.figures_sub(Area::DeadLetter, size_of(value.len()));
+        self.state.counters.purged += 1;
+        tracing::warn!(dead_letter_seq = dl_seq, "dead letter purged by operator");
+        Ok(true)
+    }
+
+    fn quarantine_if_bad(
+        &mut self,
+        area: Area,
+        seq: u64,
+        reason: String,
+        batch: &mut Batch,
+    ) -> Result<bool, StoreError> {
+        let Some(value) = self.get(area, seq, batch)? else {
+            return Ok(false);
+        };
+        let name = self.area_name(area);
+        let seal = self.shared.seal_for(&name, seq);
+        let still_bad = match area {
+            Area::Lane(_) => seal.open::<Event>(EVENT_FORMAT, &value).is_err(),
+            Area::DeadLetter => seal
+                .open::<DeadLetterEntry>(DEAD_LETTER_FORMAT, &value)
+                .is_err(),
+            Area::Quarantine => false,
+        };
+        if still_bad {
+            self.stage_quarantine(area, seq, value, reason, batch);
+        }
+        Ok(still_bad)
+    }
+
+    fn stage_quarantine(&mut self, from: Area, seq: u64, raw: Vec<u8>, reason: String, batch: &mut Batch) {
+        let keyspace = self.area_name(from);
+        tracing::error!(
+            keyspace = %keyspace,
+            seq,
+            reason = %reason,
+            "stored record failed authentication or decoding; moved to quarantine"
+        );
+        let raw_len = raw.len();
+        let entry = QuarantineEntry {
+            keyspace,
+            seq,
+            reason,
+            quarantined_at: Timestamp::now(),
+            raw,
+        };
+        let Ok(encoded) = record::encode_quarantine(&entry) else {
+            // postcard cannot fail on this struct; leave the record where it is.
+            return;
+        };
+        let qseq = self.take_seq();
+        batch.delete(from, seq);
+        self.figures_sub(from, size_of(raw_len));
+        self.figures_add(Area::Quarantine, qseq, size_of(encoded.len()), None);
+        batch.put(Area::Quarantine, qseq, encoded);
+        self.state.counters.quarantined += 1;
+    }
+
+    fn gap_state(&mut self, lane: u8, device: &str) -> Result<Option<GapState>, StoreError> {
+        let k = (lane, device.to_string());
+        if let Some(g) = self.gaps.get(&k) {
+            return Ok(*g);
+        }
+        let g = match self
+            .shared
+            .meta
+            .get(gap_key(lane, device))
+            .map_err(|e| self.engine(e))?
+        {
+            Some(v) => postcard::from_bytes(&v).ok(),
+            None => None,
+        };
+        self.gaps.insert(k, g);
+        Ok(g)
+    }
+
+    /// Turns this batch's evictions into gap-notice events in lane 0.
+    fn emit_gap_notices(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
+        let evictions = std::mem::take(&mut batch.evictions);
+        for ((lane, device), delta) in evictions {
+            let mut range = delta;
+            if let Some(prev) = self.gap_state(lane, &device)? {
+                // The earlier notice is still queued: replace it with a superset.
+                if let Some(old) = self.get(Area::Lane(0), prev.notice_seq, batch)? {
+                    batch.delete(Area::Lane(0), prev.notice_seq);
+                    self.figures_sub(Area::Lane(0), size_of(old.len()));
+                    range = prev.range.merge(delta);
+                }
+            }
+            let payload = GapNoticePayload {
+                device: &device,
+                priority: lane,
+                first_seq: range.first,
+                last_seq: range.last,
+                count: range.count,
+                first_received_at: range.first_received_at.to_rfc3339(),
+                last_received_at: range.last_received_at.to_rfc3339(),
+                reason: "evicted: the store quota was full",
+            };
+            let payload = serde_json::to_vec(&payload).map_err(|e| {
+                StoreError::Persist(format!("cannot encode a gap notice: {e}"))
+            })?;
+            let device_seq = self.peek_device_seq(VIGIL_DEVICE)?;
+            self.take_device_seq(VIGIL_DEVICE, device_seq, batch);
+            let ingest = Ingest {
+                kind: Kind::GapNotice,
+                priority: 0,
+                device: VIGIL_DEVICE.into(),
+                topic: GAP_NOTICE_TOPIC.into(),
+                qos: Qos::AtLeastOnce,
+                retain: false,
+                received_at: Timestamp::now(),
+                content_type: Some("application/json".into()),
+                user_properties: Vec::new(),
+                payload: Bytes::from(payload),
+            };
+            let event = Event::from_ingest(ingest, Uuid::now_v7(), device_seq);
+            let seq = self.take_seq();
+            let name = super::lane_name(0);
+            let sealed = self
+                .shared
+                .seal_for(&name, seq)
+                .seal(self.shared.epoch, EVENT_FORMAT, &event)
+                .map_err(|source| StoreError::Record {
+                    keyspace: name,
+                    seq,
+                    source,
+                })?;
+            self.figures_add(Area::Lane(0), seq, size_of(sealed.len()), Some(event.received_at));
+            batch.put(Area::Lane(0), seq, sealed);
+            self.state.counters.gap_notices += 1;
+            let state = GapState {
+                notice_seq: seq,
+                range,
+            };
+            let encoded = postcard::to_allocvec(&state)
+                .map_err(|e| StoreError::Persist(format!("cannot encode a gap record: {e}")))?;
+            batch.ops.push(Op::Meta(gap_key(lane, &device), encoded));
+            self.gaps.insert((lane, device.clone()), Some(state));
+            tracing::warn!(
+                device = %device,
+                priority = lane,
+                evicted = delta.count,
+                first_seq = delta.first,
+                last_seq = delta.last,
+                "store quota full: evicted messages; a gap notice will tell the cloud"
+            );
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, mut batch: Batch) {
+        let outcome = if self.fatal.is_some() || !batch.dirty {
+            Ok(())
+        } else {
+            self.write(&mut batch)
+        };
+        if let Err(e) = outcome {
+            let reason = e.to_string();
+            tracing::error!(
+                error = %reason,
+                "FATAL: the store could not persist a batch; no further message will be acknowledged. \
+                 Vigil must restart to recover"
+            );
+            self.fatal = Some(reason.clone());
+            self.shared.fatal.send_replace(Some(reason));
+            let err = StoreError::Persist(e.to_string());
+            for reply in batch.replies {
+                reply(Some(&err));
+            }
+            return;
+        }
+        for lane in std::mem::take(&mut batch.heads) {
+            if let Err(e) = scan::refresh_head(&self.shared, &mut self.state, lane) {
+                tracing::warn!(priority = lane, error = %e, "could not find the lane's new head");
+            }
+        }
+        if let Ok(mut shared) = self.shared.stats.write() {
+            shared.clone_from(&self.state);
+        }
+        for reply in batch.replies {
+            reply(None);
+        }
+        if self.devices.len() > CACHE_LIMIT {
+            self.devices.clear();
+        }
+        if self.gaps.len() > CACHE_LIMIT {
+            self.gaps.clear();
+        }
+    }
+
+    fn write(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
+        self.emit_gap_notices(batch)?;
+        let mode = match (batch.sync, self.durability) {
+            (true, Durability::SyncData) => PersistMode::SyncData,
+            _ => PersistMode::Buffer,
+        };
+        let mut wb = self.shared.db.batch().durability(Some(mode));
+        for op in batch.ops.drain(..) {
+            match op {
+                Op::Put(area, seq, value) => wb.insert(self.keyspace(area)?, record::key(seq), value),
+                Op::Delete(area, seq) => wb.remove(self.keyspace(area)?, record::key(seq)),
+                Op::Meta(k, v) => wb.insert(&self.shared.meta, k, v),
+            }
+        }
+        for device in &batch.devices {
+            if let Some(last) = self.devices.get(device) {
+                wb.insert(&self.shared.meta, dev_key(device), last.to_be_bytes().to_vec());
+            }
+        }
+        let state = postcard::to_allocvec(&self.state)
+            .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
+        wb.insert(&self.shared.meta, STATE_KEY, state);
+        wb.commit()
+            .map_err(|e| StoreError::Persist(format!("{e:?}")))
+    }
+}

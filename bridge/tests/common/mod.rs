@@ -1,0 +1,86 @@
+//! Helpers shared by the store tests: build a store changing one setting at a
+//! time, make ingests, and reach into fjall directly to damage records.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use bytes::Bytes;
+use vigil::crypto::MasterKey;
+use vigil::event::{Ingest, Kind, Qos, Timestamp};
+use vigil::store::{Store, StoreOptions};
+
+pub const KEY: [u8; 32] = [0x42; 32];
+
+pub fn key() -> MasterKey {
+    MasterKey::from_bytes(KEY)
+}
+
+pub fn options(dir: &Path) -> StoreOptions {
+    StoreOptions::new(dir)
+}
+
+pub fn open(dir: &Path) -> Store {
+    Store::open(options(dir), &key()).expect("open store")
+}
+
+pub fn open_with(dir: &Path, tweak: impl FnOnce(&mut StoreOptions)) -> Store {
+    let mut o = options(dir);
+    tweak(&mut o);
+    Store::open(o, &key()).expect("open store")
+}
+
+pub fn ingest(device: &str, priority: u8, payload_len: usize) -> Ingest {
+    Ingest {
+        kind: if priority == 0 {
+            Kind::Alert
+        } else {
+            Kind::Measurement
+        },
+        priority,
+        device: device.to_string(),
+        topic: format!("devices/{device}/vitals/p{priority}"),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+        received_at: Timestamp::now(),
+        content_type: None,
+        user_properties: vec![("unit".into(), "bpm".into())],
+        payload: Bytes::from(vec![b'x'; payload_len]),
+    }
+}
+
+/// Opens the store's fjall database directly (the store must be closed).
+pub fn raw_db(dir: &Path) -> fjall::Database {
+    fjall::Database::builder(dir.join("db")).open().expect("open fjall")
+}
+
+pub fn raw_keyspace(db: &fjall::Database, name: &str) -> fjall::Keyspace {
+    db.keyspace(name, fjall::KeyspaceCreateOptions::default)
+        .expect("keyspace")
+}
+
+/// Every file under `dir` with its length and content hash, to prove that an
+/// operation changed nothing on disk.
+pub fn snapshot(dir: &Path) -> Vec<(String, u64, [u8; 32])> {
+    use sha2::Digest as _;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                let hash: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+                out.push((
+                    path.strip_prefix(dir).unwrap().display().to_string(),
+                    bytes.len() as u64,
+                    hash,
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}

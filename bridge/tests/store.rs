@@ -1,0 +1,442 @@
+//! Behaviour of the encrypted durable store: identity and keys, corruption,
+//! eviction and gaps, refusal, figures across restarts, dead-letter.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{ingest, key, open, open_with, raw_db, raw_keyspace, snapshot};
+use vigil::crypto::MasterKey;
+use vigil::event::{Kind, VIGIL_DEVICE};
+use vigil::store::record::{self, HEADER_LEN};
+use vigil::store::{Store, StoreError, StoreOptions};
+
+#[tokio::test]
+async fn appended_events_read_back_in_order_with_identity_and_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut seqs = Vec::new();
+    for n in 0..5 {
+        let a = store.append(ingest("bed-1", 1, 10 + n)).await.unwrap();
+        assert_eq!(a.device_seq, n as u64 + 1);
+        seqs.push(a.seq);
+    }
+    let other = store.append(ingest("bed-2", 1, 3)).await.unwrap();
+    assert_eq!(other.device_seq, 1, "device sequences are per device");
+
+    let read = store.read(1, None, 100).await.unwrap();
+    let got: Vec<u64> = read.iter().map(|e| e.seq).collect();
+    assert_eq!(&got[..5], &seqs[..]);
+    for e in &read {
+        assert!(e.body.verify_sha256());
+        assert_eq!(e.body.id.get_version_num(), 7, "ids are UUID v7");
+    }
+    // Reading after a seq continues from there.
+    let rest = store.read(1, Some(seqs[2]), 100).await.unwrap();
+    assert_eq!(rest.first().map(|e| e.seq), Some(seqs[3]));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn acks_delete_only_what_the_cloud_acknowledged_even_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut seqs = Vec::new();
+    for _ in 0..6 {
+        seqs.push(store.append(ingest("bed-1", 2, 50)).await.unwrap().seq);
+    }
+    let report = store.ack(2, vec![seqs[3], seqs[1]]).await.unwrap();
+    assert_eq!((report.deleted, report.stale), (2, 0));
+    let report = store.ack(2, vec![seqs[1], 999_999]).await.unwrap();
+    assert_eq!((report.deleted, report.stale), (0, 2), "stale acks change nothing");
+
+    let left: Vec<u64> = store.read(2, None, 10).await.unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(left, vec![seqs[0], seqs[2], seqs[4], seqs[5]]);
+    assert_eq!(store.stats().lanes[2].messages, 4);
+    assert_eq!(store.stats().lanes[2].cursor, seqs[0], "head not acked: cursor stays");
+
+    store.ack(2, vec![seqs[0], seqs[2]]).await.unwrap();
+    assert_eq!(store.stats().lanes[2].cursor, seqs[4], "cursor moves to the new head");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn wrong_key_is_refused_clearly_and_changes_nothing_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.append(ingest("bed-1", 1, 20)).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+
+    let before = snapshot(dir.path());
+    let wrong = MasterKey::from_bytes([0x43; 32]);
+    let err = Store::open(StoreOptions::new(dir.path()), &wrong).unwrap_err();
+    assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("original key") && msg.contains("nothing was read or changed"), "{msg}");
+    assert_eq!(snapshot(dir.path()), before, "a refused open must not touch the disk");
+
+    let store = open(dir.path());
+    assert_eq!(store.stats().lanes[1].messages, 1);
+    assert_eq!(store.read(1, None, 10).await.unwrap().len(), 1);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_database_without_its_identity_file_is_refused_not_recreated() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.append(ingest("bed-1", 1, 20)).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    std::fs::remove_file(dir.path().join("identity.json")).unwrap();
+    let err = Store::open(StoreOptions::new(dir.path()), &key()).unwrap_err();
+    assert!(matches!(err, StoreError::IdentityMissing { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_flipped_ciphertext_bit_goes_to_quarantine_and_the_queue_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut seqs = Vec::new();
+    for _ in 0..5 {
+        seqs.push(store.append(ingest("bed-1", 1, 40)).await.unwrap().seq);
+    }
+    store.close().await.unwrap();
+    drop(store);
+
+    let victim = seqs[2];
+    {
+        let db = raw_db(dir.path());
+        let lane = raw_keyspace(&db, "priority-1");
+        let mut value = lane.get(record::key(victim)).unwrap().unwrap().to_vec();
+        value[HEADER_LEN + 7] ^= 0x04;
+        lane.insert(record::key(victim), value).unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+
+    let store = open(dir.path());
+    let read = store.read(1, None, 10).await.unwrap();
+    let got: Vec<u64> = read.iter().map(|e| e.seq).collect();
+    assert_eq!(got, vec![seqs[0], seqs[1], seqs[3], seqs[4]], "corrupt record is never returned");
+    let stats = store.stats();
+    assert_eq!(stats.counters.quarantined, 1);
+    assert_eq!(stats.quarantine.messages, 1);
+    assert_eq!(stats.lanes[1].messages, 4);
+    let q = store.quarantined(None, 10).unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!((q[0].body.keyspace.as_str(), q[0].body.seq), ("priority-1", victim));
+    assert!(q[0].body.reason.contains("authentication"), "{}", q[0].body.reason);
+
+    // Reading again neither loops nor quarantines twice; the store still takes writes.
+    assert_eq!(store.read(1, None, 10).await.unwrap().len(), 4);
+    assert_eq!(store.stats().counters.quarantined, 1);
+    store.append(ingest("bed-1", 1, 40)).await.unwrap();
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn records_swapped_between_keyspaces_or_keys_fail_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = store.append(ingest("bed-1", 1, 30)).await.unwrap().seq;
+    let b = store.append(ingest("bed-1", 2, 30)).await.unwrap().seq;
+    let c = store.append(ingest("bed-1", 2, 30)).await.unwrap().seq;
+    let d = store.append(ingest("bed-1", 2, 30)).await.unwrap().seq;
+    store.close().await.unwrap();
+    drop(store);
+    {
+        let db = raw_db(dir.path());
+        let p1 = raw_keyspace(&db, "priority-1");
+        let p2 = raw_keyspace(&db, "priority-2");
+        // Same key, other keyspace: a's value moves to lane 2 and b's to lane 1.
+        let va = p1.get(record::key(a)).unwrap().unwrap();
+        let vb = p2.get(record::key(b)).unwrap().unwrap();
+        p1.remove(record::key(a)).unwrap();
+        p2.remove(record::key(b)).unwrap();
+        p2.insert(record::key(a), va).unwrap();
+        p1.insert(record::key(b), vb).unwrap();
+        // Same keyspace, swapped keys.
+        let vc = p2.get(record::key(c)).unwrap().unwrap();
+        let vd = p2.get(record::key(d)).unwrap().unwrap();
+        p2.insert(record::key(c), vd).unwrap();
+        p2.insert(record::key(d), vc).unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = open(dir.path());
+    // Normal reads never return a swapped record...
+    assert!(store.read(1, None, 10).await.unwrap().is_empty());
+    assert!(store.read(2, None, 10).await.unwrap().is_empty());
+    // ...and a full verification finds the ones planted below a lane's cursor,
+    // which reads never reach.
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.quarantined, 1, "a's value, planted at key {a} below lane 2's cursor");
+    assert!(store.verify().await.unwrap().quarantined == 0, "verification is idempotent");
+    let quarantined: HashSet<(String, u64)> = store
+        .quarantined(None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|q| (q.body.keyspace, q.body.seq))
+        .collect();
+    let expected: HashSet<(String, u64)> = [
+        ("priority-1".to_string(), b),
+        ("priority-2".to_string(), a),
+        ("priority-2".to_string(), c),
+        ("priority-2".to_string(), d),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(quarantined, expected);
+    assert_eq!(store.stats().counters.quarantined, 4);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_key_nonce_pair_repeats_over_100_reopen_cycles() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nonces = HashSet::new();
+    let mut epochs = Vec::new();
+    let mut dead_letter = None;
+    for cycle in 0..100u64 {
+        let store = open(dir.path());
+        let epoch = store.epoch();
+        epochs.push(epoch);
+        for _ in 0..3 {
+            let a = store.append(ingest("bed-1", 1 + (cycle % 3) as u8, 16)).await.unwrap();
+            assert!(nonces.insert((epoch, a.seq)), "nonce ({epoch}, {}) reused", a.seq);
+        }
+        // Moves re-seal: they must take fresh nonces too.
+        if cycle % 10 == 0 {
+            let head = store.read(1, None, 1).await.unwrap();
+            if let Some(h) = head.first() {
+                let dl = store.dead_letter(1, h.seq, "test".into()).await.unwrap().unwrap();
+                assert!(nonces.insert((epoch, dl)));
+                dead_letter = Some(dl);
+            }
+        } else if let Some(dl) = dead_letter.take() {
+            let back = store.requeue(dl).await.unwrap().unwrap();
+            assert!(nonces.insert((epoch, back)));
+        }
+        store.close().await.unwrap();
+    }
+    assert!(epochs.windows(2).all(|w| w[1] == w[0] + 1), "epoch bumps at every open");
+
+    // Every sealed value on disk carries the epoch it was sealed in, and no two
+    // values share (epoch, seq).
+    let db = raw_db(dir.path());
+    let mut seen = HashSet::new();
+    for name in ["priority-0", "priority-1", "priority-2", "priority-3", "dead-letter"] {
+        let ks = raw_keyspace(&db, name);
+        for guard in ks.iter() {
+            let (k, v) = guard.into_inner().unwrap();
+            let pair = (record::epoch_of(&v).unwrap(), record::seq_of(&k).unwrap());
+            assert!(nonces.contains(&pair), "{pair:?} was never handed out");
+            assert!(seen.insert(pair));
+        }
+    }
+    assert!(seen.len() > 250);
+}
+
+#[tokio::test]
+async fn eviction_takes_the_oldest_of_the_lowest_priority_first_and_reports_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| {
+        o.quota_bytes = 16 * 1024;
+        o.eviction_step_bytes = 0;
+    });
+    // Fill: lane 3 (two devices interleaved), then lane 2, then lane 1.
+    let mut lane3 = Vec::new();
+    for n in 0..20 {
+        let dev = if n % 2 == 0 { "bed-a" } else { "bed-b" };
+        lane3.push(store.append(ingest(dev, 3, 200)).await.unwrap().seq);
+    }
+    let mut lane2 = Vec::new();
+    for _ in 0..20 {
+        lane2.push(store.append(ingest("bed-a", 2, 200)).await.unwrap().seq);
+    }
+    let mut evicted = Vec::new();
+    for _ in 0..20 {
+        let a = store.append(ingest("bed-c", 1, 200)).await.unwrap();
+        evicted.extend(a.evicted);
+    }
+    assert!(!evicted.is_empty(), "the quota must have forced evictions");
+    let stats = store.stats();
+    assert!(stats.used_bytes() <= 16 * 1024 + 2048, "{}", stats.used_bytes());
+
+    // Victims are lane 3 from its head, and lane 2 only once lane 3 is empty.
+    let lane3_victims: Vec<u64> = evicted.iter().filter(|e| e.priority == 3).map(|e| e.seq).collect();
+    let lane2_victims: Vec<u64> = evicted.iter().filter(|e| e.priority == 2).map(|e| e.seq).collect();
+    assert!(evicted.iter().all(|e| e.priority >= 2), "lane 1 holds the newest: never a victim here");
+    assert_eq!(lane3_victims, lane3[..lane3_victims.len()].to_vec());
+    if !lane2_victims.is_empty() {
+        assert_eq!(lane3_victims.len(), lane3.len(), "lane 2 only after lane 3 is empty");
+        assert_eq!(lane2_victims, lane2[..lane2_victims.len()].to_vec());
+    }
+    assert_eq!(
+        stats.counters.evicted[3] + stats.counters.evicted[2],
+        evicted.len() as u64
+    );
+    let survivors: Vec<u64> = store.read(3, None, 100).await.unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(survivors, lane3[lane3_victims.len()..].to_vec());
+
+    // Gap notices: one per (device, lane) with evictions, covering all of them.
+    let notices: Vec<serde_json::Value> = store
+        .read(0, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.body.kind == Kind::GapNotice)
+        .map(|e| {
+            assert_eq!(e.body.device, VIGIL_DEVICE);
+            serde_json::from_slice(&e.body.payload).unwrap()
+        })
+        .collect();
+    let mut per_key = std::collections::HashMap::new();
+    for n in &notices {
+        let k = (n["device"].as_str().unwrap().to_string(), n["priority"].as_u64().unwrap());
+        assert!(per_key.insert(k, n["count"].as_u64().unwrap()).is_none(), "one notice per (device, lane): {notices:?}");
+    }
+    let total: u64 = per_key.values().sum();
+    assert_eq!(total, evicted.len() as u64, "{notices:?}");
+    let a3 = lane3_victims.len().div_ceil(2) as u64;
+    assert_eq!(per_key.get(&("bed-a".to_string(), 3)).copied(), Some(a3));
+    let first_a = notices
+        .iter()
+        .find(|n| n["device"] == "bed-a" && n["priority"] == 3)
+        .unwrap();
+    assert_eq!(first_a["first_seq"], 1, "bed-a's first reading was the first victim");
+    assert_eq!(stats.counters.gap_notices >= notices.len() as u64, true);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn when_only_priority_0_fills_the_quota_appends_are_refused_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |o| o.quota_bytes = 8 * 1024);
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        match store.append(ingest("bed-1", 0, 300)).await {
+            Ok(a) => {
+                assert!(a.evicted.is_empty());
+                accepted.push(a.seq);
+            }
+            Err(e) => break e,
+        }
+        assert!(accepted.len() < 1000, "the quota never filled");
+    };
+    assert!(matches!(refusal, StoreError::Full { priority: 0, evictable: 0, .. }), "{refusal}");
+    // Lower priorities cannot evict priority 0 either.
+    let low = store.append(ingest("bed-1", 3, 300)).await.unwrap_err();
+    assert!(matches!(low, StoreError::Full { priority: 3, .. }), "{low}");
+
+    let stats = store.stats();
+    assert_eq!(stats.lanes[0].messages, accepted.len() as u64, "nothing was dropped");
+    assert_eq!(stats.counters.refused_full, 2);
+    assert!(stats.counters.evicted.iter().all(|&n| n == 0));
+    let read: Vec<u64> = store.read(0, None, 1000).await.unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(read, accepted);
+
+    // The cloud acknowledges: room again.
+    store.ack(0, accepted[..3].to_vec()).await.unwrap();
+    store.append(ingest("bed-1", 0, 300)).await.unwrap();
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn backlog_figures_and_counters_are_right_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for n in 0..40u8 {
+        store.append(ingest(&format!("bed-{}", n % 3), n % 4, 10 + usize::from(n))).await.unwrap();
+    }
+    let head = store.read(2, None, 3).await.unwrap();
+    store.ack(2, head.iter().map(|e| e.seq).collect()).await.unwrap();
+    let one = store.read(3, None, 1).await.unwrap();
+    store.dead_letter(3, one[0].seq, "refused by cloud: 0x87".into()).await.unwrap();
+    let before = store.stats();
+    store.close().await.unwrap();
+    drop(store);
+
+    let store = open(dir.path());
+    let after = store.stats();
+    assert_eq!(after.lanes, before.lanes);
+    assert_eq!(after.counters, before.counters);
+    assert_eq!(after.dead_letter, before.dead_letter);
+    assert!(after.next_seq >= before.next_seq);
+
+    // And they match the ground truth, counted the slow way.
+    for p in 0..4u8 {
+        let events = store.read(p, None, 1000).await.unwrap();
+        let lane = &after.lanes[usize::from(p)];
+        assert_eq!(lane.messages, events.len() as u64);
+        assert_eq!(lane.bytes, events.iter().map(|e| e.stored_bytes).sum::<u64>());
+        assert_eq!(lane.oldest, events.first().map(|e| e.body.received_at));
+    }
+    // Device sequences continue after the restart; they never repeat.
+    let next = store.append(ingest("bed-0", 1, 5)).await.unwrap();
+    assert_eq!(next.device_seq, 15);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_listed_requeued_and_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = store.append(ingest("bed-1", 1, 10)).await.unwrap();
+    let b = store.append(ingest("bed-1", 1, 10)).await.unwrap();
+    let dl_a = store.dead_letter(1, a.seq, "packet too large".into()).await.unwrap().unwrap();
+    let dl_b = store.dead_letter(1, b.seq, "0x87 not authorized".into()).await.unwrap().unwrap();
+    assert_eq!(store.dead_letter(1, a.seq, "again".into()).await.unwrap(), None);
+    assert!(store.read(1, None, 10).await.unwrap().is_empty());
+
+    let listed = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].body.reason, "packet too large");
+    assert_eq!(listed[0].body.original_seq, a.seq);
+    assert_eq!(listed[0].body.event.device_seq, a.device_seq);
+
+    let back = store.requeue(dl_a).await.unwrap().unwrap();
+    let lane: Vec<_> = store.read(1, None, 10).await.unwrap();
+    assert_eq!(lane.len(), 1);
+    assert_eq!((lane[0].seq, lane[0].body.id), (back, a.id), "same event, new place");
+    assert!(store.purge_dead_letter(dl_b).await.unwrap());
+    assert!(!store.purge_dead_letter(dl_b).await.unwrap());
+    let stats = store.stats();
+    assert_eq!(stats.dead_letter.messages, 0);
+    assert_eq!((stats.counters.dead_lettered, stats.counters.requeued, stats.counters.purged), (2, 1, 1));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn fewer_configured_priorities_than_stored_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.append(ingest("bed-1", 3, 10)).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    let mut o = StoreOptions::new(dir.path());
+    o.priorities = 2;
+    let err = Store::open(o, &key()).unwrap_err();
+    assert!(matches!(err, StoreError::PrioritiesShrunk { priority: 3, .. }), "{err}");
+    assert!(err.to_string().contains("raise store.priorities to at least 4"));
+}
+
+#[tokio::test]
+async fn a_second_process_cannot_open_the_same_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let err = Store::open(StoreOptions::new(dir.path()), &key()).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn appends_outside_the_configured_priorities_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let err = store.append(ingest("bed-1", 9, 10)).await.unwrap_err();
+    assert!(matches!(err, StoreError::BadPriority { priority: 9, priorities: 4 }), "{err}");
+    store.close().await.unwrap();
+    assert!(matches!(store.append(ingest("bed-1", 1, 1)).await, Err(StoreError::Closed)));
+}
