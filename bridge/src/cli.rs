@@ -124,7 +124,11 @@ async fn demo(messages: u64) -> anyhow::Result<()> {
             for n in 0..per_bed {
                 let alarm = n % 97 == 0;
                 let ingest = Ingest {
-                    kind: if alarm { Kind::Alert } else { Kind::Measurement },
+                    kind: if alarm {
+                        Kind::Alert
+                    } else {
+                        Kind::Measurement
+                    },
                     priority: if alarm { 0 } else { 1 + (n % 3) as u8 },
                     device: format!("bed-{bed}"),
                     topic: format!("devices/bed-{bed}/vitals/hr"),
@@ -157,9 +161,7 @@ async fn demo(messages: u64) -> anyhow::Result<()> {
     for p in 0..store.priorities() {
         let queued = stats.lanes.get(usize::from(p)).map_or(0, |l| l.messages);
         let events = store.read(p, None, (queued / 2) as usize).await?;
-        store
-            .ack(p, events.iter().map(|e| e.seq).collect())
-            .await?;
+        store.ack(p, events.iter().map(|e| e.seq).collect()).await?;
     }
     println!("after the cloud acknowledged half of each priority:");
     print_stats(&store.stats());
@@ -194,9 +196,17 @@ async fn inspect(
             loop {
                 let scanned = store.scan_lane(p, after, 1000)?;
                 for bad in &scanned.corrupt {
-                    println!("{}", serde_json::json!({"priority": p, "seq": bad.seq, "corrupt": bad.reason}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"priority": p, "seq": bad.seq, "corrupt": bad.reason})
+                    );
                 }
-                let Some(last) = scanned.events.last().map(|e| e.seq).or(scanned.corrupt.last().map(|c| c.seq)) else {
+                let Some(last) = scanned
+                    .events
+                    .last()
+                    .map(|e| e.seq)
+                    .or(scanned.corrupt.last().map(|c| c.seq))
+                else {
                     break;
                 };
                 for e in &scanned.events {
@@ -222,12 +232,18 @@ async fn inspect(
 
 fn print_stats(stats: &StoreStats) {
     let now = Timestamp::now();
-    println!("  {:<10} {:>10} {:>12} {:>12}", "priority", "messages", "bytes", "oldest age");
+    println!(
+        "  {:<10} {:>10} {:>12} {:>12}",
+        "priority", "messages", "bytes", "oldest age"
+    );
     for (p, lane) in stats.lanes.iter().enumerate() {
         let age = lane
             .oldest
             .map_or_else(|| "-".to_string(), |t| format!("{:.1?}", t.age(now)));
-        println!("  {:<10} {:>10} {:>12} {:>12}", p, lane.messages, lane.bytes, age);
+        println!(
+            "  {:<10} {:>10} {:>12} {:>12}",
+            p, lane.messages, lane.bytes, age
+        );
     }
     println!(
         "  dead-letter {} ({} bytes), quarantine {} ({} bytes), evicted {:?}, refused {}",

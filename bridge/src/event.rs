@@ -268,10 +268,12 @@ impl Event {
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -297,7 +299,8 @@ mod tests {
     fn digest_covers_every_field() {
         let base = Event::from_ingest(sample(), Uuid::nil(), 1);
         assert!(base.verify_sha256());
-        let mutations: Vec<Box<dyn Fn(&mut Event)>> = vec![
+        type Mutation = Box<dyn Fn(&mut Event)>;
+        let mutations: Vec<Mutation> = vec![
             Box::new(|e| e.id = Uuid::max()),
             Box::new(|e| e.kind = Kind::Alert),
             Box::new(|e| e.priority = 0),

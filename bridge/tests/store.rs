@@ -49,15 +49,33 @@ async fn acks_delete_only_what_the_cloud_acknowledged_even_out_of_order() {
     let report = store.ack(2, vec![seqs[3], seqs[1]]).await.unwrap();
     assert_eq!((report.deleted, report.stale), (2, 0));
     let report = store.ack(2, vec![seqs[1], 999_999]).await.unwrap();
-    assert_eq!((report.deleted, report.stale), (0, 2), "stale acks change nothing");
+    assert_eq!(
+        (report.deleted, report.stale),
+        (0, 2),
+        "stale acks change nothing"
+    );
 
-    let left: Vec<u64> = store.read(2, None, 10).await.unwrap().iter().map(|e| e.seq).collect();
+    let left: Vec<u64> = store
+        .read(2, None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     assert_eq!(left, vec![seqs[0], seqs[2], seqs[4], seqs[5]]);
     assert_eq!(store.stats().lanes[2].messages, 4);
-    assert_eq!(store.stats().lanes[2].cursor, seqs[0], "head not acked: cursor stays");
+    assert_eq!(
+        store.stats().lanes[2].cursor,
+        seqs[0],
+        "head not acked: cursor stays"
+    );
 
     store.ack(2, vec![seqs[0], seqs[2]]).await.unwrap();
-    assert_eq!(store.stats().lanes[2].cursor, seqs[4], "cursor moves to the new head");
+    assert_eq!(
+        store.stats().lanes[2].cursor,
+        seqs[4],
+        "cursor moves to the new head"
+    );
     store.close().await.unwrap();
 }
 
@@ -74,8 +92,15 @@ async fn wrong_key_is_refused_clearly_and_changes_nothing_on_disk() {
     let err = Store::open(StoreOptions::new(dir.path()), &wrong).unwrap_err();
     assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("original key") && msg.contains("nothing was read or changed"), "{msg}");
-    assert_eq!(snapshot(dir.path()), before, "a refused open must not touch the disk");
+    assert!(
+        msg.contains("original key") && msg.contains("nothing was read or changed"),
+        "{msg}"
+    );
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "a refused open must not touch the disk"
+    );
 
     let store = open(dir.path());
     assert_eq!(store.stats().lanes[1].messages, 1);
@@ -119,15 +144,26 @@ async fn a_flipped_ciphertext_bit_goes_to_quarantine_and_the_queue_goes_on() {
     let store = open(dir.path());
     let read = store.read(1, None, 10).await.unwrap();
     let got: Vec<u64> = read.iter().map(|e| e.seq).collect();
-    assert_eq!(got, vec![seqs[0], seqs[1], seqs[3], seqs[4]], "corrupt record is never returned");
+    assert_eq!(
+        got,
+        vec![seqs[0], seqs[1], seqs[3], seqs[4]],
+        "corrupt record is never returned"
+    );
     let stats = store.stats();
     assert_eq!(stats.counters.quarantined, 1);
     assert_eq!(stats.quarantine.messages, 1);
     assert_eq!(stats.lanes[1].messages, 4);
     let q = store.quarantined(None, 10).unwrap();
     assert_eq!(q.len(), 1);
-    assert_eq!((q[0].body.keyspace.as_str(), q[0].body.seq), ("priority-1", victim));
-    assert!(q[0].body.reason.contains("authentication"), "{}", q[0].body.reason);
+    assert_eq!(
+        (q[0].body.keyspace.as_str(), q[0].body.seq),
+        ("priority-1", victim)
+    );
+    assert!(
+        q[0].body.reason.contains("authentication"),
+        "{}",
+        q[0].body.reason
+    );
 
     // Reading again neither loops nor quarantines twice; the store still takes writes.
     assert_eq!(store.read(1, None, 10).await.unwrap().len(), 4);
@@ -171,8 +207,14 @@ async fn records_swapped_between_keyspaces_or_keys_fail_authentication() {
     // ...and a full verification finds the ones planted below a lane's cursor,
     // which reads never reach.
     let report = store.verify().await.unwrap();
-    assert_eq!(report.quarantined, 1, "a's value, planted at key {a} below lane 2's cursor");
-    assert!(store.verify().await.unwrap().quarantined == 0, "verification is idempotent");
+    assert_eq!(
+        report.quarantined, 1,
+        "a's value, planted at key {a} below lane 2's cursor"
+    );
+    assert!(
+        store.verify().await.unwrap().quarantined == 0,
+        "verification is idempotent"
+    );
     let quarantined: HashSet<(String, u64)> = store
         .quarantined(None, 10)
         .unwrap()
@@ -203,14 +245,25 @@ async fn no_key_nonce_pair_repeats_over_100_reopen_cycles() {
         let epoch = store.epoch();
         epochs.push(epoch);
         for _ in 0..3 {
-            let a = store.append(ingest("bed-1", 1 + (cycle % 3) as u8, 16)).await.unwrap();
-            assert!(nonces.insert((epoch, a.seq)), "nonce ({epoch}, {}) reused", a.seq);
+            let a = store
+                .append(ingest("bed-1", 1 + (cycle % 3) as u8, 16))
+                .await
+                .unwrap();
+            assert!(
+                nonces.insert((epoch, a.seq)),
+                "nonce ({epoch}, {}) reused",
+                a.seq
+            );
         }
         // Moves re-seal: they must take fresh nonces too.
         if cycle % 10 == 0 {
             let head = store.read(1, None, 1).await.unwrap();
             if let Some(h) = head.first() {
-                let dl = store.dead_letter(1, h.seq, "test".into()).await.unwrap().unwrap();
+                let dl = store
+                    .dead_letter(1, h.seq, "test".into())
+                    .await
+                    .unwrap()
+                    .unwrap();
                 assert!(nonces.insert((epoch, dl)));
                 dead_letter = Some(dl);
             }
@@ -220,13 +273,22 @@ async fn no_key_nonce_pair_repeats_over_100_reopen_cycles() {
         }
         store.close().await.unwrap();
     }
-    assert!(epochs.windows(2).all(|w| w[1] == w[0] + 1), "epoch bumps at every open");
+    assert!(
+        epochs.windows(2).all(|w| w[1] == w[0] + 1),
+        "epoch bumps at every open"
+    );
 
     // Every sealed value on disk carries the epoch it was sealed in, and no two
     // values share (epoch, seq).
     let db = raw_db(dir.path());
     let mut seen = HashSet::new();
-    for name in ["priority-0", "priority-1", "priority-2", "priority-3", "dead-letter"] {
+    for name in [
+        "priority-0",
+        "priority-1",
+        "priority-2",
+        "priority-3",
+        "dead-letter",
+    ] {
         let ks = raw_keyspace(&db, name);
         for guard in ks.iter() {
             let (k, v) = guard.into_inner().unwrap();
@@ -262,22 +324,47 @@ async fn eviction_takes_the_oldest_of_the_lowest_priority_first_and_reports_gaps
     }
     assert!(!evicted.is_empty(), "the quota must have forced evictions");
     let stats = store.stats();
-    assert!(stats.used_bytes() <= 16 * 1024 + 2048, "{}", stats.used_bytes());
+    assert!(
+        stats.used_bytes() <= 16 * 1024 + 2048,
+        "{}",
+        stats.used_bytes()
+    );
 
     // Victims are lane 3 from its head, and lane 2 only once lane 3 is empty.
-    let lane3_victims: Vec<u64> = evicted.iter().filter(|e| e.priority == 3).map(|e| e.seq).collect();
-    let lane2_victims: Vec<u64> = evicted.iter().filter(|e| e.priority == 2).map(|e| e.seq).collect();
-    assert!(evicted.iter().all(|e| e.priority >= 2), "lane 1 holds the newest: never a victim here");
+    let lane3_victims: Vec<u64> = evicted
+        .iter()
+        .filter(|e| e.priority == 3)
+        .map(|e| e.seq)
+        .collect();
+    let lane2_victims: Vec<u64> = evicted
+        .iter()
+        .filter(|e| e.priority == 2)
+        .map(|e| e.seq)
+        .collect();
+    assert!(
+        evicted.iter().all(|e| e.priority >= 2),
+        "lane 1 holds the newest: never a victim here"
+    );
     assert_eq!(lane3_victims, lane3[..lane3_victims.len()].to_vec());
     if !lane2_victims.is_empty() {
-        assert_eq!(lane3_victims.len(), lane3.len(), "lane 2 only after lane 3 is empty");
+        assert_eq!(
+            lane3_victims.len(),
+            lane3.len(),
+            "lane 2 only after lane 3 is empty"
+        );
         assert_eq!(lane2_victims, lane2[..lane2_victims.len()].to_vec());
     }
     assert_eq!(
         stats.counters.evicted[3] + stats.counters.evicted[2],
         evicted.len() as u64
     );
-    let survivors: Vec<u64> = store.read(3, None, 100).await.unwrap().iter().map(|e| e.seq).collect();
+    let survivors: Vec<u64> = store
+        .read(3, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     assert_eq!(survivors, lane3[lane3_victims.len()..].to_vec());
 
     // Gap notices: one per (device, lane) with evictions, covering all of them.
@@ -294,8 +381,14 @@ async fn eviction_takes_the_oldest_of_the_lowest_priority_first_and_reports_gaps
         .collect();
     let mut per_key = std::collections::HashMap::new();
     for n in &notices {
-        let k = (n["device"].as_str().unwrap().to_string(), n["priority"].as_u64().unwrap());
-        assert!(per_key.insert(k, n["count"].as_u64().unwrap()).is_none(), "one notice per (device, lane): {notices:?}");
+        let k = (
+            n["device"].as_str().unwrap().to_string(),
+            n["priority"].as_u64().unwrap(),
+        );
+        assert!(
+            per_key.insert(k, n["count"].as_u64().unwrap()).is_none(),
+            "one notice per (device, lane): {notices:?}"
+        );
     }
     let total: u64 = per_key.values().sum();
     assert_eq!(total, evicted.len() as u64, "{notices:?}");
@@ -305,8 +398,11 @@ async fn eviction_takes_the_oldest_of_the_lowest_priority_first_and_reports_gaps
         .iter()
         .find(|n| n["device"] == "bed-a" && n["priority"] == 3)
         .unwrap();
-    assert_eq!(first_a["first_seq"], 1, "bed-a's first reading was the first victim");
-    assert_eq!(stats.counters.gap_notices >= notices.len() as u64, true);
+    assert_eq!(
+        first_a["first_seq"], 1,
+        "bed-a's first reading was the first victim"
+    );
+    assert!(stats.counters.gap_notices >= notices.len() as u64);
     store.close().await.unwrap();
 }
 
@@ -325,16 +421,36 @@ async fn when_only_priority_0_fills_the_quota_appends_are_refused_not_dropped() 
         }
         assert!(accepted.len() < 1000, "the quota never filled");
     };
-    assert!(matches!(refusal, StoreError::Full { priority: 0, evictable: 0, .. }), "{refusal}");
+    assert!(
+        matches!(
+            refusal,
+            StoreError::Full {
+                priority: 0,
+                evictable: 0,
+                ..
+            }
+        ),
+        "{refusal}"
+    );
     // Lower priorities cannot evict priority 0 either.
     let low = store.append(ingest("bed-1", 3, 300)).await.unwrap_err();
     assert!(matches!(low, StoreError::Full { priority: 3, .. }), "{low}");
 
     let stats = store.stats();
-    assert_eq!(stats.lanes[0].messages, accepted.len() as u64, "nothing was dropped");
+    assert_eq!(
+        stats.lanes[0].messages,
+        accepted.len() as u64,
+        "nothing was dropped"
+    );
     assert_eq!(stats.counters.refused_full, 2);
     assert!(stats.counters.evicted.iter().all(|&n| n == 0));
-    let read: Vec<u64> = store.read(0, None, 1000).await.unwrap().iter().map(|e| e.seq).collect();
+    let read: Vec<u64> = store
+        .read(0, None, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     assert_eq!(read, accepted);
 
     // The cloud acknowledges: room again.
@@ -348,12 +464,25 @@ async fn backlog_figures_and_counters_are_right_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     for n in 0..40u8 {
-        store.append(ingest(&format!("bed-{}", n % 3), n % 4, 10 + usize::from(n))).await.unwrap();
+        store
+            .append(ingest(
+                &format!("bed-{}", n % 3),
+                n % 4,
+                10 + usize::from(n),
+            ))
+            .await
+            .unwrap();
     }
     let head = store.read(2, None, 3).await.unwrap();
-    store.ack(2, head.iter().map(|e| e.seq).collect()).await.unwrap();
+    store
+        .ack(2, head.iter().map(|e| e.seq).collect())
+        .await
+        .unwrap();
     let one = store.read(3, None, 1).await.unwrap();
-    store.dead_letter(3, one[0].seq, "refused by cloud: 0x87".into()).await.unwrap();
+    store
+        .dead_letter(3, one[0].seq, "refused by cloud: 0x87".into())
+        .await
+        .unwrap();
     let before = store.stats();
     store.close().await.unwrap();
     drop(store);
@@ -370,7 +499,10 @@ async fn backlog_figures_and_counters_are_right_after_reopen() {
         let events = store.read(p, None, 1000).await.unwrap();
         let lane = &after.lanes[usize::from(p)];
         assert_eq!(lane.messages, events.len() as u64);
-        assert_eq!(lane.bytes, events.iter().map(|e| e.stored_bytes).sum::<u64>());
+        assert_eq!(
+            lane.bytes,
+            events.iter().map(|e| e.stored_bytes).sum::<u64>()
+        );
         assert_eq!(lane.oldest, events.first().map(|e| e.body.received_at));
     }
     // Device sequences continue after the restart; they never repeat.
@@ -385,9 +517,20 @@ async fn dead_letters_can_be_listed_requeued_and_purged() {
     let store = open(dir.path());
     let a = store.append(ingest("bed-1", 1, 10)).await.unwrap();
     let b = store.append(ingest("bed-1", 1, 10)).await.unwrap();
-    let dl_a = store.dead_letter(1, a.seq, "packet too large".into()).await.unwrap().unwrap();
-    let dl_b = store.dead_letter(1, b.seq, "0x87 not authorized".into()).await.unwrap().unwrap();
-    assert_eq!(store.dead_letter(1, a.seq, "again".into()).await.unwrap(), None);
+    let dl_a = store
+        .dead_letter(1, a.seq, "packet too large".into())
+        .await
+        .unwrap()
+        .unwrap();
+    let dl_b = store
+        .dead_letter(1, b.seq, "0x87 not authorized".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.dead_letter(1, a.seq, "again".into()).await.unwrap(),
+        None
+    );
     assert!(store.read(1, None, 10).await.unwrap().is_empty());
 
     let listed = store.dead_letters(None, 10).await.unwrap();
@@ -399,12 +542,23 @@ async fn dead_letters_can_be_listed_requeued_and_purged() {
     let back = store.requeue(dl_a).await.unwrap().unwrap();
     let lane: Vec<_> = store.read(1, None, 10).await.unwrap();
     assert_eq!(lane.len(), 1);
-    assert_eq!((lane[0].seq, lane[0].body.id), (back, a.id), "same event, new place");
+    assert_eq!(
+        (lane[0].seq, lane[0].body.id),
+        (back, a.id),
+        "same event, new place"
+    );
     assert!(store.purge_dead_letter(dl_b).await.unwrap());
     assert!(!store.purge_dead_letter(dl_b).await.unwrap());
     let stats = store.stats();
     assert_eq!(stats.dead_letter.messages, 0);
-    assert_eq!((stats.counters.dead_lettered, stats.counters.requeued, stats.counters.purged), (2, 1, 1));
+    assert_eq!(
+        (
+            stats.counters.dead_lettered,
+            stats.counters.requeued,
+            stats.counters.purged
+        ),
+        (2, 1, 1)
+    );
     store.close().await.unwrap();
 }
 
@@ -418,8 +572,14 @@ async fn fewer_configured_priorities_than_stored_data_is_refused() {
     let mut o = StoreOptions::new(dir.path());
     o.priorities = 2;
     let err = Store::open(o, &key()).unwrap_err();
-    assert!(matches!(err, StoreError::PrioritiesShrunk { priority: 3, .. }), "{err}");
-    assert!(err.to_string().contains("raise store.priorities to at least 4"));
+    assert!(
+        matches!(err, StoreError::PrioritiesShrunk { priority: 3, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("raise store.priorities to at least 4")
+    );
 }
 
 #[tokio::test]
@@ -436,7 +596,19 @@ async fn appends_outside_the_configured_priorities_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let err = store.append(ingest("bed-1", 9, 10)).await.unwrap_err();
-    assert!(matches!(err, StoreError::BadPriority { priority: 9, priorities: 4 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::BadPriority {
+                priority: 9,
+                priorities: 4
+            }
+        ),
+        "{err}"
+    );
     store.close().await.unwrap();
-    assert!(matches!(store.append(ingest("bed-1", 1, 1)).await, Err(StoreError::Closed)));
+    assert!(matches!(
+        store.append(ingest("bed-1", 1, 1)).await,
+        Err(StoreError::Closed)
+    ));
 }

@@ -47,7 +47,9 @@ pub enum KeyError {
         source: base64::DecodeError,
     },
     /// The key decodes to the wrong number of bytes.
-    #[error("the storage key from {origin} is {found} bytes; it must be exactly 32 bytes (44 base64 characters)")]
+    #[error(
+        "the storage key from {origin} is {found} bytes; it must be exactly 32 bytes (44 base64 characters)"
+    )]
     WrongLength {
         /// Where the key came from.
         origin: String,
@@ -161,20 +163,22 @@ impl MasterKey {
 
     /// Parses base64 key text.
     pub fn parse(text: &str, origin: &str) -> Result<Self, KeyError> {
-        let decoded = Zeroizing::new(BASE64.decode(text.trim()).map_err(|source| {
-            KeyError::NotBase64 {
+        let decoded =
+            Zeroizing::new(
+                BASE64
+                    .decode(text.trim())
+                    .map_err(|source| KeyError::NotBase64 {
+                        origin: origin.to_string(),
+                        source,
+                    })?,
+            );
+        let bytes: [u8; 32] = decoded
+            .as_slice()
+            .try_into()
+            .map_err(|_| KeyError::WrongLength {
                 origin: origin.to_string(),
-                source,
-            }
-        })?);
-        let bytes: [u8; 32] =
-            decoded
-                .as_slice()
-                .try_into()
-                .map_err(|_| KeyError::WrongLength {
-                    origin: origin.to_string(),
-                    found: decoded.len(),
-                })?;
+                found: decoded.len(),
+            })?;
         Ok(Self::from_bytes(bytes))
     }
 
@@ -213,7 +217,10 @@ mod tests {
         let err = MasterKey::load(&src, no_env).unwrap_err();
         assert!(err.to_string().contains("head -c 32 /dev/urandom"), "{err}");
         let err = MasterKey::load(&src, |_| Some("AAEC".into())).unwrap_err();
-        assert!(matches!(err, KeyError::WrongLength { found: 3, .. }), "{err}");
+        assert!(
+            matches!(err, KeyError::WrongLength { found: 3, .. }),
+            "{err}"
+        );
         let err = MasterKey::load(&src, |_| Some("not base64!".into())).unwrap_err();
         assert!(matches!(err, KeyError::NotBase64 { .. }), "{err}");
     }

@@ -18,8 +18,8 @@
 
 pub mod key;
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::aead::Tag;
+use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Key, Nonce as GcmNonce};
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -138,7 +138,9 @@ impl DataKey {
     ) -> Result<(), CryptoError> {
         let len = buf.len().saturating_sub(start);
         let gcm_nonce = GcmNonce::<aes_gcm::aead::consts::U12>::from(nonce.to_bytes());
-        let body = buf.get_mut(start..).ok_or(CryptoError::SealFailed { len })?;
+        let body = buf
+            .get_mut(start..)
+            .ok_or(CryptoError::SealFailed { len })?;
         let tag = self
             .cipher
             .encrypt_inout_detached(&gcm_nonce, &ctx.aad(), body.into())
@@ -159,9 +161,8 @@ impl DataKey {
             .checked_sub(TAG_LEN)
             .ok_or(CryptoError::Truncated { len: sealed.len() })?;
         let (ciphertext, tag) = sealed.split_at(split);
-        let tag = Tag::<Aes256Gcm>::try_from(tag).map_err(|_| CryptoError::Truncated {
-            len: sealed.len(),
-        })?;
+        let tag = Tag::<Aes256Gcm>::try_from(tag)
+            .map_err(|_| CryptoError::Truncated { len: sealed.len() })?;
         let mut plain = ciphertext.to_vec();
         let gcm_nonce = GcmNonce::<aes_gcm::aead::consts::U12>::from(nonce.to_bytes());
         self.cipher
@@ -180,7 +181,10 @@ pub fn key_check_value(master: &MasterKey, store_id: &[u8; 16]) -> [u8; 32] {
 
 /// Compares two key-check values without an early exit.
 pub fn key_check_matches(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn hkdf32(master: &MasterKey, salt: &[u8; 16], info: &[u8]) -> Zeroizing<[u8; 32]> {

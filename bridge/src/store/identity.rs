@@ -100,6 +100,8 @@ pub fn create(dir: &Path, master: &MasterKey) -> Result<Identity, StoreError> {
         f.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, &file).map_err(io)?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
     Ok(Identity { store_id })
 }

@@ -192,6 +192,17 @@ pub enum StoreError {
         /// The configured count.
         configured: u8,
     },
+    /// A bookkeeping value in the `meta` keyspace does not decode. Vigil stops
+    /// rather than guess: a guessed counter could repeat sequence numbers.
+    #[error(
+        "store bookkeeping value meta/{key} is damaged ({why}): restore the data directory from a backup"
+    )]
+    MetaCorrupt {
+        /// The meta key.
+        key: String,
+        /// What is wrong.
+        why: String,
+    },
     /// The boot epoch would wrap: the key must be rotated (after 4 billion opens).
     #[error("the store's boot epoch is exhausted: re-create the store under a new key")]
     EpochExhausted,
@@ -613,9 +624,10 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let shared = self.shared.clone();
-        let scanned = tokio::task::spawn_blocking(move || scan::lane(&shared, priority, after, limit))
-            .await
-            .map_err(|_| StoreError::WriterGone)??;
+        let scanned =
+            tokio::task::spawn_blocking(move || scan::lane(&shared, priority, after, limit))
+                .await
+                .map_err(|_| StoreError::WriterGone)??;
         for bad in scanned.corrupt {
             self.quarantine(writer::Area::Lane(priority), bad.seq, bad.reason)
                 .await?;
@@ -846,21 +858,25 @@ fn open_shared(
     // The epoch goes first and is fsynced before anything is sealed in this run.
     let old_epoch = match meta.get(EPOCH_KEY).map_err(engine)? {
         None => 0,
-        Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Identity {
-            path: db_dir.clone(),
-            why: "meta/epoch is not 4 bytes".into(),
-        })?),
+        Some(v) => {
+            u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::MetaCorrupt {
+                key: "epoch".into(),
+                why: format!("{} bytes instead of 4", v.len()),
+            })?)
+        }
     };
     let epoch = old_epoch.checked_add(1).ok_or(StoreError::EpochExhausted)?;
     let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
     batch.insert(&meta, EPOCH_KEY, epoch.to_be_bytes().to_vec());
-    batch.commit().map_err(|e| StoreError::Persist(format!("{e:?}")))?;
+    batch
+        .commit()
+        .map_err(|e| StoreError::Persist(format!("{e:?}")))?;
 
     let mut state: StoreStats = match meta.get(STATE_KEY).map_err(engine)? {
         None => StoreStats::default(),
-        Some(v) => postcard::from_bytes(&v).map_err(|e| StoreError::Identity {
-            path: db_dir.clone(),
-            why: format!("meta/state does not decode: {e}"),
+        Some(v) => postcard::from_bytes(&v).map_err(|e| StoreError::MetaCorrupt {
+            key: "state".into(),
+            why: e.to_string(),
         })?,
     };
     let configured = usize::from(options.priorities);
@@ -920,12 +936,20 @@ fn open_shared(
         }
     }
     state.next_seq = state.next_seq.max(1);
+    // A lane's persisted head may lag (it is found after each batch and written
+    // with the next): find it again. An empty lane's cursor is already a valid
+    // lower bound.
     for p in 0..options.priorities {
-        scan::refresh_head(&shared, &mut state, p)?;
+        if state
+            .lanes
+            .get(usize::from(p))
+            .is_some_and(|l| l.messages > 0)
+        {
+            scan::refresh_head(&shared, &mut state, p)?;
+        }
     }
     if let Ok(mut s) = shared.stats.write() {
         *s = state.clone();
     }
     Ok((shared, state))
 }
-

@@ -154,7 +154,11 @@ impl Seal<'_> {
     }
 
     /// Opens a sealed value and decodes its body, which must be `body_format`.
-    pub fn open<T: DeserializeOwned>(&self, body_format: u8, value: &[u8]) -> Result<T, RecordError> {
+    pub fn open<T: DeserializeOwned>(
+        &self,
+        body_format: u8,
+        value: &[u8],
+    ) -> Result<T, RecordError> {
         let (header, sealed) = value
             .split_at_checked(HEADER_LEN)
             .ok_or(RecordError::TooShort { len: value.len() })?;
@@ -173,7 +177,9 @@ impl Seal<'_> {
             &self.context(),
             sealed,
         )?;
-        let (&found, body) = plain.split_first().ok_or(RecordError::TooShort { len: 0 })?;
+        let (&found, body) = plain
+            .split_first()
+            .ok_or(RecordError::TooShort { len: 0 })?;
         if found != body_format {
             return Err(RecordError::WrongBody {
                 found,

@@ -8,7 +8,8 @@ use fjall::Keyspace;
 
 use super::record::{self, DEAD_LETTER_FORMAT, EVENT_FORMAT, KEY_LEN};
 use super::{
-    DEAD_LETTER, DeadLetterEntry, QuarantineEntry, Shared, StoreError, StoreStats, Stored,};
+    DEAD_LETTER, DeadLetterEntry, QuarantineEntry, Shared, StoreError, StoreStats, Stored,
+};
 use crate::event::Event;
 
 /// Most corrupt records one read reports before returning what it has, so a
@@ -169,7 +170,10 @@ pub(super) fn refresh_head(
         return Ok(());
     };
     let mut head = None;
-    for guard in ks.range(record::key(lane.cursor)..).take(MAX_CORRUPT_PER_READ) {
+    for guard in ks
+        .range(record::key(lane.cursor)..)
+        .take(MAX_CORRUPT_PER_READ)
+    {
         let (k, v) = guard
             .into_inner()
             .map_err(|e| StoreError::engine(&shared.dir, e))?;

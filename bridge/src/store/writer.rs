@@ -109,6 +109,7 @@ fn defer<T: Send + 'static>(done: Reply<T>, value: T) -> Deferred {
 fn copy_error(e: &StoreError) -> StoreError {
     match e {
         StoreError::Poisoned(m) => StoreError::Poisoned(m.clone()),
+        StoreError::Persist(m) => StoreError::Persist(m.clone()),
         other => StoreError::Persist(other.to_string()),
     }
 }
@@ -306,9 +307,16 @@ impl Writer {
         if let Some(reason) = &self.fatal {
             return Err(StoreError::Poisoned(reason.clone()));
         }
-        self.shared
+        // The heads found after the last batch are not persisted yet.
+        let state = postcard::to_allocvec(&self.state)
+            .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
+        let mut wb = self
+            .shared
             .db
-            .persist(PersistMode::SyncAll)
+            .batch()
+            .durability(Some(PersistMode::SyncAll));
+        wb.insert(&self.shared.meta, STATE_KEY, state);
+        wb.commit()
             .map_err(|e| StoreError::Persist(format!("{e:?}")))
     }
 
@@ -448,7 +456,12 @@ impl Writer {
             .get(dev_key(device))
             .map_err(|e| self.engine(e))?
         {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            Some(v) => {
+                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::MetaCorrupt {
+                    key: format!("dev/{device}"),
+                    why: format!("{} bytes instead of 8", v.len()),
+                })?)
+            }
             None => 0,
         };
         self.devices.insert(device.to_string(), last);
@@ -474,26 +487,32 @@ impl Writer {
             };
             let seq = self.state.next_seq;
             let event = Event::from_ingest(ingest.clone(), Uuid::now_v7(), device_seq);
-            let value = match self.shared.seal_for(&name, seq).seal(
-                self.shared.epoch,
-                EVENT_FORMAT,
-                &event,
-            ) {
-                Ok(v) => v,
-                Err(source) => {
-                    return drop(done.send(Err(StoreError::Record {
-                        keyspace: name,
-                        seq,
-                        source,
-                    })));
-                }
-            };
+            let value =
+                match self
+                    .shared
+                    .seal_for(&name, seq)
+                    .seal(self.shared.epoch, EVENT_FORMAT, &event)
+                {
+                    Ok(v) => v,
+                    Err(source) => {
+                        return drop(done.send(Err(StoreError::Record {
+                            keyspace: name,
+                            seq,
+                            source,
+                        })));
+                    }
+                };
             let stored_bytes = size_of(value.len());
             match self.make_room(priority, stored_bytes, batch, allow_flush) {
                 Ok(evicted) => {
                     self.take_device_seq(&event.device, device_seq, batch);
                     self.take_seq();
-                    self.figures_add(Area::Lane(priority), seq, stored_bytes, Some(event.received_at));
+                    self.figures_add(
+                        Area::Lane(priority),
+                        seq,
+                        stored_bytes,
+                        Some(event.received_at),
+                    );
                     self.state.counters.appended += 1;
                     batch.put(Area::Lane(priority), seq, value);
                     batch.pending_lanes |= 1 << priority;
@@ -569,7 +588,11 @@ impl Writer {
                 };
                 let vsize = size_of(value.len());
                 let name = super::lane_name(q);
-                match self.shared.seal_for(&name, seq).open::<Event>(EVENT_FORMAT, &value) {
+                match self
+                    .shared
+                    .seal_for(&name, seq)
+                    .open::<Event>(EVENT_FORMAT, &value)
+                {
                     Ok(event) => {
                         batch.delete(Area::Lane(q), seq);
                         self.figures_sub(Area::Lane(q), vsize);
@@ -585,7 +608,9 @@ impl Writer {
                         evicted.push(Evicted { priority: q, seq });
                         freed += vsize;
                     }
-                    Err(e) => self.stage_quarantine(Area::Lane(q), seq, value, e.to_string(), batch),
+                    Err(e) => {
+                        self.stage_quarantine(Area::Lane(q), seq, value, e.to_string(), batch)
+                    }
                 }
             }
             if freed >= target {
@@ -615,7 +640,9 @@ impl Writer {
         let ks = self.keyspace(Area::Lane(q))?;
         for guard in ks.range(record::key(from)..) {
             let (k, v) = guard.into_inner().map_err(|e| self.engine(e))?;
-            let Ok(seq) = record::seq_of(&k) else { continue };
+            let Ok(seq) = record::seq_of(&k) else {
+                continue;
+            };
             if let Some(slot) = batch.scan_from.get_mut(lane) {
                 *slot = Some(seq + 1);
             }
@@ -627,7 +654,12 @@ impl Writer {
         Ok(None)
     }
 
-    fn ack(&mut self, priority: u8, seqs: &[u64], batch: &mut Batch) -> Result<AckReport, StoreError> {
+    fn ack(
+        &mut self,
+        priority: u8,
+        seqs: &[u64],
+        batch: &mut Batch,
+    ) -> Result<AckReport, StoreError> {
         let area = Area::Lane(priority);
         let ks = self.keyspace(area)?.clone();
         let mut report = AckReport::default();
@@ -666,7 +698,11 @@ impl Writer {
             return Ok(None);
         };
         let name = super::lane_name(priority);
-        let event = match self.shared.seal_for(&name, seq).open::<Event>(EVENT_FORMAT, &value) {
+        let event = match self
+            .shared
+            .seal_for(&name, seq)
+            .open::<Event>(EVENT_FORMAT, &value)
+        {
             Ok(event) => event,
             Err(e) => {
                 self.stage_quarantine(area, seq, value, e.to_string(), batch);
@@ -745,7 +781,12 @@ impl Writer {
         batch.put(Area::Lane(priority), seq, sealed);
         batch.pending_lanes |= 1 << priority;
         self.state.counters.requeued += 1;
-        tracing::info!(dead_letter_seq = dl_seq, priority, seq, "dead letter requeued");
+        tracing::info!(
+            dead_letter_seq = dl_seq,
+            priority,
+            seq,
+            "dead letter requeued"
+        );
         Ok(Some(seq))
     }
 
@@ -785,7 +826,14 @@ impl Writer {
         Ok(still_bad)
     }
 
-    fn stage_quarantine(&mut self, from: Area, seq: u64, raw: Vec<u8>, reason: String, batch: &mut Batch) {
+    fn stage_quarantine(
+        &mut self,
+        from: Area,
+        seq: u64,
+        raw: Vec<u8>,
+        reason: String,
+        batch: &mut Batch,
+    ) {
         let keyspace = self.area_name(from);
         tracing::error!(
             keyspace = %keyspace,
@@ -824,7 +872,12 @@ impl Writer {
             .get(gap_key(lane, device))
             .map_err(|e| self.engine(e))?
         {
-            Some(v) => postcard::from_bytes(&v).ok(),
+            Some(v) => Some(
+                postcard::from_bytes(&v).map_err(|e| StoreError::MetaCorrupt {
+                    key: format!("gap/{lane}/{device}"),
+                    why: e.to_string(),
+                })?,
+            ),
             None => None,
         };
         self.gaps.insert(k, g);
@@ -854,9 +907,8 @@ impl Writer {
                 last_received_at: range.last_received_at.to_rfc3339(),
                 reason: "evicted: the store quota was full",
             };
-            let payload = serde_json::to_vec(&payload).map_err(|e| {
-                StoreError::Persist(format!("cannot encode a gap notice: {e}"))
-            })?;
+            let payload = serde_json::to_vec(&payload)
+                .map_err(|e| StoreError::Persist(format!("cannot encode a gap notice: {e}")))?;
             let device_seq = self.peek_device_seq(VIGIL_DEVICE)?;
             self.take_device_seq(VIGIL_DEVICE, device_seq, batch);
             let ingest = Ingest {
@@ -883,7 +935,12 @@ impl Writer {
                     seq,
                     source,
                 })?;
-            self.figures_add(Area::Lane(0), seq, size_of(sealed.len()), Some(event.received_at));
+            self.figures_add(
+                Area::Lane(0),
+                seq,
+                size_of(sealed.len()),
+                Some(event.received_at),
+            );
             batch.put(Area::Lane(0), seq, sealed);
             self.state.counters.gap_notices += 1;
             let state = GapState {
@@ -913,7 +970,10 @@ impl Writer {
             self.write(&mut batch)
         };
         if let Err(e) = outcome {
-            let reason = e.to_string();
+            let reason = match &e {
+                StoreError::Persist(m) => m.clone(),
+                other => other.to_string(),
+            };
             tracing::error!(
                 error = %reason,
                 "FATAL: the store could not persist a batch; no further message will be acknowledged. \
@@ -921,7 +981,7 @@ impl Writer {
             );
             self.fatal = Some(reason.clone());
             self.shared.fatal.send_replace(Some(reason));
-            let err = StoreError::Persist(e.to_string());
+            let err = StoreError::Persist(self.fatal.clone().unwrap_or_default());
             for reply in batch.replies {
                 reply(Some(&err));
             }
@@ -955,14 +1015,20 @@ impl Writer {
         let mut wb = self.shared.db.batch().durability(Some(mode));
         for op in batch.ops.drain(..) {
             match op {
-                Op::Put(area, seq, value) => wb.insert(self.keyspace(area)?, record::key(seq), value),
+                Op::Put(area, seq, value) => {
+                    wb.insert(self.keyspace(area)?, record::key(seq), value)
+                }
                 Op::Delete(area, seq) => wb.remove(self.keyspace(area)?, record::key(seq)),
                 Op::Meta(k, v) => wb.insert(&self.shared.meta, k, v),
             }
         }
         for device in &batch.devices {
             if let Some(last) = self.devices.get(device) {
-                wb.insert(&self.shared.meta, dev_key(device), last.to_be_bytes().to_vec());
+                wb.insert(
+                    &self.shared.meta,
+                    dev_key(device),
+                    last.to_be_bytes().to_vec(),
+                );
             }
         }
         let state = postcard::to_allocvec(&self.state)

@@ -50,7 +50,9 @@ pub fn ingest(device: &str, priority: u8, payload_len: usize) -> Ingest {
 
 /// Opens the store's fjall database directly (the store must be closed).
 pub fn raw_db(dir: &Path) -> fjall::Database {
-    fjall::Database::builder(dir.join("db")).open().expect("open fjall")
+    fjall::Database::builder(dir.join("db"))
+        .open()
+        .expect("open fjall")
 }
 
 pub fn raw_keyspace(db: &fjall::Database, name: &str) -> fjall::Keyspace {
