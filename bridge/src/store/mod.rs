@@ -644,63 +644,49 @@ impl Store {
     pub async fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
         for priority in 0..self.priorities() {
-            let mut start = 0u64;
-            loop {
-                let shared = self.shared.clone();
-                let scanned = tokio::task::spawn_blocking(move || {
-                    scan::lane_from(&shared, priority, record::key(start), 1024)
-                })
-                .await
-                .map_err(|_| StoreError::WriterGone)??;
-                let last = scanned
-                    .events
-                    .iter()
-                    .map(|e| e.seq)
-                    .chain(scanned.corrupt.iter().map(|c| c.seq))
-                    .max();
-                report.checked += (scanned.events.len() + scanned.corrupt.len()) as u64;
-                for bad in scanned.corrupt {
-                    if self
-                        .quarantine(writer::Area::Lane(priority), bad.seq, bad.reason)
-                        .await?
-                    {
-                        report.quarantined += 1;
-                    }
-                }
-                match last {
-                    Some(seq) => start = seq + 1,
-                    None => break,
-                }
-            }
+            self.verify_area(
+                writer::Area::Lane(priority),
+                &mut report,
+                move |shared, after| {
+                    let start = after.map_or(0, |a| a.saturating_add(1));
+                    scan::lane_from(shared, priority, record::key(start), 1024)
+                        .map(scan::Scanned::outline)
+                },
+            )
+            .await?;
         }
+        self.verify_area(writer::Area::DeadLetter, &mut report, |shared, after| {
+            scan::dead_letters(shared, after, 1024).map(scan::Scanned::outline)
+        })
+        .await?;
+        Ok(report)
+    }
+
+    /// Pages through one area with `page` (from the start, then after the last
+    /// key seen) and quarantines what fails.
+    async fn verify_area(
+        &self,
+        area: writer::Area,
+        report: &mut VerifyReport,
+        page: impl Fn(&Shared, Option<u64>) -> Result<scan::Outline, StoreError> + Send + Copy + 'static,
+    ) -> Result<(), StoreError> {
         let mut after = None;
         loop {
             let shared = self.shared.clone();
-            let scanned =
-                tokio::task::spawn_blocking(move || scan::dead_letters(&shared, after, 1024))
-                    .await
-                    .map_err(|_| StoreError::WriterGone)??;
-            let last = scanned
-                .events
-                .iter()
-                .map(|e| e.seq)
-                .chain(scanned.corrupt.iter().map(|c| c.seq))
-                .max();
-            report.checked += (scanned.events.len() + scanned.corrupt.len()) as u64;
-            for bad in scanned.corrupt {
-                if self
-                    .quarantine(writer::Area::DeadLetter, bad.seq, bad.reason)
-                    .await?
-                {
+            let outline = tokio::task::spawn_blocking(move || page(&shared, after))
+                .await
+                .map_err(|_| StoreError::WriterGone)??;
+            report.checked += outline.checked;
+            for bad in outline.corrupt {
+                if self.quarantine(area, bad.seq, bad.reason).await? {
                     report.quarantined += 1;
                 }
             }
-            match last {
+            match outline.last {
                 Some(seq) => after = Some(seq),
-                None => break,
+                None => return Ok(()),
             }
         }
-        Ok(report)
     }
 
     /// Reads dead letters in key order, after `after`.

@@ -37,6 +37,29 @@ pub struct Scanned<T> {
 /// What a lane scan found.
 pub type ScannedLane = Scanned<Event>;
 
+/// A scan reduced to what verification needs.
+pub(super) struct Outline {
+    pub(super) checked: u64,
+    pub(super) corrupt: Vec<Corrupt>,
+    pub(super) last: Option<u64>,
+}
+
+impl<T> Scanned<T> {
+    pub(super) fn outline(self) -> Outline {
+        let last = self
+            .events
+            .iter()
+            .map(|e| e.seq)
+            .chain(self.corrupt.iter().map(|c| c.seq))
+            .max();
+        Outline {
+            checked: (self.events.len() + self.corrupt.len()) as u64,
+            corrupt: self.corrupt,
+            last,
+        }
+    }
+}
+
 fn start_key(cursor: u64, after: Option<u64>) -> [u8; KEY_LEN] {
     let from = match after {
         Some(a) => cursor.max(a.saturating_add(1)),
