@@ -58,6 +58,9 @@ pub enum Command {
         #[arg(long)]
         events: bool,
     },
+    /// Reads a device password from standard input (one line) and prints the
+    /// Argon2id hash to put in `gate.auth.users` as `password_hash`.
+    HashPassword,
 }
 
 /// Entry point of the `vigil` binary.
@@ -83,6 +86,7 @@ pub fn main() -> ExitCode {
                 priorities,
                 events,
             } => inspect(dir, key_file, priorities, events).await,
+            Command::HashPassword => hash_password(),
         }
     });
     match result {
@@ -254,4 +258,20 @@ fn print_stats(stats: &StoreStats) {
         stats.counters.evicted,
         stats.counters.refused_full
     );
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    let mut line = zeroize::Zeroizing::new(String::new());
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| anyhow::anyhow!("cannot read the password from standard input: {e}"))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        anyhow::bail!(
+            "empty password: pipe the password in, e.g. `printf %s \"$PW\" | vigil hash-password`"
+        );
+    }
+    let hash = crate::gate::auth::hash_password(password)?;
+    println!("{hash}");
+    Ok(())
 }

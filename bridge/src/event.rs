@@ -40,7 +40,11 @@ pub const CANONICAL_VERSION: u8 = 1;
 pub const VIGIL_DEVICE: &str = "$vigil";
 
 /// What a message is. Topic rules in the gate decide it for device messages.
+///
+/// Serde names are kebab-case (`measurement`, `alert`, `gap-notice`), as in the
+/// configuration; postcard stores the variant index, so names never reach disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Kind {
     /// A periodic reading (vital signs, waveforms, status).
     Measurement,

@@ -10,6 +10,9 @@
 //!                                   +--------- cloud PUBACK: ack -----+
 //! ```
 //!
+//! * [`gate`]: where devices connect: TCP/TLS listeners, authentication,
+//!   topic rules, and a relay to the embedded rumqttd that releases each
+//!   device's PUBACK only after the store has committed the message.
 //! * [`event`]: the unit that flows: a device message with its identity
 //!   (UUID v7 id, per-device sequence number, SHA-256 of its canonical encoding).
 //! * [`store`]: the durable queue: one lane per priority, group commit with
@@ -25,4 +28,5 @@
 pub mod cli;
 pub mod crypto;
 pub mod event;
+pub mod gate;
 pub mod store;

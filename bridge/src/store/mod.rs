@@ -437,6 +437,71 @@ pub struct VerifyReport {
     pub quarantined: u64,
 }
 
+/// An append the writer has queued; [`PendingAppend::committed`] resolves when
+/// it is durable (or refused).
+#[derive(Debug)]
+pub struct PendingAppend {
+    wait: oneshot::Receiver<Result<Appended, StoreError>>,
+}
+
+impl PendingAppend {
+    /// Waits for the commit: `Ok` means the message is on disk under the
+    /// configured durability.
+    pub async fn committed(self) -> Result<Appended, StoreError> {
+        self.wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The outcome if the commit has already happened, without waiting.
+    pub fn try_committed(&mut self) -> Option<Result<Appended, StoreError>> {
+        match self.wait.try_recv() {
+            Ok(outcome) => Some(outcome),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(StoreError::Closed)),
+        }
+    }
+}
+
+/// Keeps commits on hold while alive: see [`Store::hold_commits`].
+#[doc(hidden)]
+pub struct CommitHold {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CommitHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitHold")
+    }
+}
+
+impl Drop for CommitHold {
+    fn drop(&mut self) {
+        self.shared.hold.set(false);
+    }
+}
+
+/// A flag the writer waits on before committing appends (tests only).
+#[derive(Default)]
+struct Hold {
+    held: Mutex<bool>,
+    released: std::sync::Condvar,
+}
+
+impl Hold {
+    fn set(&self, held: bool) {
+        match self.held.lock() {
+            Ok(mut h) => *h = held,
+            Err(poisoned) => *poisoned.into_inner() = held,
+        }
+        self.released.notify_all();
+    }
+
+    /// Blocks the calling (writer) thread while a hold is in place.
+    fn wait(&self) {
+        let Ok(guard) = self.held.lock() else { return };
+        let _released = self.released.wait_while(guard, |held| *held);
+    }
+}
+
 /// A record read from the store, with its key and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored<T> {
@@ -475,6 +540,7 @@ struct Shared {
     epoch: u32,
     stats: RwLock<StoreStats>,
     fatal: watch::Sender<Option<String>>,
+    hold: Hold,
 }
 
 impl Shared {
@@ -560,8 +626,37 @@ impl Store {
 
     /// Seals and persists a device message; completes once it is on disk.
     pub async fn append(&self, ingest: Ingest) -> Result<Appended, StoreError> {
-        self.call(|done| writer::Command::Append { ingest, done })
+        self.submit(ingest).await?.committed().await
+    }
+
+    /// Queues an append and returns as soon as the writer has it, without
+    /// waiting for the commit. Messages submitted one after another by one task
+    /// are stored in that order (and get increasing device sequence numbers),
+    /// which `append` from concurrent tasks cannot promise. Waits only when the
+    /// writer's queue (`queue_depth`) is full.
+    ///
+    /// The gate uses this to pass a device's publish on at once and release the
+    /// device's PUBACK when [`PendingAppend::committed`] resolves.
+    pub async fn submit(&self, ingest: Ingest) -> Result<PendingAppend, StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(writer::Command::Append { ingest, done })
             .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(PendingAppend { wait })
+    }
+
+    /// Holds every commit that would make an append durable until the returned
+    /// guard is dropped. Appends queue up meanwhile; nothing is acknowledged.
+    ///
+    /// For tests that must show an acknowledgement waits for the commit (the
+    /// gate's PUBACK, for one). Never used by Vigil itself.
+    #[doc(hidden)]
+    pub fn hold_commits(&self) -> CommitHold {
+        self.shared.hold.set(true);
+        CommitHold {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Deletes records the cloud acknowledged. Seqs no longer queued are counted
@@ -905,6 +1000,7 @@ fn open_shared(
         epoch,
         stats: RwLock::new(StoreStats::default()),
         fatal: watch::Sender::new(None),
+        hold: Hold::default(),
     };
 
     // Defensive: the seq counter is written in the same batch as the records it

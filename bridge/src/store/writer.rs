@@ -1007,6 +1007,9 @@ impl Writer {
     }
 
     fn write(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
+        if batch.sync {
+            self.shared.hold.wait();
+        }
         self.emit_gap_notices(batch)?;
         let mode = match (batch.sync, self.durability) {
             (true, Durability::SyncData) => PersistMode::SyncData,

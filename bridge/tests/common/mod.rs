@@ -86,3 +86,4 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, [u8; 32])> {
     out.sort();
     out
 }
+pub mod gate;

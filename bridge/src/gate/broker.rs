@@ -1,0 +1,402 @@
+//! The embedded rumqttd: loaded from `broker-config/rumqttd.toml`, run on
+//! Vigil's runtime, listening only on loopback.
+//!
+//! The file has rumqttd's own layout, but it is read into the structs below,
+//! which refuse unknown keys (rumqttd's own `Config` ignores them, so a typo
+//! would silently fall back to a default), and which leave out what must not
+//! be enabled here: the console, Prometheus, TLS, auth, bridges, clustering,
+//! websockets.
+//!
+//! rumqttd's router runs on its own thread. The listeners run as tasks on
+//! Vigil's runtime (`rumqttd::Server`), so stopping the gate aborts them.
+//! rumqttd has no shutdown for the router thread (rumqtt#771); it parks until
+//! the process exits.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+use super::GateError;
+
+/// The built-in copy of `broker-config/rumqttd.toml`.
+pub const BUILT_IN: &str = include_str!("../../../broker-config/rumqttd.toml");
+
+/// The settings file, as Vigil accepts it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerFile {
+    /// Router id (always 0 for a single broker).
+    #[serde(default)]
+    pub id: usize,
+    /// Router limits.
+    pub router: RouterSection,
+    /// The MQTT 3.1.1 listener (exactly one).
+    pub v4: HashMap<String, ListenerSection>,
+    /// The MQTT 5 listener (exactly one).
+    pub v5: HashMap<String, ListenerSection>,
+}
+
+/// `[router]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSection {
+    /// Connections rumqttd accepts.
+    pub max_connections: usize,
+    /// Packets queued per connection.
+    pub max_outgoing_packet_count: u64,
+    /// Bytes per in-memory log segment (at least 1024).
+    pub max_segment_size: usize,
+    /// Segments kept per subscribed filter.
+    pub max_segment_count: usize,
+    /// Per-filter segment overrides.
+    #[serde(default)]
+    pub custom_segment: Option<HashMap<String, SegmentSection>>,
+}
+
+/// `[router.custom_segment.'filter']`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentSection {
+    /// Bytes per segment.
+    pub max_segment_size: usize,
+    /// Segments kept.
+    pub max_segment_count: usize,
+}
+
+/// `[v4.<name>]` / `[v5.<name>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    /// Listener name in rumqttd's logs.
+    pub name: String,
+    /// Loopback address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Pause after each accept.
+    #[serde(default)]
+    pub next_connection_delay_ms: u64,
+    /// Per-connection limits.
+    pub connections: ConnectionsSection,
+}
+
+/// `[v4.<name>.connections]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsSection {
+    /// Time for the CONNECT to arrive.
+    pub connection_timeout_ms: u16,
+    /// Largest packet (remaining length) rumqttd reads.
+    pub max_payload_size: usize,
+    /// Packets read per batch from one connection.
+    pub max_inflight_count: usize,
+}
+
+impl BrokerFile {
+    /// Reads and checks a settings file (`None`: the built-in copy).
+    pub fn load(path: Option<&Path>) -> Result<Self, GateError> {
+        let shown = path.map_or_else(
+            || PathBuf::from("(built-in broker-config/rumqttd.toml)"),
+            Path::to_path_buf,
+        );
+        let bad = |reason: String| GateError::BrokerConfig {
+            path: shown.clone(),
+            reason,
+        };
+        let builder = config::Config::builder();
+        let builder = match path {
+            Some(p) => builder.add_source(
+                config::File::from(p)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            ),
+            None => builder.add_source(config::File::from_str(BUILT_IN, config::FileFormat::Toml)),
+        };
+        let file: BrokerFile = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| bad(e.to_string()))?;
+        file.validate().map_err(bad)?;
+        Ok(file)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.router.max_segment_size < 1024 {
+            return Err(
+                "router.max_segment_size must be at least 1024 (rumqttd panics below)".into(),
+            );
+        }
+        if self.router.max_segment_count == 0 {
+            return Err("router.max_segment_count must be at least 1".into());
+        }
+        for (table, map) in [("v4", &self.v4), ("v5", &self.v5)] {
+            if map.len() != 1 {
+                return Err(format!(
+                    "[{table}] must hold exactly one listener (found {}); the gate relays \
+                     every device of that MQTT version to it",
+                    map.len()
+                ));
+            }
+            for (name, l) in map {
+                if !l.listen.ip().is_loopback() {
+                    return Err(format!(
+                        "{table}.{name}.listen = {} is not a loopback address; the embedded \
+                         broker must be reachable only through the gate",
+                        l.listen
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The v4 and v5 listener sections.
+    fn listeners(&self) -> Result<(&ListenerSection, &ListenerSection), String> {
+        match (self.v4.values().next(), self.v5.values().next()) {
+            (Some(v4), Some(v5)) => Ok((v4, v5)),
+            _ => Err("a v4 and a v5 listener are required".into()),
+        }
+    }
+
+    /// The smallest `max_payload_size` of the two listeners.
+    pub fn max_payload_size(&self) -> usize {
+        self.v4
+            .values()
+            .chain(self.v5.values())
+            .map(|l| l.connections.max_payload_size)
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// A running embedded broker.
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    v4: SocketAddr,
+    v5: SocketAddr,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl EmbeddedBroker {
+    /// Starts the router thread and both loopback listeners, and waits until
+    /// each answers an MQTT CONNECT.
+    pub async fn start(file: &BrokerFile) -> Result<Self, GateError> {
+        let start_err = |reason: String| GateError::Broker(reason);
+        let (v4, v5) = file.listeners().map_err(start_err)?;
+        let router = rumqttd::RouterConfig {
+            max_connections: file.router.max_connections,
+            max_outgoing_packet_count: file.router.max_outgoing_packet_count,
+            max_segment_size: file.router.max_segment_size,
+            max_segment_count: file.router.max_segment_count,
+            custom_segment: file.router.custom_segment.as_ref().map(|m| {
+                m.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            rumqttd::SegmentConfig {
+                                max_segment_size: v.max_segment_size,
+                                max_segment_count: v.max_segment_count,
+                            },
+                        )
+                    })
+                    .collect()
+            }),
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        };
+        let router_tx = rumqttd::Router::new(file.id, router).spawn();
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for (section, level) in [(v4, 4u8), (v5, 5u8)] {
+            let listen = resolve_port(section.listen).map_err(|e| {
+                start_err(format!("no free loopback port for {}: {e}", section.name))
+            })?;
+            let settings = rumqttd::ServerSettings {
+                name: section.name.clone(),
+                listen,
+                tls: None,
+                next_connection_delay_ms: section.next_connection_delay_ms,
+                connections: rumqttd::ConnectionSettings {
+                    connection_timeout_ms: section.connections.connection_timeout_ms,
+                    max_payload_size: section.connections.max_payload_size,
+                    max_inflight_count: section.connections.max_inflight_count,
+                    auth: None,
+                    external_auth: None,
+                    dynamic_filters: false,
+                },
+            };
+            let router_tx = router_tx.clone();
+            let name = section.name.clone();
+            let task = if level == 4 {
+                let mut server =
+                    rumqttd::Server::new(settings, router_tx, rumqttd::protocol::v4::V4);
+                tokio::spawn(async move {
+                    if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
+                        tracing::error!(listener = %name, error = %e, "embedded broker listener stopped");
+                    }
+                })
+            } else {
+                let mut server =
+                    rumqttd::Server::new(settings, router_tx, rumqttd::protocol::v5::V5);
+                tokio::spawn(async move {
+                    if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
+                        tracing::error!(listener = %name, error = %e, "embedded broker listener stopped");
+                    }
+                })
+            };
+            listeners.push(task);
+            addrs.push((listen, level, section.name.clone()));
+        }
+        let broker = Self {
+            v4: addrs[0].0,
+            v5: addrs[1].0,
+            listeners,
+        };
+        for (addr, level, name) in addrs {
+            if let Err(e) = probe(addr, level).await {
+                broker.stop();
+                return Err(start_err(format!(
+                    "listener {name} on {addr} did not answer a CONNECT: {e}"
+                )));
+            }
+        }
+        tracing::info!(v4 = %broker.v4, v5 = %broker.v5, "embedded broker listening on loopback");
+        Ok(broker)
+    }
+
+    /// The MQTT 3.1.1 loopback listener.
+    pub fn v4_addr(&self) -> SocketAddr {
+        self.v4
+    }
+
+    /// The MQTT 5 loopback listener.
+    pub fn v5_addr(&self) -> SocketAddr {
+        self.v5
+    }
+
+    /// Stops both listeners; their connections end as the gate closes them.
+    pub fn stop(&self) {
+        for l in &self.listeners {
+            l.abort();
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Port 0 becomes a free port now (rumqttd cannot report the port it bound).
+fn resolve_port(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = std::net::TcpListener::bind(addr)?;
+    l.local_addr()
+}
+
+/// Connects with a CONNECT at `level`, expects a successful CONNACK, then
+/// disconnects. Retries for up to 5 s while the listener binds.
+async fn probe(addr: SocketAddr, level: u8) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(2), probe_once(addr, level)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(last)
+}
+
+async fn probe_once(addr: SocketAddr, level: u8) -> Result<(), String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = format!("vigil-probe-{}", uuid::Uuid::new_v4().simple());
+    let mut buf = BytesMut::new();
+    if level == 4 {
+        let mut c = rumqttc::mqttbytes::v4::Connect::new(id);
+        c.keep_alive = 10;
+        rumqttc::mqttbytes::v4::Packet::Connect(c)
+            .write(&mut buf, 1024)
+            .map_err(|e| e.to_string())?;
+    } else {
+        let c = rumqttc::v5::mqttbytes::v5::Connect {
+            keep_alive: 10,
+            client_id: id,
+            clean_start: true,
+            properties: None,
+        };
+        rumqttc::v5::mqttbytes::v5::Packet::Connect(c, None, None)
+            .write(&mut buf, None)
+            .map_err(|e| e.to_string())?;
+    }
+    s.write_all(&buf).await.map_err(|e| e.to_string())?;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head[..2])
+        .await
+        .map_err(|e| e.to_string())?;
+    if head[0] >> 4 != 2 {
+        return Err(format!(
+            "expected CONNACK, got packet type {}",
+            head[0] >> 4
+        ));
+    }
+    let mut rest = vec![0u8; usize::from(head[1])];
+    s.read_exact(&mut rest).await.map_err(|e| e.to_string())?;
+    if rest.get(1).copied().unwrap_or(0xff) != 0 {
+        return Err(format!("CONNACK refused the probe: {rest:?}"));
+    }
+    let disconnect: &[u8] = if level == 4 {
+        &[0xe0, 0x00]
+    } else {
+        &[0xe0, 0x01, 0x00]
+    };
+    let _ = s.write_all(disconnect).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_file_loads() {
+        let f = BrokerFile::load(None).unwrap();
+        assert_eq!(
+            f.router.max_segment_size * f.router.max_segment_count,
+            512 * 1024
+        );
+        assert!(f.max_payload_size() >= 256 * 1024);
+    }
+
+    #[test]
+    fn typos_and_unsafe_settings_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| {
+            let p = dir.path().join("rumqttd.toml");
+            std::fs::write(&p, text).unwrap();
+            BrokerFile::load(Some(&p)).unwrap_err().to_string()
+        };
+        let typo = BUILT_IN.replace("max_segment_count = 2", "max_segmnt_count = 2");
+        let e = write(&typo);
+        assert!(e.contains("max_segmnt_count"), "{e}");
+        let e = write(&format!(
+            "{BUILT_IN}\n[console]\nlisten = \"0.0.0.0:3030\"\n"
+        ));
+        assert!(e.contains("console"), "{e}");
+        let e = write(&BUILT_IN.replacen("127.0.0.1:0", "0.0.0.0:1883", 1));
+        assert!(e.contains("not a loopback"), "{e}");
+        let e = write(&BUILT_IN.replace("max_segment_size = 262144", "max_segment_size = 10"));
+        assert!(e.contains("1024"), "{e}");
+    }
+}

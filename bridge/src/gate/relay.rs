@@ -1,0 +1,818 @@
+//! One device connection: CONNECT handling, then a relay to the embedded
+//! broker that holds each publish's acknowledgement until the store commit.
+//!
+//! ```text
+//!            device_reader ──raw frames──> broker_writer ──> rumqttd
+//!   device <                   │ store.submit (in order)
+//!            device_writer <── Out queue <── broker_reader <── rumqttd
+//!                 awaits the commit of each held PUBACK/PUBREC, in order
+//! ```
+//!
+//! Four tasks per connection, joined by bounded channels. Packets pass through
+//! as the original bytes, in order, except:
+//! - CONNECT, rewritten for rumqttd: credentials removed (the gate checked
+//!   them), keep-alive 0 (which rumqttd refuses) raised to 65535 s;
+//! - a device's QoS 1/2 PUBLISH is submitted to the store first and passed on at
+//!   once; rumqttd's PUBACK/PUBREC for it waits in the device's queue until the
+//!   commit, and everything behind it waits too, so order is kept;
+//! - MQTT 5 CONNACK gains the gate's Receive Maximum, Maximum Packet Size and
+//!   Topic Alias Maximum;
+//! - when the store refuses a message (quota full of what cannot be evicted),
+//!   an MQTT 5 device gets reason 0x97 in place of rumqttd's success (for QoS 2
+//!   the gate also completes rumqttd's side with a PUBREL); an MQTT 3.1.1
+//!   device gets no acknowledgement and is disconnected, so its client resends
+//!   the message when it reconnects.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use super::Context;
+use super::auth::{PeerCert, Refusal};
+use super::frame::{self, Frame, FrameError, FrameReader, Protocol, kind};
+use super::rules::validate_topic;
+use crate::event::{Ingest, Kind, Qos, Timestamp, VIGIL_DEVICE};
+use crate::store::{PendingAppend, StoreError};
+
+/// How long a closing connection may take to flush before it is cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Time allowed to reach the embedded broker.
+const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alive sent to rumqttd for a device that asked for none.
+const NO_KEEP_ALIVE: u16 = u16::MAX;
+
+/// MQTT 5 reason codes the gate sends itself.
+mod reason {
+    pub const MALFORMED: u8 = 0x81;
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    pub const SERVER_UNAVAILABLE: u8 = 0x88;
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8d;
+    pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
+    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+}
+
+/// A device publish waiting for rumqttd's acknowledgement and its commit.
+struct Held {
+    pending: PendingAppend,
+    permit: OwnedSemaphorePermit,
+}
+
+/// What the device writer sends, in order.
+enum Out {
+    /// Bytes to pass on as they are.
+    Frame(Bytes),
+    /// rumqttd's PUBACK/PUBREC for a device publish: sent once committed.
+    Ack {
+        frame: Bytes,
+        pkid: u16,
+        qos2: bool,
+        held: Held,
+    },
+}
+
+/// State the four tasks of one connection share. Locks are never held across
+/// an await.
+#[derive(Default)]
+struct Shared {
+    /// Packet id to the device publishes rumqttd has not acknowledged yet.
+    held: Mutex<HashMap<u16, VecDeque<Held>>>,
+    /// QoS 2 ids the gate completed itself (store refusal): rumqttd's PUBCOMP
+    /// for them is not the device's business.
+    swallow_pubcomp: Mutex<HashSet<u16>>,
+    /// The device has its CONNACK: only then may the gate send a DISCONNECT.
+    connack_sent: std::sync::atomic::AtomicBool,
+}
+
+/// What the device said in its CONNECT.
+struct Hello {
+    protocol: Protocol,
+    client_id: String,
+    keep_alive: u16,
+    /// The CONNECT to send to rumqttd.
+    rewritten: Bytes,
+}
+
+/// Serves one accepted (and, for TLS, handshaken) device connection.
+pub(super) async fn serve<S>(ctx: Arc<Context>, stream: S, peer: SocketAddr, cert: Option<PeerCert>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(rd, ctx.config.max_packet_size, ctx.config.frame_timeout);
+    let hello = match tokio::time::timeout(ctx.config.connect_timeout, reader.next()).await {
+        Err(_) => {
+            ctx.counters.inc(&ctx.counters.connect_timeouts);
+            tracing::info!(%peer, timeout = ?ctx.config.connect_timeout, "no CONNECT in time; closing");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            ctx.counters.inc(match e {
+                FrameError::TooLarge { .. } => &ctx.counters.oversized,
+                _ => &ctx.counters.protocol_errors,
+            });
+            tracing::info!(%peer, error = %e, "bad first packet; closing");
+            return;
+        }
+        Ok(Ok(Some(frame))) => match hello(&ctx, &frame, peer, cert.as_ref()).await {
+            Ok(hello) => hello,
+            Err(Some(refusal)) => {
+                let _ = wr.write_all(&refusal).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+            Err(None) => return,
+        },
+    };
+    let broker_addr = match hello.protocol {
+        Protocol::V5 => ctx.broker_v5,
+        _ => ctx.broker_v4,
+    };
+    let broker = match tokio::time::timeout(
+        BROKER_CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(broker_addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        outcome => {
+            let error = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_string(),
+            };
+            ctx.counters.inc(&ctx.counters.broker_unavailable);
+            tracing::error!(device = %hello.client_id, %broker_addr, %error, "cannot reach the embedded broker; refusing the device");
+            let code = match hello.protocol {
+                Protocol::V5 => reason::SERVER_UNAVAILABLE,
+                _ => 3,
+            };
+            let _ = wr
+                .write_all(&frame::connack_refusal(hello.protocol, code))
+                .await;
+            return;
+        }
+    };
+    let _ = broker.set_nodelay(true);
+    let (broker_rd, mut broker_wr) = broker.into_split();
+    if let Err(e) = broker_wr.write_all(&hello.rewritten).await {
+        tracing::error!(device = %hello.client_id, error = %e, "cannot write to the embedded broker");
+        return;
+    }
+    reader.set_idle(
+        (hello.keep_alive > 0).then(|| Duration::from_secs(u64::from(hello.keep_alive)) * 3 / 2),
+    );
+    tracing::debug!(device = %hello.client_id, %peer, protocol = ?hello.protocol, "device connected");
+    ctx.counters.inc(&ctx.counters.sessions);
+    relay(ctx, hello, reader, wr, broker_rd, broker_wr).await;
+}
+
+/// Reads and checks the CONNECT. `Err(Some(bytes))`: send this refusal and
+/// close; `Err(None)`: just close.
+async fn hello(
+    ctx: &Context,
+    frame: &Frame,
+    peer: SocketAddr,
+    cert: Option<&PeerCert>,
+) -> Result<Hello, Option<Bytes>> {
+    let counters = &ctx.counters;
+    if frame.kind() != kind::CONNECT {
+        counters.inc(&counters.protocol_errors);
+        tracing::info!(%peer, packet_type = frame.kind(), "first packet is not CONNECT; closing");
+        return Err(None);
+    }
+    let protocol = match frame::connect_protocol(frame) {
+        Some(p) => p,
+        None => {
+            counters.inc(&counters.protocol_errors);
+            tracing::info!(%peer, "CONNECT with a bad protocol name; closing");
+            return Err(None);
+        }
+    };
+    let max = ctx.config.max_packet_size;
+    let (client_id, keep_alive, clean, login, rewritten) = match protocol {
+        Protocol::Unsupported(level) => {
+            counters.inc(&counters.refused_protocol);
+            tracing::info!(%peer, level, "CONNECT for an unsupported MQTT level (3.1.1 and 5 are supported)");
+            return Err(Some(frame::connack_refusal(
+                protocol,
+                Refusal::BadProtocol.v4_code(),
+            )));
+        }
+        Protocol::V4 => match v4::Packet::read(&mut frame.to_buf(), max) {
+            Ok(v4::Packet::Connect(mut c)) => {
+                let login = c.login.take().map(|l| (l.username, l.password));
+                let keep_alive = c.keep_alive;
+                if c.keep_alive == 0 {
+                    c.keep_alive = NO_KEEP_ALIVE;
+                }
+                let mut buf = BytesMut::new();
+                let id = c.client_id.clone();
+                let clean = c.clean_session;
+                if v4::Packet::Connect(c).write(&mut buf, usize::MAX).is_err() {
+                    return Err(None);
+                }
+                (id, keep_alive, clean, login, buf.freeze())
+            }
+            other => {
+                counters.inc(&counters.protocol_errors);
+                tracing::info!(%peer, error = ?other.err(), "malformed CONNECT; closing");
+                return Err(None);
+            }
+        },
+        Protocol::V5 => match v5::Packet::read(&mut frame.to_buf(), None) {
+            Ok(v5::Packet::Connect(mut c, will, login)) => {
+                let keep_alive = c.keep_alive;
+                if c.keep_alive == 0 {
+                    c.keep_alive = NO_KEEP_ALIVE;
+                }
+                let mut buf = BytesMut::new();
+                let id = c.client_id.clone();
+                let clean = c.clean_start;
+                if v5::Packet::Connect(c, will, None)
+                    .write(&mut buf, None)
+                    .is_err()
+                {
+                    return Err(None);
+                }
+                let login = login.map(|l| (l.username, l.password));
+                (id, keep_alive, clean, login, buf.freeze())
+            }
+            other => {
+                counters.inc(&counters.protocol_errors);
+                tracing::info!(%peer, error = ?other.err(), "malformed CONNECT; closing");
+                return Err(None);
+            }
+        },
+    };
+    let refuse = |refusal: Refusal| {
+        frame::connack_refusal(
+            protocol,
+            match protocol {
+                Protocol::V5 => refusal.v5_code(),
+                _ => refusal.v4_code(),
+            },
+        )
+    };
+    if let Err(why) = check_client_id(&client_id, ctx.config.max_client_id_len) {
+        counters.inc(&counters.refused_client_id);
+        tracing::warn!(%peer, clean_session = clean, "refused a device: {why}");
+        return Err(Some(refuse(Refusal::BadClientId)));
+    }
+    let login_ref = login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+    if let Err((refusal, why)) = ctx.auth.check(&client_id, login_ref, cert).await {
+        counters.inc(&counters.refused_auth);
+        tracing::warn!(device = %client_id, %peer, "refused a device: {why}");
+        return Err(Some(refuse(refusal)));
+    }
+    Ok(Hello {
+        protocol,
+        client_id,
+        keep_alive,
+        rewritten,
+    })
+}
+
+/// Vigil numbers each device's messages by client id, so it must be stable,
+/// and rumqttd silently refuses ids with `+ # /`.
+fn check_client_id(id: &str, max_len: usize) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(
+            "empty client id; Vigil numbers each device's messages by its client id, \
+                    so every device needs a stable, non-empty one"
+                .into(),
+        );
+    }
+    if id == VIGIL_DEVICE || id.starts_with('$') {
+        return Err(format!(
+            "client id {id:?} is reserved (ids starting with `$`)"
+        ));
+    }
+    if id.contains(['+', '#', '/']) {
+        return Err(format!("client id {id:?} contains `+`, `#` or `/`"));
+    }
+    if id.len() > max_len {
+        return Err(format!(
+            "client id of {} bytes is longer than gate.max_client_id_len ({max_len})",
+            id.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn relay<R, W>(
+    ctx: Arc<Context>,
+    hello: Hello,
+    reader: FrameReader<R>,
+    device_wr: W,
+    broker_rd: tokio::net::tcp::OwnedReadHalf,
+    broker_wr: tokio::net::tcp::OwnedWriteHalf,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = Arc::new(Shared::default());
+    let inflight = Arc::new(Semaphore::new(usize::from(ctx.config.max_inflight.max(1))));
+    let (to_broker, to_broker_rx) = mpsc::channel::<Bytes>(64);
+    let (to_device, to_device_rx) =
+        mpsc::channel::<Out>(usize::from(ctx.config.max_inflight.max(1)) + 64);
+    let device = Arc::<str>::from(hello.client_id.as_str());
+    let protocol = hello.protocol;
+
+    let mut device_reader = tokio::spawn(device_reader(
+        ctx.clone(),
+        device.clone(),
+        protocol,
+        reader,
+        to_broker.clone(),
+        to_device.downgrade(),
+        shared.clone(),
+        inflight,
+    ));
+    let broker_writer = tokio::spawn(broker_writer(broker_wr, to_broker_rx));
+    let broker_reader = tokio::spawn(broker_reader(
+        ctx.clone(),
+        protocol,
+        broker_rd,
+        to_device,
+        shared.clone(),
+    ));
+    let mut device_writer = tokio::spawn(device_writer(
+        ctx.clone(),
+        device.clone(),
+        protocol,
+        device_wr,
+        to_device_rx,
+        to_broker.downgrade(),
+        shared,
+    ));
+    drop(to_broker);
+    let cancel = ctx.cancel.clone();
+    tokio::select! {
+        _ = &mut device_writer => {}
+        _ = async { let _ = (&mut device_reader).await; tokio::time::sleep(CLOSE_GRACE).await } => {}
+        _ = cancel.cancelled() => {}
+    }
+    for task in [&device_reader, &device_writer] {
+        task.abort();
+    }
+    broker_writer.abort();
+    broker_reader.abort();
+    tracing::debug!(device = %device, "device disconnected");
+}
+
+/// Device to broker: checks each packet, stores publishes, passes bytes on.
+#[allow(clippy::too_many_arguments)]
+async fn device_reader<R: AsyncRead + Unpin>(
+    ctx: Arc<Context>,
+    device: Arc<str>,
+    protocol: Protocol,
+    mut reader: FrameReader<R>,
+    to_broker: mpsc::Sender<Bytes>,
+    to_device: mpsc::WeakSender<Out>,
+    shared: Arc<Shared>,
+    inflight: Arc<Semaphore>,
+) {
+    let counters = &ctx.counters;
+    let mut aliases: HashMap<u16, String> = HashMap::new();
+    let close = |code: u8| {
+        if protocol == Protocol::V5
+            && shared
+                .connack_sent
+                .load(std::sync::atomic::Ordering::Acquire)
+            && let Some(tx) = to_device.upgrade()
+        {
+            let _ = tx.try_send(Out::Frame(frame::disconnect_v5(code)));
+        }
+    };
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                let code = match &e {
+                    FrameError::Io(_) | FrameError::Truncated => return,
+                    FrameError::TooLarge { .. } => {
+                        counters.inc(&counters.oversized);
+                        reason::PACKET_TOO_LARGE
+                    }
+                    FrameError::Idle(_) => reason::KEEP_ALIVE_TIMEOUT,
+                    _ => {
+                        counters.inc(&counters.protocol_errors);
+                        reason::MALFORMED
+                    }
+                };
+                tracing::info!(%device, error = %e, "closing the device connection");
+                close(code);
+                return;
+            }
+        };
+        let forward = match frame.kind() {
+            kind::PUBLISH => match publish(&ctx, &device, protocol, &frame, &mut aliases) {
+                Ok((ingest, pkid)) => {
+                    let Ok(permit) = inflight.clone().acquire_owned().await else {
+                        return;
+                    };
+                    if ingest.priority == 0 && ingest.kind == Kind::Alert {
+                        tracing::debug!(%device, "alarm received");
+                    }
+                    let qos = ingest.qos;
+                    let pending = match ctx.store.submit(ingest).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            counters.inc(&counters.store_failures);
+                            tracing::error!(%device, error = %e, "the store cannot take messages; closing the device connection without acknowledging");
+                            close(reason::SERVER_UNAVAILABLE);
+                            return;
+                        }
+                    };
+                    match qos {
+                        Qos::AtMostOnce => {
+                            let ctx = ctx.clone();
+                            let device = device.clone();
+                            tokio::spawn(async move {
+                                let outcome = pending.committed().await;
+                                drop(permit);
+                                ctx.count_commit(&device, &outcome);
+                            });
+                        }
+                        Qos::AtLeastOnce | Qos::ExactlyOnce => {
+                            if let Ok(mut held) = shared.held.lock() {
+                                held.entry(pkid)
+                                    .or_default()
+                                    .push_back(Held { pending, permit });
+                            }
+                        }
+                    }
+                    true
+                }
+                Err((code, why)) => {
+                    counters.inc(&counters.protocol_errors);
+                    tracing::info!(%device, "bad PUBLISH ({why}); closing the device connection");
+                    close(code);
+                    return;
+                }
+            },
+            kind::CONNECT => {
+                counters.inc(&counters.protocol_errors);
+                tracing::info!(%device, "second CONNECT; closing the device connection");
+                close(reason::PROTOCOL_ERROR);
+                return;
+            }
+            _ => match check_packet(protocol, &frame, ctx.config.max_packet_size) {
+                Ok(()) => true,
+                Err(why) => {
+                    counters.inc(&counters.protocol_errors);
+                    tracing::info!(%device, packet_type = frame.kind(), "malformed packet ({why}); closing the device connection");
+                    close(reason::MALFORMED);
+                    return;
+                }
+            },
+        };
+        let disconnect = frame.kind() == 14;
+        if forward && to_broker.send(frame.bytes).await.is_err() {
+            return;
+        }
+        if disconnect {
+            return;
+        }
+    }
+}
+
+/// Decodes a device PUBLISH into what the store keeps.
+fn publish(
+    ctx: &Context,
+    device: &str,
+    protocol: Protocol,
+    frame: &Frame,
+    aliases: &mut HashMap<u16, String>,
+) -> Result<(Ingest, u16), (u8, String)> {
+    let max = ctx.config.max_packet_size;
+    let malformed = |e: String| (reason::MALFORMED, e);
+    let (topic, qos, retain, pkid, payload, content_type, user_properties) = match protocol {
+        Protocol::V5 => match v5::Packet::read(&mut frame.to_buf(), None) {
+            Ok(v5::Packet::Publish(p)) => {
+                let mut topic = String::from_utf8(p.topic.to_vec())
+                    .map_err(|_| malformed("topic is not UTF-8".into()))?;
+                let (alias, content_type, user_properties) = match p.properties {
+                    Some(props) => (props.topic_alias, props.content_type, props.user_properties),
+                    None => (None, None, Vec::new()),
+                };
+                if let Some(alias) = alias {
+                    if alias == 0 || alias > ctx.config.topic_alias_max {
+                        return Err((
+                            reason::TOPIC_ALIAS_INVALID,
+                            format!(
+                                "topic alias {alias} outside 1..={}",
+                                ctx.config.topic_alias_max
+                            ),
+                        ));
+                    }
+                    if topic.is_empty() {
+                        topic = aliases.get(&alias).cloned().ok_or((
+                            reason::PROTOCOL_ERROR,
+                            format!("unknown topic alias {alias}"),
+                        ))?;
+                    } else {
+                        aliases.insert(alias, topic.clone());
+                    }
+                }
+                let qos = match p.qos {
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce => Qos::AtMostOnce,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce => Qos::AtLeastOnce,
+                    rumqttc::v5::mqttbytes::QoS::ExactlyOnce => Qos::ExactlyOnce,
+                };
+                (
+                    topic,
+                    qos,
+                    p.retain,
+                    p.pkid,
+                    p.payload,
+                    content_type,
+                    user_properties,
+                )
+            }
+            other => return Err(malformed(format!("{:?}", other.err()))),
+        },
+        _ => match v4::Packet::read(&mut frame.to_buf(), max) {
+            Ok(v4::Packet::Publish(p)) => (
+                p.topic,
+                match p.qos {
+                    rumqttc::mqttbytes::QoS::AtMostOnce => Qos::AtMostOnce,
+                    rumqttc::mqttbytes::QoS::AtLeastOnce => Qos::AtLeastOnce,
+                    rumqttc::mqttbytes::QoS::ExactlyOnce => Qos::ExactlyOnce,
+                },
+                p.retain,
+                p.pkid,
+                p.payload,
+                None,
+                Vec::new(),
+            ),
+            other => return Err(malformed(format!("{:?}", other.err()))),
+        },
+    };
+    validate_topic(&topic).map_err(|why| (reason::TOPIC_NAME_INVALID, why.to_string()))?;
+    let class = ctx.rules.classify(&topic);
+    if class.unmatched {
+        ctx.counters.inc(&ctx.counters.unmatched_topics);
+    }
+    Ok((
+        Ingest {
+            kind: class.kind,
+            priority: class.priority,
+            device: device.to_string(),
+            topic: topic.clone(),
+            qos,
+            retain,
+            received_at: Timestamp::now(),
+            content_type,
+            user_properties,
+            payload,
+        },
+        pkid,
+    ))
+}
+
+/// Decodes a non-PUBLISH device packet to check it is well formed.
+fn check_packet(protocol: Protocol, frame: &Frame, max: usize) -> Result<(), String> {
+    match protocol {
+        Protocol::V5 => v5::Packet::read(&mut frame.to_buf(), None)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        _ => v4::Packet::read(&mut frame.to_buf(), max)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Writes to rumqttd, batching whatever is queued.
+async fn broker_writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    let mut buf = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        buf.extend_from_slice(&first);
+        while buf.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Broker to device: finds the acknowledgements to hold.
+async fn broker_reader(
+    ctx: Arc<Context>,
+    protocol: Protocol,
+    rd: tokio::net::tcp::OwnedReadHalf,
+    to_device: mpsc::Sender<Out>,
+    shared: Arc<Shared>,
+) {
+    let max = ctx.config.max_packet_size.saturating_mul(2) + 4096;
+    let mut reader = FrameReader::new(rd, max, ctx.config.frame_timeout);
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "embedded broker connection ended");
+                return;
+            }
+        };
+        let out = match frame.kind() {
+            kind::CONNACK if protocol == Protocol::V5 => Out::Frame(connack_v5(&ctx, frame)),
+            k @ (kind::PUBACK | kind::PUBREC) => {
+                let pkid = frame.ack_pkid().unwrap_or(0);
+                let held = shared.held.lock().ok().and_then(|mut map| {
+                    let queue = map.get_mut(&pkid)?;
+                    let first = queue.pop_front();
+                    if queue.is_empty() {
+                        map.remove(&pkid);
+                    }
+                    first
+                });
+                match held {
+                    Some(held) => Out::Ack {
+                        frame: frame.bytes,
+                        pkid,
+                        qos2: k == kind::PUBREC,
+                        held,
+                    },
+                    // An acknowledgement of a publish the gate did not hold:
+                    // rumqttd's own outgoing flow. Pass it on.
+                    None => Out::Frame(frame.bytes),
+                }
+            }
+            kind::PUBCOMP => {
+                let pkid = frame.ack_pkid().unwrap_or(0);
+                let swallowed = shared
+                    .swallow_pubcomp
+                    .lock()
+                    .map(|mut s| s.remove(&pkid))
+                    .unwrap_or(false);
+                if swallowed {
+                    continue;
+                }
+                Out::Frame(frame.bytes)
+            }
+            _ => Out::Frame(frame.bytes),
+        };
+        if to_device.send(out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Puts the gate's limits into rumqttd's MQTT 5 CONNACK.
+fn connack_v5(ctx: &Context, frame: Frame) -> Bytes {
+    let Ok(v5::Packet::ConnAck(mut ack)) = v5::Packet::read(&mut frame.to_buf(), None) else {
+        return frame.bytes;
+    };
+    let props = ack.properties.get_or_insert_with(|| v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    });
+    props.receive_max = Some(ctx.config.max_inflight.max(1));
+    props.topic_alias_max = Some(ctx.config.topic_alias_max);
+    // Maximum Packet Size counts the whole packet: fixed header (at most 5).
+    props.max_packet_size = u32::try_from(ctx.config.max_packet_size + 5).ok();
+    let mut buf = BytesMut::new();
+    match v5::Packet::ConnAck(ack).write(&mut buf, None) {
+        Ok(_) => buf.freeze(),
+        Err(_) => frame.bytes,
+    }
+}
+
+/// Writes to the device in order, releasing each held acknowledgement only
+/// after its commit.
+async fn device_writer<W: AsyncWrite + Unpin>(
+    ctx: Arc<Context>,
+    device: Arc<str>,
+    protocol: Protocol,
+    mut wr: W,
+    mut rx: mpsc::Receiver<Out>,
+    to_broker: mpsc::WeakSender<Bytes>,
+    shared: Arc<Shared>,
+) {
+    let mut buf = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                Out::Frame(bytes) => {
+                    if bytes.first().is_some_and(|b| b >> 4 == kind::CONNACK) {
+                        // Set before the bytes leave: a DISCONNECT queued from
+                        // now on is behind the CONNACK in this same queue.
+                        shared
+                            .connack_sent
+                            .store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    buf.extend_from_slice(&bytes)
+                }
+                Out::Ack {
+                    frame,
+                    pkid,
+                    qos2,
+                    mut held,
+                } => {
+                    let outcome = match held.pending.try_committed() {
+                        Some(outcome) => outcome,
+                        None => {
+                            // Not committed yet: send what is ready, then wait.
+                            if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
+                                return;
+                            }
+                            buf.clear();
+                            held.pending.committed().await
+                        }
+                    };
+                    ctx.count_commit(&device, &outcome);
+                    match outcome {
+                        Ok(_) => buf.extend_from_slice(&frame),
+                        Err(StoreError::Full { .. }) if protocol == Protocol::V5 => {
+                            buf.extend_from_slice(&frame::ack(
+                                pkid,
+                                qos2,
+                                Some(reason::QUOTA_EXCEEDED),
+                            ));
+                            if qos2 {
+                                if let Ok(mut s) = shared.swallow_pubcomp.lock() {
+                                    s.insert(pkid);
+                                }
+                                if let Some(tx) = to_broker.upgrade() {
+                                    let _ = tx.send(frame::pubrel(pkid)).await;
+                                }
+                            }
+                        }
+                        Err(StoreError::Full { .. }) => {
+                            // MQTT 3.1.1 has no negative acknowledgement:
+                            // disconnect, so the client resends on reconnect.
+                            let _ = wr.write_all(&buf).await;
+                            let _ = wr.shutdown().await;
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = wr.write_all(&buf).await;
+                            if protocol == Protocol::V5 {
+                                let _ = wr
+                                    .write_all(&frame::disconnect_v5(reason::SERVER_UNAVAILABLE))
+                                    .await;
+                            }
+                            let _ = wr.shutdown().await;
+                            return;
+                        }
+                    }
+                    drop(held.permit);
+                }
+            }
+            if buf.len() < 64 * 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids() {
+        assert!(check_client_id("bed-12-monitor", 64).is_ok());
+        for bad in ["", "$vigil", "$x", "a/b", "a+b", "a#", &"x".repeat(65)] {
+            assert!(check_client_id(bad, 64).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Gate test helpers: a store and gate on loopback, real rumqttc devices
+//! (MQTT 3.1.1 and 5) whose events arrive on a channel, and an rcgen PKI.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::tokio_rustls::rustls;
+use tokio::sync::mpsc;
+use vigil::gate::{Gate, GateConfig};
+use vigil::store::{Store, StoreOptions};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestGate {
+    pub dir: tempfile::TempDir,
+    pub store: Store,
+    pub gate: Gate,
+}
+
+impl TestGate {
+    pub fn addr(&self) -> SocketAddr {
+        self.gate.tcp_addr().expect("tcp listener")
+    }
+}
+
+pub fn config() -> GateConfig {
+    GateConfig {
+        tcp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..GateConfig::default()
+    }
+}
+
+pub async fn start(
+    tweak_store: impl FnOnce(&mut StoreOptions),
+    tweak_gate: impl FnOnce(&mut GateConfig),
+) -> TestGate {
+    let dir = tempfile::tempdir().unwrap();
+    let store = super::open_with(dir.path(), tweak_store);
+    let mut cfg = config();
+    tweak_gate(&mut cfg);
+    let gate = Gate::start(cfg, store.clone()).await.expect("gate starts");
+    TestGate { dir, store, gate }
+}
+
+/// A 3.1.1 device: the client and every event (or the first error) of its loop.
+pub struct V4Device {
+    pub client: rumqttc::AsyncClient,
+    pub events: mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub fn v4_options(addr: SocketAddr, id: &str) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(512 * 1024, 512 * 1024);
+    o
+}
+
+pub fn v4_device(options: rumqttc::MqttOptions) -> V4Device {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 256);
+    let (tx, events) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(e) => {
+                    if tx.send(Ok(e)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    V4Device {
+        client,
+        events,
+        task,
+    }
+}
+
+impl V4Device {
+    /// Waits for the first event `f` accepts; `None` on timeout or loop end.
+    pub async fn until<T>(
+        &mut self,
+        timeout: Duration,
+        mut f: impl FnMut(&rumqttc::Event) -> Option<T>,
+    ) -> Result<T, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => return Err("timeout".into()),
+                Ok(None) => return Err("event loop ended".into()),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(e))) => {
+                    if let Some(t) = f(&e) {
+                        return Ok(t);
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn connected(&mut self) {
+        self.until(WAIT, |e| match e {
+            rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Some(()),
+            _ => None,
+        })
+        .await
+        .expect("CONNACK");
+    }
+
+    pub async fn puback(&mut self, timeout: Duration) -> Result<u16, String> {
+        self.until(timeout, |e| match e {
+            rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => Some(a.pkid),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn publish(&mut self, timeout: Duration) -> Result<rumqttc::Publish, String> {
+        self.until(timeout, |e| match e {
+            rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => Some(p.clone()),
+            _ => None,
+        })
+        .await
+    }
+}
+
+/// An MQTT 5 device.
+pub struct V5Device {
+    pub client: rumqttc::v5::AsyncClient,
+    pub events: mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub fn v5_options(addr: SocketAddr, id: &str) -> rumqttc::v5::MqttOptions {
+    let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+pub fn v5_device(options: rumqttc::v5::MqttOptions) -> V5Device {
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 256);
+    let (tx, events) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(e) => {
+                    if tx.send(Ok(e)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:?}")));
+                    return;
+                }
+            }
+        }
+    });
+    V5Device {
+        client,
+        events,
+        task,
+    }
+}
+
+impl V5Device {
+    pub async fn until<T>(
+        &mut self,
+        timeout: Duration,
+        mut f: impl FnMut(&rumqttc::v5::Event) -> Option<T>,
+    ) -> Result<T, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => return Err("timeout".into()),
+                Ok(None) => return Err("event loop ended".into()),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(e))) => {
+                    if let Some(t) = f(&e) {
+                        return Ok(t);
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn connack(&mut self) -> rumqttc::v5::mqttbytes::v5::ConnAck {
+        self.until(WAIT, |e| match e {
+            rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::ConnAck(a)) => Some(a.clone()),
+            _ => None,
+        })
+        .await
+        .expect("CONNACK")
+    }
+
+    pub async fn puback(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<rumqttc::v5::mqttbytes::v5::PubAck, String> {
+        self.until(timeout, |e| match e {
+            rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(a)) => Some(a.clone()),
+            _ => None,
+        })
+        .await
+    }
+}
+
+/// A development PKI made with rcgen: a CA, a server certificate for
+/// 127.0.0.1, and client certificates on demand.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "Vigil test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = ca.self_signed(&key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, key);
+        let pki = Self {
+            dir,
+            ca_pem,
+            issuer,
+        };
+        std::fs::write(pki.path("ca.pem"), &pki.ca_pem).unwrap();
+        let (cert, key) = pki.leaf("127.0.0.1", true);
+        std::fs::write(pki.path("server.pem"), cert).unwrap();
+        write_private(&pki.path("server.key"), &key);
+        pki
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A certificate (PEM) and key (PKCS#8 PEM) with CN `name`.
+    pub fn leaf(&self, name: &str, server: bool) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.use_authority_key_identifier_extension = true;
+        p.extended_key_usages.push(if server {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        });
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A rustls client config trusting this CA, with an optional client
+    /// certificate `(cert, key)`.
+    pub fn client(&self, cert: Option<(String, String)>) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let b = rustls::ClientConfig::builder().with_root_certificates(roots);
+        Arc::new(match cert {
+            None => b.with_no_client_auth(),
+            Some((c, k)) => b
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_slice(c.as_bytes()).unwrap()],
+                    PrivateKeyDer::from_pem_slice(k.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+        })
+    }
+}
+
+pub fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

@@ -1,0 +1,537 @@
+//! The gate with real MQTT clients (rumqttc, MQTT 3.1.1 and 5) against its
+//! real listeners, the embedded rumqttd behind it, and a real store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::gate::{self as g, WAIT};
+use rumqttc::QoS;
+use vigil::event::Kind;
+use vigil::gate::GateCounters;
+use vigil::gate::config::{AuthRequire, ClientCertificates, TlsConfig, User};
+
+/// Events in the store's lanes, as (priority, device, topic, payload).
+fn stored(store: &vigil::store::Store) -> Vec<(u8, String, String, Vec<u8>, Kind, u64)> {
+    let mut out = Vec::new();
+    for p in 0..store.priorities() {
+        for e in store.scan_lane(p, None, 10_000).unwrap().events {
+            let ev = e.body;
+            out.push((
+                p,
+                ev.device,
+                ev.topic,
+                ev.payload.to_vec(),
+                ev.kind,
+                ev.device_seq,
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn v4_puback_waits_for_the_store_commit() {
+    let t = g::start(|_| {}, |_| {}).await;
+    // A local subscriber on the embedded broker (through the gate, like a
+    // nurse-station display).
+    let mut display = g::v4_device(g::v4_options(t.addr(), "nurse-station"));
+    display.connected().await;
+    display
+        .client
+        .subscribe("devices/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    display
+        .until(WAIT, |e| {
+            matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())
+        })
+        .await
+        .unwrap();
+
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-1"));
+    dev.connected().await;
+    let hold = t.store.hold_commits();
+    dev.client
+        .publish("devices/bed-1/vitals/hr", QoS::AtLeastOnce, false, "72")
+        .await
+        .unwrap();
+    // rumqttd has it at once: the display receives it while the commit is held.
+    let got = display.publish(WAIT).await.unwrap();
+    assert_eq!(&got.payload[..], b"72");
+    // ... but the device gets no PUBACK while the commit is held.
+    let early = dev.puback(Duration::from_millis(700)).await;
+    assert_eq!(early, Err("timeout".into()), "PUBACK before the commit");
+    assert!(stored(&t.store).is_empty(), "nothing is committed yet");
+    drop(hold);
+    dev.puback(WAIT).await.expect("PUBACK after the commit");
+    let s = stored(&t.store);
+    assert_eq!(s.len(), 1);
+    assert_eq!(
+        (
+            s[0].0,
+            s[0].1.as_str(),
+            s[0].2.as_str(),
+            &s[0].3[..],
+            s[0].4,
+            s[0].5
+        ),
+        (
+            1,
+            "bed-1",
+            "devices/bed-1/vitals/hr",
+            &b"72"[..],
+            Kind::Measurement,
+            1
+        )
+    );
+    assert_eq!(GateCounters::get(&t.gate.counters().stored), 1);
+}
+
+#[tokio::test]
+async fn v5_puback_waits_for_the_store_commit_and_connack_carries_limits() {
+    let t = g::start(|_| {}, |c| c.max_inflight = 16).await;
+    let mut dev = g::v5_device(g::v5_options(t.addr(), "pump-7"));
+    let ack = dev.connack().await;
+    let props = ack.properties.expect("CONNACK properties");
+    assert_eq!(props.receive_max, Some(16));
+    assert_eq!(props.topic_alias_max, Some(32));
+    assert_eq!(props.max_packet_size, Some(256 * 1024 + 5));
+
+    let hold = t.store.hold_commits();
+    let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        content_type: Some("application/json".into()),
+        user_properties: vec![("unit".into(), "ml/h".into())],
+        ..Default::default()
+    };
+    dev.client
+        .publish_with_properties(
+            "devices/pump-7/alarms/occlusion",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            r#"{"alarm":"occlusion"}"#,
+            props,
+        )
+        .await
+        .unwrap();
+    let early = dev.puback(Duration::from_millis(700)).await;
+    assert_eq!(early.unwrap_err(), "timeout", "PUBACK before the commit");
+    drop(hold);
+    let ack = dev.puback(WAIT).await.unwrap();
+    assert_eq!(
+        ack.reason,
+        rumqttc::v5::mqttbytes::v5::PubAckReason::Success
+    );
+    let lane0 = t.store.scan_lane(0, None, 10).unwrap().events;
+    assert_eq!(lane0.len(), 1);
+    let ev = &lane0[0].body;
+    assert_eq!(ev.kind, Kind::Alert);
+    assert_eq!(ev.content_type.as_deref(), Some("application/json"));
+    assert_eq!(ev.user_properties, vec![("unit".into(), "ml/h".into())]);
+}
+
+#[tokio::test]
+async fn retained_messages_wills_and_qos0_and_qos2_work() {
+    let t = g::start(|_| {}, |_| {}).await;
+    // Retained: published before anyone subscribes.
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-2"));
+    dev.connected().await;
+    dev.client
+        .publish("devices/bed-2/status", QoS::AtLeastOnce, true, "online")
+        .await
+        .unwrap();
+    dev.puback(WAIT).await.unwrap();
+    dev.client
+        .publish("devices/bed-2/vitals/spo2", QoS::AtMostOnce, false, "97")
+        .await
+        .unwrap();
+    dev.client
+        .publish("devices/bed-2/waveforms/ecg", QoS::ExactlyOnce, false, "~~")
+        .await
+        .unwrap();
+    dev.until(WAIT, |e| {
+        matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_))).then_some(())
+    })
+    .await
+    .expect("QoS 2 completes through the gate");
+
+    let mut late = g::v4_device(g::v4_options(t.addr(), "display-late"));
+    late.connected().await;
+    late.client
+        .subscribe("devices/+/status", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let retained = late.publish(WAIT).await.unwrap();
+    assert!(
+        retained.retain,
+        "the retained flag reaches a late subscriber"
+    );
+    assert_eq!(&retained.payload[..], b"online");
+
+    // Will: a device with a last will drops without DISCONNECT.
+    late.client
+        .subscribe("devices/+/will", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    late.until(WAIT, |e| {
+        matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut o = g::v4_options(t.addr(), "bed-3");
+    o.set_last_will(rumqttc::LastWill::new(
+        "devices/bed-3/will",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let mut doomed = g::v4_device(o);
+    doomed.connected().await;
+    doomed.task.abort();
+    drop(doomed);
+    let will = late.publish(WAIT).await.unwrap();
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..]),
+        ("devices/bed-3/will", &b"gone"[..])
+    );
+
+    // QoS 0 and QoS 2 were stored too.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = stored(&t.store);
+        if s.len() == 3 {
+            let topics: Vec<_> = s.iter().map(|e| (e.0, e.2.as_str())).collect();
+            assert!(topics.contains(&(1, "devices/bed-2/vitals/spo2")));
+            assert!(topics.contains(&(3, "devices/bed-2/waveforms/ecg")));
+            assert!(topics.contains(&(2, "devices/bed-2/status")));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn unmatched_topics_get_the_default_class_and_are_counted() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-4"));
+    dev.connected().await;
+    dev.client
+        .publish("ward/7/misc", QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    dev.puback(WAIT).await.unwrap();
+    let s = stored(&t.store);
+    assert_eq!((s[0].0, s[0].4), (2, Kind::Measurement));
+    assert_eq!(GateCounters::get(&t.gate.counters().unmatched_topics), 1);
+}
+
+#[tokio::test]
+async fn device_sequence_numbers_follow_publish_order() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-5"));
+    dev.connected().await;
+    for i in 0..200u32 {
+        dev.client
+            .publish(
+                "devices/bed-5/vitals/hr",
+                QoS::AtLeastOnce,
+                false,
+                i.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut acks = 0;
+    while acks < 200 {
+        dev.puback(WAIT).await.unwrap();
+        acks += 1;
+    }
+    let lane = t.store.scan_lane(1, None, 1000).unwrap().events;
+    assert_eq!(lane.len(), 200);
+    for (i, e) in lane.iter().enumerate() {
+        assert_eq!(e.body.device_seq, i as u64 + 1);
+        assert_eq!(e.body.payload, i.to_string().as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn unacknowledged_publishes_per_device_are_bounded() {
+    let t = g::start(|_| {}, |c| c.max_inflight = 8).await;
+    let mut display = g::v4_device(g::v4_options(t.addr(), "display"));
+    display.connected().await;
+    display
+        .client
+        .subscribe("devices/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    display
+        .until(WAIT, |e| {
+            matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())
+        })
+        .await
+        .unwrap();
+    let hold = t.store.hold_commits();
+    let mut o = g::v4_options(t.addr(), "chatty");
+    o.set_inflight(100);
+    let mut dev = g::v4_device(o);
+    dev.connected().await;
+    for _ in 0..40 {
+        dev.client
+            .publish("devices/chatty/vitals/x", QoS::AtLeastOnce, false, "v")
+            .await
+            .unwrap();
+    }
+    // While commits are held, only max_inflight publishes get past the gate.
+    let mut relayed = 0;
+    while display.publish(Duration::from_millis(500)).await.is_ok() {
+        relayed += 1;
+    }
+    assert_eq!(relayed, 8, "the gate reads no further than max_inflight");
+    drop(hold);
+    for _ in 0..40 {
+        dev.puback(WAIT).await.unwrap();
+    }
+    while display.publish(Duration::from_millis(300)).await.is_ok() {
+        relayed += 1;
+    }
+    assert_eq!(relayed, 40);
+}
+
+fn users() -> Vec<User> {
+    vec![User {
+        username: "monitor".into(),
+        password_hash: vigil::gate::auth::hash_password("s3cret").unwrap(),
+    }]
+}
+
+#[tokio::test]
+async fn wrong_passwords_get_the_right_connack_codes() {
+    let users = users();
+    let t = g::start(
+        |_| {},
+        |c| {
+            c.auth.require = AuthRequire::Password;
+            c.auth.users = users;
+        },
+    )
+    .await;
+    let mut o = g::v4_options(t.addr(), "bed-6");
+    o.set_credentials("monitor", "wrong");
+    let mut dev = g::v4_device(o);
+    let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
+    assert!(err.contains("BadUserNamePassword"), "{err}");
+
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-6"));
+    let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
+    assert!(err.contains("NotAuthorized"), "no credentials: {err}");
+
+    let mut o = g::v5_options(t.addr(), "bed-6");
+    o.set_credentials("monitor", "wrong");
+    let mut dev = g::v5_device(o);
+    let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
+    assert!(err.contains("BadUserNamePassword"), "{err}");
+
+    let mut o = g::v5_options(t.addr(), "bed-6");
+    o.set_credentials("monitor", "s3cret");
+    let mut dev = g::v5_device(o);
+    dev.connack().await;
+    assert_eq!(GateCounters::get(&t.gate.counters().refused_auth), 3);
+}
+
+#[tokio::test]
+async fn bad_client_ids_are_refused_with_a_code() {
+    let t = g::start(|_| {}, |_| {}).await;
+    for id in ["", "$vigil", "a/b"] {
+        let mut dev = g::v4_device(g::v4_options(t.addr(), id));
+        let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
+        assert!(err.contains("BadClientId"), "{id:?}: {err}");
+    }
+}
+
+fn tls_gate(pki: &g::Pki, mode: ClientCertificates, cn: bool) -> TlsConfig {
+    TlsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert: pki.path("server.pem"),
+        key: pki.path("server.key"),
+        client_ca: Some(pki.path("ca.pem")),
+        client_certificates: mode,
+        require_cn_match: cn,
+    }
+}
+
+fn tls_options(
+    addr: std::net::SocketAddr,
+    id: &str,
+    cfg: std::sync::Arc<rumqttc::tokio_rustls::rustls::ClientConfig>,
+) -> rumqttc::MqttOptions {
+    let mut o = g::v4_options(addr, id);
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(cfg),
+    ));
+    o
+}
+
+#[tokio::test]
+async fn tls_client_certificates_are_checked() {
+    let pki = g::Pki::new();
+    let tls = tls_gate(&pki, ClientCertificates::Required, true);
+    let t = g::start(
+        |_| {},
+        |c| {
+            c.tcp_listen = None;
+            c.tls = Some(tls);
+            c.auth.require = AuthRequire::Certificate;
+        },
+    )
+    .await;
+    let addr = t.gate.tls_addr().unwrap();
+
+    // A device with a certificate from the CA, CN = client id: accepted and stored.
+    let mut dev = g::v4_device(tls_options(
+        addr,
+        "bed-9",
+        pki.client(Some(pki.leaf("bed-9", false))),
+    ));
+    dev.connected().await;
+    dev.client
+        .publish("devices/bed-9/vitals/hr", QoS::AtLeastOnce, false, "61")
+        .await
+        .unwrap();
+    dev.puback(WAIT).await.unwrap();
+    assert_eq!(stored(&t.store).len(), 1);
+
+    // No certificate: the handshake is refused.
+    let mut dev = g::v4_device(tls_options(addr, "bed-9", pki.client(None)));
+    let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
+    assert!(
+        err.to_lowercase().contains("certificate")
+            || err.contains("reset")
+            || err.contains("closed"),
+        "{err}"
+    );
+
+    // A certificate from another CA: refused.
+    let other = g::Pki::new();
+    let mut dev = g::v4_device(tls_options(
+        addr,
+        "bed-9",
+        pki.client(Some(other.leaf("bed-9", false))),
+    ));
+    let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
+    assert!(!err.is_empty());
+
+    // Right CA, wrong CN: CONNACK "not authorized".
+    let mut dev = g::v4_device(tls_options(
+        addr,
+        "bed-10",
+        pki.client(Some(pki.leaf("bed-9", false))),
+    ));
+    let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
+    assert!(err.contains("NotAuthorized"), "{err}");
+    assert_eq!(stored(&t.store).len(), 1, "nothing from refused devices");
+    let c = t.gate.counters();
+    assert!(GateCounters::get(&c.tls_failures) >= 2);
+    assert_eq!(GateCounters::get(&c.refused_auth), 1);
+}
+
+#[tokio::test]
+async fn tls_optional_certificates_fall_back_to_passwords() {
+    let pki = g::Pki::new();
+    let tls = tls_gate(&pki, ClientCertificates::Optional, false);
+    let users = users();
+    let t = g::start(
+        |_| {},
+        |c| {
+            c.tcp_listen = None;
+            c.tls = Some(tls);
+            c.auth.require = AuthRequire::PasswordOrCertificate;
+            c.auth.users = users;
+        },
+    )
+    .await;
+    let addr = t.gate.tls_addr().unwrap();
+    let mut o = tls_options(addr, "bed-11", pki.client(None));
+    o.set_credentials("monitor", "s3cret");
+    g::v4_device(o).connected().await;
+    let mut dev = g::v4_device(tls_options(addr, "bed-11", pki.client(None)));
+    let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
+    assert!(err.contains("NotAuthorized"), "{err}");
+}
+
+#[tokio::test]
+async fn a_world_readable_tls_key_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = g::Pki::new();
+    std::fs::set_permissions(
+        pki.path("server.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = common::open(dir.path());
+    let mut cfg = g::config();
+    cfg.tls = Some(tls_gate(&pki, ClientCertificates::Required, false));
+    let err = vigil::gate::Gate::start(cfg, store)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("gate.tls.key") && err.contains("chmod 600"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_store_refuses_with_0x97_on_v5_and_no_puback_on_v4() {
+    // A tiny quota filled with alarms, which are never evicted.
+    let t = g::start(|o| o.quota_bytes = 8 * 1024, |_| {}).await;
+    let mut dev = g::v5_device(g::v5_options(t.addr(), "alarm-box"));
+    dev.connack().await;
+    let mut refused = None;
+    for _ in 0..100 {
+        dev.client
+            .publish(
+                "devices/alarm-box/alarms/x",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                vec![b'a'; 400],
+            )
+            .await
+            .unwrap();
+        let ack = dev.puback(WAIT).await.unwrap();
+        if ack.reason == rumqttc::v5::mqttbytes::v5::PubAckReason::QuotaExceeded {
+            refused = Some(ack);
+            break;
+        }
+    }
+    assert!(
+        refused.is_some(),
+        "the store filled up and the gate said 0x97"
+    );
+    let before = stored(&t.store).len();
+
+    let mut v4 = g::v4_device(g::v4_options(t.addr(), "alarm-box-4"));
+    v4.connected().await;
+    v4.client
+        .publish(
+            "devices/alarm-box-4/alarms/x",
+            QoS::AtLeastOnce,
+            false,
+            vec![b'a'; 400],
+        )
+        .await
+        .unwrap();
+    let outcome = v4.puback(WAIT).await;
+    assert!(
+        outcome.is_err(),
+        "no PUBACK for a refused 3.1.1 publish: {outcome:?}"
+    );
+    assert_eq!(
+        stored(&t.store).len(),
+        before,
+        "nothing acknowledged that was not stored"
+    );
+    assert!(GateCounters::get(&t.gate.counters().refused_full) >= 2);
+}

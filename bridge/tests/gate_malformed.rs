@@ -1,0 +1,222 @@
+//! Malformed input from raw sockets (fault-testing B8, B9, B10): each bad
+//! connection is closed without a panic, and Vigil keeps serving devices.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::gate::{self as g, WAIT};
+use rumqttc::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use vigil::gate::GateCounters;
+
+/// A valid MQTT 3.1.1 CONNECT for `id` with keep-alive `ka`.
+fn connect_v4(id: &str, ka: u16) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+    body.extend_from_slice(&ka.to_be_bytes());
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+/// Sends `bytes` and reads until the gate closes the connection. Returns what
+/// the gate sent; panics if it keeps the connection open.
+async fn closed_after(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("connection still open after {bytes:02x?}; got {got:02x?}"),
+        }
+    }
+}
+
+const CONNACK_OK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+
+#[tokio::test]
+async fn malformed_packets_close_only_their_connection() {
+    let t = g::start(|_| {}, |c| c.frame_timeout = Duration::from_millis(500)).await;
+    let addr = t.addr();
+    // A healthy device stays connected throughout.
+    let mut dev = g::v4_device(g::v4_options(addr, "steady"));
+    dev.connected().await;
+
+    let after_connect = |tail: &[u8]| {
+        let mut v = connect_v4("rogue", 30);
+        v.extend_from_slice(tail);
+        v
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "5-byte remaining length",
+            vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x7f],
+        ),
+        (
+            "PUBLISH before CONNECT",
+            vec![0x32, 0x05, 0x00, 0x01, b'a', 0x00, 0x01],
+        ),
+        (
+            "SUBSCRIBE before CONNECT",
+            vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00],
+        ),
+        (
+            "wrong protocol name",
+            vec![0x10, 0x0c, 0, 4, b'M', b'Q', b'X', b'X', 4, 2, 0, 30, 0, 0],
+        ),
+        (
+            "CONNECT claiming more than it sends",
+            vec![0x10, 0x7f, 0, 4, b'M'],
+        ),
+        (
+            "huge remaining-length claim then a stall",
+            vec![0x30, 0xff, 0xff, 0xff, 0x7f, 0x00],
+        ),
+        (
+            "PUBLISH with QoS 3",
+            after_connect(&[0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01]),
+        ),
+        (
+            "QoS 1 PUBLISH with packet id 0",
+            after_connect(&[0x32, 0x05, 0x00, 0x01, b'a', 0x00, 0x00]),
+        ),
+        (
+            "PUBLISH to a wildcard topic",
+            after_connect(&[0x30, 0x03, 0x00, 0x01, b'#']),
+        ),
+        (
+            "topic length past the packet",
+            after_connect(&[0x30, 0x03, 0x00, 0x09, b'a']),
+        ),
+        (
+            "SUBSCRIBE with no filters",
+            after_connect(&[0x82, 0x02, 0x00, 0x01]),
+        ),
+        ("a second CONNECT", after_connect(&connect_v4("rogue", 30))),
+        ("packet type 0", after_connect(&[0x00, 0x00])),
+        (
+            "PUBLISH within the limit, then a stall",
+            after_connect(&[0x30, 0xff, 0x7f, 0x00]),
+        ),
+    ];
+    for (name, bytes) in &cases {
+        let got = closed_after(addr, bytes).await;
+        // Cases after a valid CONNECT see its CONNACK first, then the close.
+        if bytes.starts_with(&connect_v4("rogue", 30)) {
+            assert!(got.starts_with(&CONNACK_OK), "{name}: {got:02x?}");
+        } else {
+            assert!(
+                got.is_empty(),
+                "{name}: nothing is sent before CONNECT: {got:02x?}"
+            );
+        }
+    }
+    // MQTT 3.1 (level 3) gets CONNACK "unacceptable protocol version".
+    let v31 = [
+        0x10, 0x11, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 30, 0, 3, b'o', b'l', b'd',
+    ];
+    assert_eq!(closed_after(addr, &v31).await, vec![0x20, 0x02, 0x00, 0x01]);
+
+    // An MQTT 5 device that sends a packet over the limit is told why.
+    let mut v5 = vec![
+        0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 30, 0, 0, 4,
+    ];
+    v5.extend_from_slice(b"big5");
+    v5[1] = (v5.len() - 2) as u8;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&v5).await.unwrap();
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], 0x20, "CONNACK first");
+    let mut rest = vec![0u8; usize::from(head[1])];
+    s.read_exact(&mut rest).await.unwrap();
+    s.write_all(&[0x30, 0xff, 0xff, 0x7f]).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![0xe0, 0x01, 0x95],
+        "DISCONNECT 0x95 (packet too large)"
+    );
+
+    // The healthy device still publishes and is acknowledged.
+    dev.client
+        .publish("devices/steady/vitals/hr", QoS::AtLeastOnce, false, "70")
+        .await
+        .unwrap();
+    dev.puback(WAIT).await.unwrap();
+    let c = t.gate.counters();
+    assert!(GateCounters::get(&c.protocol_errors) >= 10, "{c:?}");
+    assert!(GateCounters::get(&c.oversized) >= 2, "{c:?}");
+    assert_eq!(
+        t.store.stats().queued(),
+        1,
+        "only the healthy device's message"
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_zero_is_accepted() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    s.write_all(&connect_v4("no-keepalive", 0)).await.unwrap();
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut ack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ack, CONNACK_OK,
+        "rumqttd alone refuses keep-alive 0 without a CONNACK"
+    );
+    // QoS 1 publish, pkid 5: PUBACK after the commit.
+    s.write_all(&[0x32, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x05, b'x'])
+        .await
+        .unwrap();
+    let mut puback = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut puback))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(puback, [0x40, 0x02, 0x00, 0x05]);
+}
+
+#[tokio::test]
+async fn silent_connections_and_connection_floods_are_bounded() {
+    let t = g::start(
+        |_| {},
+        |c| {
+            c.connect_timeout = Duration::from_millis(300);
+            c.max_connections = 3;
+        },
+    )
+    .await;
+    // Three idle sockets fill the limit; the fourth is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(t.addr()).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(closed_after(t.addr(), &[]).await.is_empty());
+    assert!(GateCounters::get(&t.gate.counters().over_limit) >= 1);
+    // The idle ones are dropped after connect_timeout, freeing the slots.
+    for mut s in idle {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, s.read(&mut b)).await.unwrap();
+        assert!(matches!(n, Ok(0) | Err(_)));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "after-flood"));
+    dev.connected().await;
+    assert_eq!(GateCounters::get(&t.gate.counters().connect_timeouts), 3);
+}
