@@ -20,6 +20,10 @@
 //!   dead-letter and quarantine. Its module docs are the storage design.
 //! * [`crypto`]: AES-256-GCM sealing of stored records and master-key loading;
 //!   used only by the store.
+//! * [`forward`]: the cloud side (issue 4, in progress): the sans-I/O session
+//!   that tracks the in-flight window and what to resend.
+//! * [`state`]: the cloud link state (`offline`, `syncing`, `online`) and its
+//!   legal transitions.
 //! * [`cli`]: the `vigil` command.
 //!
 //! The delivery contract these modules keep is in the README and in
@@ -28,5 +32,7 @@
 pub mod cli;
 pub mod crypto;
 pub mod event;
+pub mod forward;
 pub mod gate;
+pub mod state;
 pub mod store;
