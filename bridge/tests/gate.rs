@@ -38,17 +38,7 @@ async fn v4_puback_waits_for_the_store_commit() {
     // nurse-station display).
     let mut display = g::v4_device(g::v4_options(t.addr(), "nurse-station"));
     display.connected().await;
-    display
-        .client
-        .subscribe("devices/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    display
-        .until(WAIT, |e| {
-            matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())
-        })
-        .await
-        .unwrap();
+    display.subscribed("devices/#", QoS::AtLeastOnce).await;
 
     let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-1"));
     dev.connected().await;
@@ -170,15 +160,7 @@ async fn retained_messages_wills_and_qos0_and_qos2_work() {
     assert_eq!(&retained.payload[..], b"online");
 
     // Will: a device with a last will drops without DISCONNECT.
-    late.client
-        .subscribe("devices/+/will", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    late.until(WAIT, |e| {
-        matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())
-    })
-    .await
-    .unwrap();
+    late.subscribed("devices/+/will", QoS::AtLeastOnce).await;
     let mut o = g::v4_options(t.addr(), "bed-3");
     o.set_last_will(rumqttc::LastWill::new(
         "devices/bed-3/will",
@@ -261,17 +243,7 @@ async fn unacknowledged_publishes_per_device_are_bounded() {
     let t = g::start(|_| {}, |c| c.max_inflight = 8).await;
     let mut display = g::v4_device(g::v4_options(t.addr(), "display"));
     display.connected().await;
-    display
-        .client
-        .subscribe("devices/#", QoS::AtMostOnce)
-        .await
-        .unwrap();
-    display
-        .until(WAIT, |e| {
-            matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())
-        })
-        .await
-        .unwrap();
+    display.subscribed("devices/#", QoS::AtMostOnce).await;
     let hold = t.store.hold_commits();
     let mut o = g::v4_options(t.addr(), "chatty");
     o.set_inflight(100);

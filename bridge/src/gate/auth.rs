@@ -150,11 +150,6 @@ impl Authenticator {
         })
     }
 
-    /// What the configuration requires.
-    pub fn require(&self) -> AuthRequire {
-        self.require
-    }
-
     /// Decides whether a device may connect. `login` is the username and
     /// password it sent; `cert` its verified client certificate, if any.
     pub async fn check(

@@ -229,24 +229,18 @@ impl EmbeddedBroker {
                     dynamic_filters: false,
                 },
             };
-            let router_tx = router_tx.clone();
             let name = section.name.clone();
+            let tx = router_tx.clone();
             let task = if level == 4 {
-                let mut server =
-                    rumqttd::Server::new(settings, router_tx, rumqttd::protocol::v4::V4);
-                tokio::spawn(async move {
-                    if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-                        tracing::error!(listener = %name, error = %e, "embedded broker listener stopped");
-                    }
-                })
+                spawn_listener(
+                    name,
+                    rumqttd::Server::new(settings, tx, rumqttd::protocol::v4::V4),
+                )
             } else {
-                let mut server =
-                    rumqttd::Server::new(settings, router_tx, rumqttd::protocol::v5::V5);
-                tokio::spawn(async move {
-                    if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-                        tracing::error!(listener = %name, error = %e, "embedded broker listener stopped");
-                    }
-                })
+                spawn_listener(
+                    name,
+                    rumqttd::Server::new(settings, tx, rumqttd::protocol::v5::V5),
+                )
             };
             listeners.push(task);
             addrs.push((listen, level, section.name.clone()));
@@ -290,6 +284,18 @@ impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs one rumqttd listener as a task on the current runtime.
+fn spawn_listener<P>(name: String, mut server: rumqttd::Server<P>) -> JoinHandle<()>
+where
+    P: rumqttd::protocol::Protocol + Clone + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
+            tracing::error!(listener = %name, error = %e, "embedded broker listener stopped");
+        }
+    })
 }
 
 /// Port 0 becomes a free port now (rumqttd cannot report the port it bound).

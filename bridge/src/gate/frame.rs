@@ -30,6 +30,8 @@ pub mod kind {
     pub const PUBREC: u8 = 5;
     /// PUBCOMP
     pub const PUBCOMP: u8 = 7;
+    /// DISCONNECT
+    pub const DISCONNECT: u8 = 14;
 }
 
 /// Why a frame could not be read.
@@ -73,11 +75,6 @@ impl Frame {
     /// The packet type (1 = CONNECT ... 15 = AUTH).
     pub fn kind(&self) -> u8 {
         self.bytes.first().map_or(0, |b| b >> 4)
-    }
-
-    /// The flags nibble of the first byte.
-    pub fn flags(&self) -> u8 {
-        self.bytes.first().map_or(0, |b| b & 0x0f)
     }
 
     /// The packet id that starts the variable header of PUBACK, PUBREC,

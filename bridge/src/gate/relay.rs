@@ -38,7 +38,7 @@ use super::Context;
 use super::auth::{PeerCert, Refusal};
 use super::frame::{self, Frame, FrameError, FrameReader, Protocol, kind};
 use super::rules::validate_topic;
-use crate::event::{Ingest, Kind, Qos, Timestamp, VIGIL_DEVICE};
+use crate::event::{Ingest, Qos, Timestamp, VIGIL_DEVICE};
 use crate::store::{PendingAppend, StoreError};
 
 /// How long a closing connection may take to flush before it is cut.
@@ -422,15 +422,12 @@ async fn device_reader<R: AsyncRead + Unpin>(
                 return;
             }
         };
-        let forward = match frame.kind() {
+        match frame.kind() {
             kind::PUBLISH => match publish(&ctx, &device, protocol, &frame, &mut aliases) {
                 Ok((ingest, pkid)) => {
                     let Ok(permit) = inflight.clone().acquire_owned().await else {
                         return;
                     };
-                    if ingest.priority == 0 && ingest.kind == Kind::Alert {
-                        tracing::debug!(%device, "alarm received");
-                    }
                     let qos = ingest.qos;
                     let pending = match ctx.store.submit(ingest).await {
                         Ok(p) => p,
@@ -459,7 +456,6 @@ async fn device_reader<R: AsyncRead + Unpin>(
                                 .push_back(Held { pending, permit });
                         }
                     }
-                    true
                 }
                 Err((code, why)) => {
                     counters.inc(&counters.protocol_errors);
@@ -475,7 +471,7 @@ async fn device_reader<R: AsyncRead + Unpin>(
                 return;
             }
             _ => match check_packet(protocol, &frame, ctx.config.max_packet_size) {
-                Ok(()) => true,
+                Ok(()) => {}
                 Err(why) => {
                     counters.inc(&counters.protocol_errors);
                     tracing::info!(%device, packet_type = frame.kind(), "malformed packet ({why}); closing the device connection");
@@ -483,9 +479,9 @@ async fn device_reader<R: AsyncRead + Unpin>(
                     return;
                 }
             },
-        };
-        let disconnect = frame.kind() == 14;
-        if forward && to_broker.send(frame.bytes).await.is_err() {
+        }
+        let disconnect = frame.kind() == kind::DISCONNECT;
+        if to_broker.send(frame.bytes).await.is_err() {
             return;
         }
         if disconnect {

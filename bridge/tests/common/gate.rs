@@ -44,11 +44,37 @@ pub async fn start(
     TestGate { dir, store, gate }
 }
 
-/// A 3.1.1 device: the client and every event (or the first error) of its loop.
-pub struct V4Device {
-    pub client: rumqttc::AsyncClient,
-    pub events: mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
+/// A device: its client, and every event (or the first error) of its loop,
+/// which runs in its own task.
+pub struct Device<C, E> {
+    pub client: C,
+    pub events: mpsc::UnboundedReceiver<Result<E, String>>,
     pub task: tokio::task::JoinHandle<()>,
+}
+
+/// An MQTT 3.1.1 device.
+pub type V4Device = Device<rumqttc::AsyncClient, rumqttc::Event>;
+/// An MQTT 5 device.
+pub type V5Device = Device<rumqttc::v5::AsyncClient, rumqttc::v5::Event>;
+
+/// Polls an event loop until it fails, sending what it yields.
+macro_rules! spawn_loop {
+    ($eventloop:ident, $tx:ident) => {
+        tokio::spawn(async move {
+            loop {
+                let sent = match $eventloop.poll().await {
+                    Ok(e) => $tx.send(Ok(e)).is_ok(),
+                    Err(e) => {
+                        let _ = $tx.send(Err(format!("{e:?}")));
+                        false
+                    }
+                };
+                if !sent {
+                    return;
+                }
+            }
+        })
+    };
 }
 
 pub fn v4_options(addr: SocketAddr, id: &str) -> rumqttc::MqttOptions {
@@ -61,34 +87,38 @@ pub fn v4_options(addr: SocketAddr, id: &str) -> rumqttc::MqttOptions {
 pub fn v4_device(options: rumqttc::MqttOptions) -> V4Device {
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 256);
     let (tx, events) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(e) => {
-                    if tx.send(Ok(e)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            }
-        }
-    });
-    V4Device {
+    let task = spawn_loop!(eventloop, tx);
+    Device {
         client,
         events,
         task,
     }
 }
 
-impl V4Device {
-    /// Waits for the first event `f` accepts; `None` on timeout or loop end.
+pub fn v5_options(addr: SocketAddr, id: &str) -> rumqttc::v5::MqttOptions {
+    let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+pub fn v5_device(options: rumqttc::v5::MqttOptions) -> V5Device {
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 256);
+    let (tx, events) = mpsc::unbounded_channel();
+    let task = spawn_loop!(eventloop, tx);
+    Device {
+        client,
+        events,
+        task,
+    }
+}
+
+impl<C, E> Device<C, E> {
+    /// Waits for the first event `f` accepts; an error on timeout, when the
+    /// loop ends, or with the loop's error (e.g. a refused CONNACK).
     pub async fn until<T>(
         &mut self,
         timeout: Duration,
-        mut f: impl FnMut(&rumqttc::Event) -> Option<T>,
+        mut f: impl FnMut(&E) -> Option<T>,
     ) -> Result<T, String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -104,7 +134,9 @@ impl V4Device {
             }
         }
     }
+}
 
+impl V4Device {
     pub async fn connected(&mut self) {
         self.until(WAIT, |e| match e {
             rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Some(()),
@@ -112,6 +144,17 @@ impl V4Device {
         })
         .await
         .expect("CONNACK");
+    }
+
+    /// Subscribes and waits for the SUBACK, so nothing published afterwards
+    /// can race the subscription.
+    pub async fn subscribed(&mut self, filter: &str, qos: rumqttc::QoS) {
+        self.client.subscribe(filter, qos).await.unwrap();
+        self.until(WAIT, |e| {
+            matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())
+        })
+        .await
+        .expect("SUBACK");
     }
 
     pub async fn puback(&mut self, timeout: Duration) -> Result<u16, String> {
@@ -131,65 +174,7 @@ impl V4Device {
     }
 }
 
-/// An MQTT 5 device.
-pub struct V5Device {
-    pub client: rumqttc::v5::AsyncClient,
-    pub events: mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
-    pub task: tokio::task::JoinHandle<()>,
-}
-
-pub fn v5_options(addr: SocketAddr, id: &str) -> rumqttc::v5::MqttOptions {
-    let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    o
-}
-
-pub fn v5_device(options: rumqttc::v5::MqttOptions) -> V5Device {
-    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 256);
-    let (tx, events) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(e) => {
-                    if tx.send(Ok(e)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(format!("{e:?}")));
-                    return;
-                }
-            }
-        }
-    });
-    V5Device {
-        client,
-        events,
-        task,
-    }
-}
-
 impl V5Device {
-    pub async fn until<T>(
-        &mut self,
-        timeout: Duration,
-        mut f: impl FnMut(&rumqttc::v5::Event) -> Option<T>,
-    ) -> Result<T, String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Err(_) => return Err("timeout".into()),
-                Ok(None) => return Err("event loop ended".into()),
-                Ok(Some(Err(e))) => return Err(e),
-                Ok(Some(Ok(e))) => {
-                    if let Some(t) = f(&e) {
-                        return Ok(t);
-                    }
-                }
-            }
-        }
-    }
-
     pub async fn connack(&mut self) -> rumqttc::v5::mqttbytes::v5::ConnAck {
         self.until(WAIT, |e| match e {
             rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::ConnAck(a)) => Some(a.clone()),
