@@ -34,5 +34,6 @@ pub mod crypto;
 pub mod event;
 pub mod forward;
 pub mod gate;
+pub mod pem;
 pub mod state;
 pub mod store;

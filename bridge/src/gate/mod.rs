@@ -75,15 +75,8 @@ pub enum GateError {
     #[error("the embedded broker did not start: {0}")]
     Broker(String),
     /// A TLS file is missing, unreadable, too widely readable or unusable.
-    #[error("{setting} ({path}): {reason}")]
-    Tls {
-        /// The setting naming the file.
-        setting: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// What is wrong and how to fix it.
-        reason: String,
-    },
+    #[error(transparent)]
+    Tls(#[from] crate::pem::PemError),
     /// The accounts in `gate.auth` are unusable.
     #[error("{0}")]
     Auth(String),

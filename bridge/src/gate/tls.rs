@@ -9,12 +9,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
 use super::GateError;
 use super::config::{ClientCertificates, TlsConfig};
+use crate::pem::{PemError, load_certs, load_key, load_roots};
 
 /// Builds the server configuration, checking every file with a clear error.
 pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, GateError> {
@@ -27,16 +26,7 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, Ga
     let builder = match &config.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in load_certs(ca, "gate.tls.client_ca")? {
-                roots.add(cert).map_err(|e| {
-                    tls_err(
-                        "gate.tls.client_ca",
-                        ca,
-                        format!("unusable CA certificate: {e}"),
-                    )
-                })?;
-            }
+            let roots = load_roots(ca, "gate.tls.client_ca")?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = match config.client_certificates {
                 ClientCertificates::Required => verifier,
@@ -59,54 +49,5 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, Ga
 }
 
 fn tls_err(setting: &'static str, path: &Path, reason: String) -> GateError {
-    GateError::Tls {
-        setting,
-        path: path.to_path_buf(),
-        reason,
-    }
-}
-
-/// Reads every certificate of a PEM file; none is an error.
-pub fn load_certs(
-    path: &Path,
-    setting: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, GateError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| tls_err(setting, path, format!("cannot read: {e}")))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_err(setting, path, format!("not valid PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(tls_err(
-            setting,
-            path,
-            "no CERTIFICATE block found; expected a PEM certificate".into(),
-        ));
-    }
-    Ok(certs)
-}
-
-/// Reads a private key, refusing a file group or others can read.
-pub fn load_key(path: &Path, setting: &'static str) -> Result<PrivateKeyDer<'static>, GateError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let meta =
-        std::fs::metadata(path).map_err(|e| tls_err(setting, path, format!("cannot read: {e}")))?;
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(tls_err(
-            setting,
-            path,
-            format!(
-                "the private key is readable by group or others (mode {:o}); run `chmod 600 {}`",
-                mode & 0o777,
-                path.display()
-            ),
-        ));
-    }
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        tls_err(
-            setting,
-            path,
-            format!("no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"),
-        )
-    })
+    PemError::new(setting, path, reason).into()
 }

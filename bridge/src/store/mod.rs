@@ -540,6 +540,8 @@ struct Shared {
     epoch: u32,
     stats: RwLock<StoreStats>,
     fatal: watch::Sender<Option<String>>,
+    /// Bumped after every commit that queued records in a lane.
+    appends: watch::Sender<u64>,
     hold: Hold,
 }
 
@@ -855,6 +857,13 @@ impl Store {
         self.shared.fatal.subscribe()
     }
 
+    /// Changes (to a new, meaningless value) after every commit that queued
+    /// records in a lane: device messages, gap notices, requeued dead letters.
+    /// The forwarder waits on it when it has nothing to send.
+    pub fn appends(&self) -> watch::Receiver<u64> {
+        self.shared.appends.subscribe()
+    }
+
     /// Commits what is pending, persists with fsync and stops the writer.
     /// Later calls on any clone fail with [`StoreError::Closed`].
     pub async fn close(&self) -> Result<(), StoreError> {
@@ -1000,6 +1009,7 @@ fn open_shared(
         epoch,
         stats: RwLock::new(StoreStats::default()),
         fatal: watch::Sender::new(None),
+        appends: watch::Sender::new(0),
         hold: Hold::default(),
     };
 

@@ -317,7 +317,11 @@ impl Writer {
             .durability(Some(PersistMode::SyncAll));
         wb.insert(&self.shared.meta, STATE_KEY, state);
         wb.commit()
-            .map_err(|e| StoreError::Persist(format!("{e:?}")))
+            .map_err(|e| StoreError::Persist(format!("{e:?}")))?;
+        if queued_more {
+            self.shared.appends.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
     }
 
     fn apply(&mut self, cmd: Command, batch: &mut Batch) {
@@ -1016,6 +1020,10 @@ impl Writer {
             _ => PersistMode::Buffer,
         };
         let mut wb = self.shared.db.batch().durability(Some(mode));
+        let queued_more = batch
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::Put(Area::Lane(_), ..)));
         for op in batch.ops.drain(..) {
             match op {
                 Op::Put(area, seq, value) => {
@@ -1038,6 +1046,10 @@ impl Writer {
             .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
         wb.insert(&self.shared.meta, STATE_KEY, state);
         wb.commit()
-            .map_err(|e| StoreError::Persist(format!("{e:?}")))
+            .map_err(|e| StoreError::Persist(format!("{e:?}")))?;
+        if queued_more {
+            self.shared.appends.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
     }
 }
