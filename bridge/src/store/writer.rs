@@ -318,9 +318,6 @@ impl Writer {
         wb.insert(&self.shared.meta, STATE_KEY, state);
         wb.commit()
             .map_err(|e| StoreError::Persist(format!("{e:?}")))?;
-        if queued_more {
-            self.shared.appends.send_modify(|n| *n = n.wrapping_add(1));
-        }
         Ok(())
     }
 
