@@ -20,8 +20,11 @@
 //!   dead-letter and quarantine. Its module docs are the storage design.
 //! * [`crypto`]: AES-256-GCM sealing of stored records and master-key loading;
 //!   used only by the store.
-//! * [`forward`]: the cloud side (issue 4, in progress): the sans-I/O session
-//!   that tracks the in-flight window and what to resend.
+//! * [`forward`]: the cloud side: one task owning a mutual-TLS MQTT
+//!   connection, a window of QoS 1 publishes in priority order, each message
+//!   wrapped in the versioned [`forward::envelope`] and deleted from the store
+//!   only on its PUBACK; refusals and oversize messages go to dead-letter.
+//! * [`pem`]: certificate and key files for both TLS ends.
 //! * [`state`]: the cloud link state (`offline`, `syncing`, `online`) and its
 //!   legal transitions.
 //! * [`cli`]: the `vigil` command.

@@ -1,8 +1,571 @@
 //! Forward: stored messages to the cloud over mutual-TLS MQTT at QoS 1,
 //! deleted from the store only on the cloud's PUBACK.
 //!
-//! Work in progress (issue 4): [`session`] holds the in-flight window, the
-//! packet-id mapping and the replay rules as plain state; the driver that owns
-//! rumqttc, the TLS set-up, the envelope and dead-lettering come next.
+//! One task (the driver, here) owns the rumqttc client and event loop
+//! ([`uplink`]); the in-flight window, packet ids and replay rules are plain
+//! state in [`session`]. The loop:
+//!
+//! 1. Connect (TLS files re-read each time, [`tls`]); on CONNACK the window is
+//!    capped by the cloud's Receive Maximum and envelopes by its Maximum
+//!    Packet Size (MQTT 5).
+//! 2. Fill the window in strict priority order: lane 0 until it is empty,
+//!    then lane 1, ...; FIFO within a lane. Each event is wrapped in the
+//!    [`envelope`] and published at QoS 1 to `<topic_prefix>/<device topic>`.
+//!    One too large for the cloud goes to dead-letter instead.
+//! 3. On each PUBACK the message is deleted from the store (acks are batched;
+//!    a lane's cursor only ever passes acknowledged messages). An MQTT 5
+//!    refusal (reason >= 0x80) sends it to dead-letter.
+//! 4. On any connection error, or no PUBACK within `ack_timeout`: the whole
+//!    rumqttc client is dropped (its pending queue, stale events and collision
+//!    state with it), the session forgets what was in flight, and after an
+//!    exponential backoff with jitter a new connection replays every lane from
+//!    the store's cursor. So a fault costs at most one window of duplicates.
+//!    A message at the head of the window while the cloud closed
+//!    `max_head_failures` connections in a row goes to dead-letter.
+//!
+//! The link state ([`crate::state`]) is published on a watch channel and
+//! logged on every change; the last connection error, explained, on another.
 
+pub mod config;
+pub mod envelope;
 pub mod session;
+pub mod tls;
+pub mod uplink;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use self::config::{ForwardConfig, Protocol};
+use self::session::{AckOutcome, InFlight, Session};
+use self::uplink::{Failure, Happened, Publisher};
+use crate::state::{IllegalTransition, LinkState, StateMachine};
+use crate::store::{Store, StoreError};
+
+/// Most events read from the store at once.
+const READ_BATCH: usize = 256;
+/// Acknowledged seqs collected before they are deleted in one store call.
+const ACK_BATCH: usize = 64;
+
+/// Why the forwarder cannot start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// `[forward]` settings are unusable; every problem is listed.
+    #[error("invalid [forward] configuration:\n  - {}", .0.join("\n  - "))]
+    Config(Vec<String>),
+    /// The store failed (read, ack or dead-letter): forwarding stops, nothing
+    /// is deleted that the cloud did not acknowledge.
+    #[error("the store failed while forwarding: {0}")]
+    Store(#[from] StoreError),
+    /// A bug: the link state machine refused a transition.
+    #[error(transparent)]
+    State(#[from] IllegalTransition),
+    /// The forwarder task panicked or was aborted.
+    #[error("the forwarder task ended abnormally: {0}")]
+    Task(String),
+}
+
+/// Counters since the forwarder started.
+#[derive(Debug, Default)]
+pub struct ForwardCounters {
+    /// Publishes handed to the cloud connection (resends included).
+    pub published: AtomicU64,
+    /// Messages the cloud acknowledged and the store deleted.
+    pub delivered: AtomicU64,
+    /// Messages moved to dead-letter (refused, too large, or poison).
+    pub dead_lettered: AtomicU64,
+    /// Connections that reached CONNACK.
+    pub connections: AtomicU64,
+    /// Connection attempts or connections that failed.
+    pub failures: AtomicU64,
+}
+
+/// A running forwarder.
+#[derive(Debug)]
+pub struct Forwarder {
+    cancel: CancellationToken,
+    task: JoinHandle<Result<(), ForwardError>>,
+    link: watch::Receiver<LinkState>,
+    last_error: watch::Receiver<Option<String>>,
+    counters: Arc<ForwardCounters>,
+}
+
+impl Forwarder {
+    /// Checks the configuration and starts forwarding from `store`. Certificate
+    /// files are read on each connection attempt, so a bad one is reported
+    /// (on [`Forwarder::last_error`] and in the log) while messages keep
+    /// being stored.
+    pub fn start(config: ForwardConfig, store: Store) -> Result<Self, ForwardError> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(ForwardError::Config(problems));
+        }
+        if config.tls.cert.is_none() {
+            tracing::warn!(
+                "forward.tls.cert is not set: connecting to the cloud without a client certificate"
+            );
+        }
+        let state = StateMachine::new();
+        let link = state.subscribe();
+        let (error_tx, last_error) = watch::channel(None);
+        let counters = Arc::new(ForwardCounters::default());
+        let cancel = CancellationToken::new();
+        let lanes = store.priorities();
+        let driver = Driver {
+            session: Session::new(lanes, config.window, config.max_head_failures),
+            max_packet: config.max_packet_size as usize,
+            appends: store.appends(),
+            exhausted: vec![None; usize::from(lanes)],
+            acked: vec![Vec::new(); usize::from(lanes)],
+            acks_pending: 0,
+            lanes,
+            config,
+            store,
+            state,
+            last_error: error_tx,
+            counters: counters.clone(),
+            cancel: cancel.clone(),
+        };
+        let task = tokio::spawn(driver.run());
+        Ok(Self {
+            cancel,
+            task,
+            link,
+            last_error,
+            counters,
+        })
+    }
+
+    /// The link state, for health checks and metrics.
+    pub fn link_state(&self) -> watch::Receiver<LinkState> {
+        self.link.clone()
+    }
+
+    /// The last connection failure, explained; `None` once connected.
+    pub fn last_error(&self) -> watch::Receiver<Option<String>> {
+        self.last_error.clone()
+    }
+
+    /// Counters since start.
+    pub fn counters(&self) -> &ForwardCounters {
+        &self.counters
+    }
+
+    /// Whether the driver has stopped (only on a store failure or `stop`).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops: the connection is dropped, acknowledged messages are deleted,
+    /// and everything unacknowledged stays in the store for next time.
+    pub async fn stop(self) -> Result<(), ForwardError> {
+        self.cancel.cancel();
+        self.task
+            .await
+            .map_err(|e| ForwardError::Task(e.to_string()))?
+    }
+}
+
+/// How one connection ended.
+enum Ended {
+    Shutdown,
+    Failed {
+        failure: Failure,
+        /// The cloud (not a timeout, not Vigil) ended a connection that was
+        /// up: counted against the message at the head of the window.
+        blame_head: bool,
+        /// At least one PUBACK arrived on it: the backoff starts over.
+        progressed: bool,
+    },
+}
+
+struct Driver {
+    config: ForwardConfig,
+    store: Store,
+    session: Session,
+    state: StateMachine,
+    last_error: watch::Sender<Option<String>>,
+    counters: Arc<ForwardCounters>,
+    cancel: CancellationToken,
+    appends: watch::Receiver<u64>,
+    /// Per lane: the append signal's value when a read found the lane empty.
+    exhausted: Vec<Option<u64>>,
+    /// Per lane: acknowledged seqs not yet deleted.
+    acked: Vec<Vec<u64>>,
+    acks_pending: usize,
+    /// Largest packet allowed on this connection.
+    max_packet: usize,
+    lanes: u8,
+}
+
+impl Driver {
+    async fn run(mut self) -> Result<(), ForwardError> {
+        let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
+        let result = loop {
+            let ended = match self.connection().await {
+                Ok(ended) => ended,
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = self.flush_acks().await {
+                break Err(e);
+            }
+            if let Err(e) = self.state.set(LinkState::Offline) {
+                break Err(e.into());
+            }
+            let Ended::Failed {
+                failure,
+                blame_head,
+                progressed,
+            } = ended
+            else {
+                self.session.connection_lost(false);
+                break Ok(());
+            };
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+            let explained = tls::explain(&failure.text, &failure.debug);
+            for head in self.session.connection_lost(blame_head) {
+                let reason = format!(
+                    "the cloud closed {} connections in a row while this message headed \
+                     priority {}; last error: {explained}",
+                    self.config.max_head_failures, head.priority
+                );
+                if let Err(e) = self.dead_letter(head, reason).await {
+                    return Err(e);
+                }
+            }
+            if progressed {
+                backoff.reset();
+            }
+            let delay = backoff.next();
+            tracing::warn!(
+                host = %self.config.host,
+                port = self.config.port,
+                retry_in = ?delay,
+                queued = self.store.stats().queued(),
+                "cloud connection failed; messages stay in the store: {explained}"
+            );
+            self.last_error.send_replace(Some(explained));
+            tokio::select! {
+                _ = self.cancel.cancelled() => break Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        };
+        let flushed = self.flush_acks().await;
+        result.and(flushed)
+    }
+
+    /// One connection attempt, from TLS set-up to its end.
+    async fn connection(&mut self) -> Result<Ended, ForwardError> {
+        let tls = match tls::client_config(&self.config.tls, &self.config.host) {
+            Ok(tls) => tls,
+            Err(e) => {
+                return Ok(Ended::Failed {
+                    failure: Failure {
+                        text: e.to_string(),
+                        debug: String::new(),
+                        timeout: false,
+                    },
+                    blame_head: false,
+                    progressed: false,
+                });
+            }
+        };
+        let (publisher, mut events) = uplink::connect(&self.config, tls);
+        let mut connected = false;
+        let mut progressed = false;
+        let mut last_progress = Instant::now();
+        loop {
+            if connected {
+                let before = self.session.in_flight();
+                self.fill(&publisher).await?;
+                if before == 0 && self.session.in_flight() > 0 {
+                    last_progress = Instant::now();
+                }
+                self.state.set(if self.caught_up() {
+                    LinkState::Online
+                } else {
+                    LinkState::Syncing
+                })?;
+            }
+            let idle = connected && self.session.in_flight() == 0;
+            let waiting = connected && self.session.in_flight() > 0;
+            let deadline = last_progress + self.config.ack_timeout;
+            // poll() is only raced against rare branches: shutdown, the
+            // append signal while nothing is in flight (the event loop is
+            // then only waiting on the socket or its keep-alive timer), and
+            // the ack timeout, after which this event loop is dropped.
+            let happened = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(Ended::Shutdown),
+                r = events.poll() => r,
+                _ = self.appends.changed(), if idle => continue,
+                _ = tokio::time::sleep_until(deadline), if waiting => {
+                    return Ok(Ended::Failed {
+                        failure: Failure {
+                            text: format!(
+                                "no PUBACK for {:?} with {} messages in flight; reconnecting \
+                                 to send them again",
+                                self.config.ack_timeout,
+                                self.session.in_flight()
+                            ),
+                            debug: String::new(),
+                            timeout: true,
+                        },
+                        blame_head: false,
+                        progressed,
+                    });
+                }
+            };
+            match happened {
+                Err(failure) => {
+                    return Ok(Ended::Failed {
+                        blame_head: connected && !failure.timeout,
+                        failure,
+                        progressed,
+                    });
+                }
+                Ok(Happened::Connected {
+                    receive_max,
+                    max_packet_size,
+                }) => {
+                    connected = true;
+                    last_progress = Instant::now();
+                    self.session.connected(receive_max);
+                    let configured = self.config.max_packet_size;
+                    self.max_packet =
+                        max_packet_size.map_or(configured, |m| m.min(configured)) as usize;
+                    self.counters.connections.fetch_add(1, Ordering::Relaxed);
+                    self.last_error.send_replace(None);
+                    self.state.set(LinkState::Syncing)?;
+                    tracing::info!(
+                        host = %self.config.host,
+                        window = self.session.window(),
+                        max_packet = self.max_packet,
+                        queued = self.store.stats().queued(),
+                        "connected to the cloud"
+                    );
+                }
+                Ok(Happened::Published(pkid)) => {
+                    if self.session.outgoing(pkid).is_some() {
+                        self.counters.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(Happened::PubAck { pkid, reason }) => {
+                    last_progress = Instant::now();
+                    match self.session.puback(pkid, reason) {
+                        AckOutcome::Delivered(m) => {
+                            progressed = true;
+                            self.ack(m).await?;
+                        }
+                        AckOutcome::Refused(m, code) => {
+                            progressed = true;
+                            let reason = format!(
+                                "the cloud refused it: PUBACK reason code 0x{code:02x} ({})",
+                                uplink::reason_name(code)
+                            );
+                            self.dead_letter(m, reason).await?;
+                        }
+                        AckOutcome::Unknown(pkid) => {
+                            tracing::debug!(pkid, "PUBACK for a packet id not in flight");
+                        }
+                    }
+                }
+                Ok(Happened::Other) => {}
+            }
+        }
+    }
+
+    /// Whether everything stored has been sent and acknowledged.
+    fn caught_up(&self) -> bool {
+        let current = *self.appends.borrow();
+        self.session.in_flight() == 0 && self.exhausted.iter().all(|e| *e == Some(current))
+    }
+
+    /// Hands stored messages to the client, highest priority first, while the
+    /// window has room. Refills in batches (when half the window is free, or
+    /// when it is empty), so the store is not read once per PUBACK.
+    async fn fill(&mut self, publisher: &Publisher) -> Result<(), ForwardError> {
+        let window = self.session.window();
+        if self.session.in_flight() > 0 && self.session.room() < (window / 2).max(1) {
+            return Ok(());
+        }
+        for lane in 0..self.lanes {
+            let slot = usize::from(lane);
+            loop {
+                let room = self.session.room();
+                if room == 0 {
+                    return Ok(());
+                }
+                let generation = *self.appends.borrow_and_update();
+                if self.exhausted.get(slot).copied().flatten() == Some(generation) {
+                    break;
+                }
+                let limit = room.min(READ_BATCH);
+                let events = self
+                    .store
+                    .read(lane, self.session.read_after(lane), limit)
+                    .await?;
+                let found = events.len();
+                for stored in events {
+                    let m = InFlight {
+                        priority: lane,
+                        seq: stored.seq,
+                    };
+                    let body = envelope::encode(&stored.body);
+                    let topic = format!("{}/{}", self.config.topic_prefix, stored.body.topic);
+                    let size = packet_size(self.config.protocol, &topic, body.len());
+                    if size > self.max_packet {
+                        let reason = format!(
+                            "too large for the cloud: a {size}-byte packet, the limit is {} \
+                             (forward.max_packet_size, or what the cloud announced)",
+                            self.max_packet
+                        );
+                        self.dead_letter(m, reason).await?;
+                        continue;
+                    }
+                    if let Err(f) = publisher.publish(topic, body) {
+                        // Not expected: the request channel holds the window.
+                        // Not marked as sent, so the next fill reads it again.
+                        tracing::warn!(error = %f.text, "could not hand a publish to the client");
+                        return Ok(());
+                    }
+                    self.session.sent(m);
+                }
+                if found < limit {
+                    if let Some(e) = self.exhausted.get_mut(slot) {
+                        *e = Some(generation);
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a delivery; deletes a batch of them from the store when enough
+    /// have gathered or nothing else is in flight.
+    async fn ack(&mut self, m: InFlight) -> Result<(), ForwardError> {
+        if let Some(lane) = self.acked.get_mut(usize::from(m.priority)) {
+            lane.push(m.seq);
+            self.acks_pending += 1;
+        }
+        if self.acks_pending >= ACK_BATCH || self.session.in_flight() == 0 {
+            self.flush_acks().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_acks(&mut self) -> Result<(), ForwardError> {
+        for lane in 0..self.lanes {
+            let Some(pending) = self.acked.get_mut(usize::from(lane)) else {
+                continue;
+            };
+            if pending.is_empty() {
+                continue;
+            }
+            let seqs = std::mem::take(pending);
+            let report = self.store.ack(lane, seqs).await?;
+            self.counters
+                .delivered
+                .fetch_add(report.deleted, Ordering::Relaxed);
+        }
+        self.acks_pending = 0;
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, m: InFlight, reason: String) -> Result<(), ForwardError> {
+        self.session.withdraw(m);
+        tracing::warn!(
+            priority = m.priority,
+            seq = m.seq,
+            reason = %reason,
+            "message moved to dead-letter; the rest of its lane goes on"
+        );
+        if self
+            .store
+            .dead_letter(m.priority, m.seq, reason)
+            .await?
+            .is_some()
+        {
+            self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Upper bound of the PUBLISH packet's size: fixed header (at most 5 bytes),
+/// topic, packet id, MQTT 5 property length, payload.
+fn packet_size(protocol: Protocol, topic: &str, payload: usize) -> usize {
+    let properties = match protocol {
+        Protocol::V311 => 0,
+        Protocol::V5 => 1,
+    };
+    5 + 2 + topic.len() + 2 + properties + payload
+}
+
+/// Exponential backoff with up to 25 % random jitter, capped.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    fn next(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let mut bytes = [0u8; 4];
+        let jitter = match getrandom::fill(&mut bytes) {
+            Ok(()) => u32::from_le_bytes(bytes) as f64 / u32::MAX as f64,
+            Err(_) => 0.5,
+        };
+        base.mul_f64(1.0 + 0.25 * jitter).min(self.max.mul_f64(1.25))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_bounded_jitter_and_resets() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        let mut b = Backoff::new(min, max);
+        let seen: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        for (i, d) in seen.iter().enumerate() {
+            let base = (min * 2u32.pow(i as u32)).min(max);
+            assert!(*d >= base && *d <= base.mul_f64(1.25), "{i}: {d:?}");
+        }
+        b.reset();
+        assert!(b.next() <= min.mul_f64(1.25));
+    }
+
+    #[test]
+    fn packet_size_bounds_the_encoding() {
+        // A real encoding of a 100-byte payload on "a/b" is 2 + 2 + 3 + 2 + 100.
+        assert!(packet_size(Protocol::V311, "a/b", 100) >= 109);
+        assert_eq!(
+            packet_size(Protocol::V5, "a/b", 100),
+            packet_size(Protocol::V311, "a/b", 100) + 1
+        );
+    }
+}

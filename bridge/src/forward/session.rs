@@ -139,11 +139,17 @@ impl Session {
         self.by_pkid.retain(|_, x| *x != m);
     }
 
-    /// The connection failed: forget everything in flight and read every lane
-    /// from the store's cursor again. Returns the lane heads that have now been
-    /// in flight for `max_head_failures` failed connections in a row: the
-    /// driver moves them to dead-letter so they stop blocking their lane.
-    pub fn connection_lost(&mut self) -> Vec<InFlight> {
+    /// The connection ended: forget everything in flight and read every lane
+    /// from the store's cursor again. With `blame_head` (the cloud closed a
+    /// connection that was up), each lane's head in flight gets one more
+    /// failure; the heads that have now failed `max_head_failures` times in a
+    /// row are returned, for the driver to move to dead-letter so they stop
+    /// blocking their lane. Without it (a timeout, a shutdown) the counts stay.
+    pub fn connection_lost(&mut self, blame_head: bool) -> Vec<InFlight> {
+        if !blame_head {
+            self.forget();
+            return Vec::new();
+        }
         let mut heads: HashMap<u8, u64> = HashMap::new();
         for m in self.unassigned.iter().chain(self.by_pkid.values()) {
             let e = heads.entry(m.priority).or_insert(m.seq);
@@ -166,13 +172,17 @@ impl Session {
             }
         }
         self.head_failures = next;
+        self.forget();
+        give_up.sort_by_key(|m| (m.priority, m.seq));
+        give_up
+    }
+
+    fn forget(&mut self) {
         self.unassigned.clear();
         self.by_pkid.clear();
         for pos in &mut self.read_after {
             *pos = None;
         }
-        give_up.sort_by_key(|m| (m.priority, m.seq));
-        give_up
     }
 }
 
@@ -229,7 +239,7 @@ mod tests {
         s.sent(m(0, 5));
         s.sent(m(1, 6));
         s.outgoing(1);
-        assert!(s.connection_lost().is_empty());
+        assert!(s.connection_lost(true).is_empty());
         assert_eq!(
             (s.in_flight(), s.read_after(0), s.read_after(1)),
             (0, None, None)
@@ -247,7 +257,7 @@ mod tests {
             s.sent(m(1, 41));
             s.sent(m(0, 7));
             s.outgoing(1);
-            let give_up = s.connection_lost();
+            let give_up = s.connection_lost(true);
             if round < 3 {
                 assert!(give_up.is_empty(), "round {round}");
             } else {
@@ -257,12 +267,12 @@ mod tests {
         // An ack of the head resets its count.
         let mut s = Session::new(1, 8, 2);
         s.sent(m(0, 1));
-        s.connection_lost();
+        s.connection_lost(true);
         s.sent(m(0, 1));
         s.outgoing(4);
         assert_eq!(s.puback(4, None), AckOutcome::Delivered(m(0, 1)));
         s.sent(m(0, 2));
-        assert!(s.connection_lost().is_empty(), "a new head starts at 1");
+        assert!(s.connection_lost(true).is_empty(), "a new head starts at 1");
     }
 
     #[test]

@@ -1,0 +1,206 @@
+//! The forwarder's settings: the `[forward]` table of `vigil.toml`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// MQTT protocol version spoken to the cloud.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    /// MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5: the cloud's Receive Maximum caps the window, its Maximum Packet
+    /// Size caps envelopes, and refusals (PUBACK reason >= 0x80) are seen.
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// Settings of the cloud side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardConfig {
+    /// The cloud broker's host name or IP address.
+    pub host: String,
+    /// Its port (MQTT over TLS).
+    pub port: u16,
+    /// MQTT version: `"3.1.1"` or `"5"`.
+    pub protocol: Protocol,
+    /// Client id Vigil connects with.
+    pub client_id: String,
+    /// Certificates: TLS is always on.
+    pub tls: UplinkTls,
+    /// Messages go to `<topic_prefix>/<device topic>`.
+    pub topic_prefix: String,
+    /// Publishes in flight at once (capped by the cloud's Receive Maximum on
+    /// MQTT 5).
+    pub window: u16,
+    /// Largest MQTT packet Vigil sends (bytes). A message whose envelope would
+    /// be larger (or larger than the cloud announces on MQTT 5) goes to
+    /// dead-letter instead of blocking its lane.
+    pub max_packet_size: u32,
+    /// MQTT keep-alive (at least 1 s). A dead link is noticed within twice this.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Time allowed for TCP, TLS and CONNACK, and for each write.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// With messages in flight and no PUBACK for this long, the connection is
+    /// dropped and the messages are sent again on a new one.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// First delay before reconnecting; it doubles after each failure.
+    #[serde(with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// Longest delay between reconnects (a random 0-25 % is added).
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// The message at the head of the in-flight window goes to dead-letter
+    /// after the cloud closed this many connections in a row while it was in
+    /// flight (a message the cloud cannot take would otherwise block its lane
+    /// for ever). Timeouts do not count.
+    pub max_head_failures: u32,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        Self {
+            host: "localhost".into(),
+            port: 8883,
+            protocol: Protocol::V5,
+            client_id: "vigil".into(),
+            tls: UplinkTls::default(),
+            topic_prefix: "vigil".into(),
+            window: 64,
+            max_packet_size: 256 * 1024,
+            keep_alive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            max_head_failures: 5,
+        }
+    }
+}
+
+/// The uplink's certificates. The files are read again before every
+/// connection attempt, so a fixed or renewed file is used without a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkTls {
+    /// CA bundle (PEM) the cloud's certificate must chain to.
+    pub ca: PathBuf,
+    /// Vigil's client certificate chain (PEM), leaf first. Without it Vigil
+    /// connects with no client certificate (and warns).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM); must not be readable by group or others.
+    pub key: Option<PathBuf>,
+    /// Name the cloud's certificate must be valid for, when it differs from
+    /// `host` (e.g. connecting by IP address). Defaults to `host`.
+    pub server_name: Option<String>,
+}
+
+impl Default for UplinkTls {
+    fn default() -> Self {
+        Self {
+            ca: PathBuf::from("certs/ca.pem"),
+            cert: Some(PathBuf::from("certs/vigil.pem")),
+            key: Some(PathBuf::from("certs/vigil.key")),
+            server_name: None,
+        }
+    }
+}
+
+impl ForwardConfig {
+    /// Every problem at once, each naming the key and the fix.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.host.trim().is_empty() {
+            p.push("forward.host is empty: set the cloud broker's host name".into());
+        }
+        if self.port == 0 {
+            p.push("forward.port is 0: set the cloud broker's TLS port (usually 8883)".into());
+        }
+        if self.client_id.is_empty() || self.client_id.len() > 65535 {
+            p.push("forward.client_id must be 1 to 65535 bytes".into());
+        }
+        let prefix = &self.topic_prefix;
+        if prefix.is_empty()
+            || prefix.starts_with('/')
+            || prefix.ends_with('/')
+            || prefix.contains(['+', '#', '\0'])
+        {
+            p.push(format!(
+                "forward.topic_prefix {prefix:?} must be a non-empty topic without wildcards \
+                 or leading/trailing '/', e.g. \"vigil/ward-3\""
+            ));
+        }
+        if self.window == 0 {
+            p.push("forward.window is 0: at least 1 publish must be allowed in flight".into());
+        }
+        if self.max_packet_size < 1024 {
+            p.push(format!(
+                "forward.max_packet_size {} is too small: an envelope needs room for its \
+                 header; use at least 1024 (default 262144)",
+                self.max_packet_size
+            ));
+        }
+        if self.keep_alive < Duration::from_secs(1) || self.keep_alive > Duration::from_secs(65535)
+        {
+            p.push("forward.keep_alive must be between 1s and 65535s".into());
+        }
+        if self.connect_timeout < Duration::from_secs(1) {
+            p.push("forward.connect_timeout must be at least 1s".into());
+        }
+        if self.ack_timeout.is_zero() {
+            p.push("forward.ack_timeout must be above 0, e.g. 30s".into());
+        }
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            p.push(
+                "forward.backoff_min must be above 0 and at most forward.backoff_max".into(),
+            );
+        }
+        if self.max_head_failures == 0 {
+            p.push("forward.max_head_failures must be at least 1".into());
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            p.push("forward.tls.cert and forward.tls.key go together: set both or neither".into());
+        }
+        if self
+            .tls
+            .server_name
+            .as_deref()
+            .is_some_and(|n| rustls::pki_types::ServerName::try_from(n).is_err())
+        {
+            p.push("forward.tls.server_name is not a valid DNS name or IP address".into());
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_problems_are_all_reported() {
+        assert!(ForwardConfig::default().problems().is_empty());
+        let bad = ForwardConfig {
+            host: String::new(),
+            topic_prefix: "a/#".into(),
+            window: 0,
+            max_head_failures: 0,
+            tls: UplinkTls {
+                key: None,
+                ..UplinkTls::default()
+            },
+            ..ForwardConfig::default()
+        };
+        let p = bad.problems();
+        assert_eq!(p.len(), 5, "{p:#?}");
+        assert!(p.iter().any(|m| m.contains("forward.topic_prefix")));
+        assert!(p.iter().any(|m| m.contains("forward.tls.key")));
+    }
+}

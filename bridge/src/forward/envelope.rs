@@ -1,0 +1,255 @@
+//! The cloud envelope: how each stored event is published (version 1).
+//!
+//! One JSON object per MQTT message, published at QoS 1 to
+//! `<topic_prefix>/<device topic>`:
+//!
+//! ```json
+//! {"v":1,"id":"0193…","device":"bed-12","seq":4711,"kind":"measurement",
+//!  "priority":2,"topic":"devices/bed-12/vitals/hr","received_at":"2026-11-22T10:00:00.000123Z",
+//!  "sha256":"9f86…","content_type":"application/json","user_properties":[["k","v"]],
+//!  "payload_encoding":"json","payload":{"hr":72}}
+//! ```
+//!
+//! - `id` (UUID v7) is the message's identity: a cloud de-duplicates by it
+//!   (QoS 1 means a message can arrive more than once).
+//! - `seq` counts the device's messages from 1 without gaps, as Vigil stored
+//!   them; a gap the cloud sees is explained by a gap notice or was lost.
+//! - `sha256` is the hex SHA-256 of the payload bytes exactly as the device
+//!   sent them.
+//! - `payload_encoding` is `json` when the payload is valid UTF-8 JSON: then
+//!   `payload` is those bytes verbatim, and it is always the last member, so
+//!   the bytes to hash are the text between the first `,"payload":` and the
+//!   final `}`. Otherwise it is `base64` (standard alphabet, padded) and
+//!   `payload` is a string.
+//! - `content_type` and `user_properties` (MQTT 5 devices) are present only
+//!   when the device set them.
+//! - Gap notices (`kind` `gap-notice`, `device` `$vigil`, priority 0) use the
+//!   same envelope; their payload is JSON documented in the README.
+
+use base64::Engine as _;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::event::{Event, hex};
+
+/// Envelope format version.
+pub const VERSION: u8 = 1;
+
+/// What goes before the payload.
+#[derive(Serialize)]
+struct Header<'a> {
+    v: u8,
+    id: String,
+    device: &'a str,
+    seq: u64,
+    kind: &'static str,
+    priority: u8,
+    topic: &'a str,
+    received_at: String,
+    sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    user_properties: &'a [(String, String)],
+    payload_encoding: &'static str,
+}
+
+/// Whether the payload can go inline: valid JSON (which implies UTF-8).
+fn is_json(payload: &[u8]) -> bool {
+    !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+}
+
+/// Encodes `event` as an envelope.
+pub fn encode(event: &Event) -> Vec<u8> {
+    let inline = is_json(&event.payload);
+    let header = Header {
+        v: VERSION,
+        id: event.id.to_string(),
+        device: &event.device,
+        seq: event.device_seq,
+        kind: event.kind.as_str(),
+        priority: event.priority,
+        topic: &event.topic,
+        received_at: event.received_at.to_rfc3339(),
+        sha256: hex(&Sha256::digest(&event.payload)),
+        content_type: event.content_type.as_deref(),
+        user_properties: &event.user_properties,
+        payload_encoding: if inline { "json" } else { "base64" },
+    };
+    // A struct of strings and integers always serializes.
+    let mut out = serde_json::to_vec(&header).unwrap_or_else(|_| b"{}".to_vec());
+    out.pop(); // the closing brace
+    out.extend_from_slice(b",\"payload\":");
+    if inline {
+        out.extend_from_slice(&event.payload);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(
+            base64::engine::general_purpose::STANDARD
+                .encode(&event.payload)
+                .as_bytes(),
+        );
+        out.push(b'"');
+    }
+    out.push(b'}');
+    out
+}
+
+/// A cloud's view of an envelope: what a subscriber needs to verify it. Used
+/// by Vigil's tests and the simulator; a reference for cloud teams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// `id`.
+    pub id: String,
+    /// `device`.
+    pub device: String,
+    /// `seq`.
+    pub seq: u64,
+    /// `priority`.
+    pub priority: u8,
+    /// `kind`.
+    pub kind: String,
+    /// The payload bytes as the device sent them.
+    pub payload: Vec<u8>,
+}
+
+/// Why an envelope does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Not a JSON object with the version-1 members.
+    #[error("not a version-{VERSION} envelope: {0}")]
+    Malformed(String),
+    /// The payload does not hash to `sha256`.
+    #[error("payload does not match its sha256 (envelope {id})")]
+    Digest {
+        /// The envelope's id.
+        id: String,
+    },
+}
+
+/// Parses an envelope and checks its payload against `sha256`.
+pub fn verify(envelope: &[u8]) -> Result<Received, EnvelopeError> {
+    #[derive(serde::Deserialize)]
+    struct Members {
+        v: u8,
+        id: String,
+        device: String,
+        seq: u64,
+        priority: u8,
+        kind: String,
+        sha256: String,
+        payload_encoding: String,
+        payload: serde_json::Value,
+    }
+    let bad = |m: String| EnvelopeError::Malformed(m);
+    let m: Members = serde_json::from_slice(envelope).map_err(|e| bad(e.to_string()))?;
+    if m.v != VERSION {
+        return Err(bad(format!("version {}", m.v)));
+    }
+    let payload = match m.payload_encoding.as_str() {
+        "json" => {
+            const MARK: &[u8] = b",\"payload\":";
+            let start = envelope
+                .windows(MARK.len())
+                .position(|w| w == MARK)
+                .ok_or_else(|| bad("no payload member".into()))?
+                + MARK.len();
+            let end = envelope.len().saturating_sub(1);
+            envelope
+                .get(start..end)
+                .ok_or_else(|| bad("truncated".into()))?
+                .to_vec()
+        }
+        "base64" => {
+            let text = m
+                .payload
+                .as_str()
+                .ok_or_else(|| bad("base64 payload is not a string".into()))?;
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| bad(format!("payload: {e}")))?
+        }
+        other => return Err(bad(format!("payload_encoding {other:?}"))),
+    };
+    if hex(&Sha256::digest(&payload)) != m.sha256 {
+        return Err(EnvelopeError::Digest { id: m.id });
+    }
+    Ok(Received {
+        id: m.id,
+        device: m.device,
+        seq: m.seq,
+        priority: m.priority,
+        kind: m.kind,
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Ingest, Kind, Qos, Timestamp};
+    use proptest::prelude::*;
+
+    fn event(payload: &[u8]) -> Event {
+        Event::from_ingest(
+            Ingest {
+                kind: Kind::Alert,
+                priority: 0,
+                device: "bed-\"7\"".into(),
+                topic: "devices/bed-7/alarms,\"payload\":".into(),
+                qos: Qos::AtLeastOnce,
+                retain: false,
+                received_at: Timestamp(1_700_000_000_000_000),
+                content_type: None,
+                user_properties: vec![("k".into(), "v".into())],
+                payload: bytes::Bytes::copy_from_slice(payload),
+            },
+            uuid::Uuid::now_v7(),
+            9,
+        )
+    }
+
+    #[test]
+    fn json_payloads_go_inline_verbatim() {
+        let e = event(b" {\"hr\": 72 ,\"spo2\":[97]}\n");
+        let env = encode(&e);
+        let v: serde_json::Value = serde_json::from_slice(&env).unwrap();
+        assert_eq!(v["payload_encoding"], "json");
+        assert_eq!(v["payload"]["hr"], 72);
+        assert_eq!(v["seq"], 9);
+        assert_eq!(v["device"], "bed-\"7\"");
+        let r = verify(&env).unwrap();
+        assert_eq!(r.payload, e.payload.to_vec());
+        assert_eq!(r.id, e.id.to_string());
+    }
+
+    #[test]
+    fn other_payloads_go_base64_and_tampering_is_caught() {
+        for p in [&b"\xff\x00binary"[..], b"", b"not json", b"{\"a\":1} trailing"] {
+            let env = encode(&event(p));
+            let v: serde_json::Value = serde_json::from_slice(&env).unwrap();
+            assert_eq!(v["payload_encoding"], "base64", "{p:?}");
+            assert_eq!(verify(&env).unwrap().payload, p);
+        }
+        let env = String::from_utf8(encode(&event(b"{\"hr\":72}"))).unwrap();
+        let forged = env.replace("72", "73");
+        assert!(matches!(
+            verify(forged.as_bytes()),
+            Err(EnvelopeError::Digest { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn any_payload_round_trips(p in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let env = encode(&event(&p));
+            prop_assert_eq!(verify(&env).unwrap().payload, p);
+        }
+
+        #[test]
+        fn any_json_round_trips(s in "[ \\[\\]{}:,\"a-z0-9.-]{0,60}") {
+            let env = encode(&event(s.as_bytes()));
+            prop_assert_eq!(verify(&env).unwrap().payload, s.as_bytes());
+        }
+    }
+}
