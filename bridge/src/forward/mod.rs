@@ -234,9 +234,7 @@ impl Driver {
                      priority {}; last error: {explained}",
                     self.config.max_head_failures, head.priority
                 );
-                if let Err(e) = self.dead_letter(head, reason).await {
-                    return Err(e);
-                }
+                self.dead_letter(head, reason).await?;
             }
             if progressed {
                 backoff.reset();
