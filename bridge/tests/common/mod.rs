@@ -86,4 +86,5 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, [u8; 32])> {
     out.sort();
     out
 }
+pub mod cloud;
 pub mod gate;
