@@ -203,3 +203,250 @@ async fn delivers_everything_in_priority_order_mqtt5() {
 async fn delivers_everything_in_priority_order_mqtt311() {
     deliver_in_priority_order(Protocol::V311).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_killed_and_restarted_mid_stream_loses_nothing() {
+    let mut rig = Rig::new().await;
+    let proxy = Proxy::start(&rig.pki, rig.cloud().v5).await;
+    let mut config = rig.config(Protocol::V5);
+    config.port = proxy.addr.port();
+    let window = 32;
+    config.window = window;
+    let fwd = Forwarder::start(config, rig.store.clone()).unwrap();
+    let faults = 3;
+    let mut sent = Vec::new();
+    for round in 0..faults {
+        sent.extend(append(&rig.store, 400, round * 500).await);
+        let target = rig.arrivals.lock().unwrap().unique() + 100;
+        c::eventually(LONG, "a part of the round to arrive", || {
+            rig.arrivals.lock().unwrap().unique() >= target
+        })
+        .await;
+        // Mid-stream: kill the cloud; Vigil keeps storing meanwhile.
+        proxy.set(|p| p.refuse = true);
+        rig.restart_cloud().await;
+        sent.extend(append(&rig.store, 100, round * 500 + 400).await);
+        let v5 = rig.cloud().v5;
+        proxy.set(|p| {
+            p.upstream = Some(v5);
+            p.refuse = false;
+        });
+    }
+    drained(&rig.store).await;
+    let acked = proxy.control.lock().unwrap().acked.clone();
+    let a = rig.arrivals.lock().unwrap();
+    // A message the killed broker acknowledged but died before passing on is
+    // the broker's loss, not Vigil's: the proxy saw its PUBACK reach Vigil.
+    check_delivery(&sent, &a, &acked);
+    let lost_by_broker = sent
+        .iter()
+        .filter(|(id, _)| !a.count.contains_key(id))
+        .count();
+    assert!(lost_by_broker <= usize::from(window) * faults);
+    assert!(
+        a.duplicates() <= usize::from(window) * faults,
+        "{} duplicates for {faults} faults with a window of {window}",
+        a.duplicates()
+    );
+    eprintln!(
+        "{} sent, {} unique at the subscriber, {} duplicates, {} acknowledged by a broker \
+         that was then killed",
+        sent.len(),
+        a.unique(),
+        a.duplicates(),
+        lost_by_broker
+    );
+    drop(a);
+    fwd.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withheld_pubacks_keep_the_cursor_and_messages_are_resent() {
+    let rig = Rig::new().await;
+    let proxy = Proxy::start(&rig.pki, rig.cloud().v5).await;
+    proxy.set(|p| p.drop_pubacks = true);
+    let mut config = rig.config(Protocol::V5);
+    config.port = proxy.addr.port();
+    config.ack_timeout = Duration::from_secs(2);
+    let sent = append(&rig.store, 50, 0).await;
+    let before = rig.store.stats();
+    let fwd = Forwarder::start(config, rig.store.clone()).unwrap();
+    c::eventually(LONG, "the cloud to receive everything", || {
+        rig.arrivals.lock().unwrap().unique() == sent.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = rig.store.stats();
+    assert_eq!(during.queued(), 50, "nothing acknowledged, nothing deleted");
+    for (b, d) in before.lanes.iter().zip(&during.lanes) {
+        assert_eq!(b.cursor, d.cursor, "a cursor moved without a PUBACK");
+    }
+    proxy.set(|p| p.drop_pubacks = false);
+    drained(&rig.store).await;
+    let a = rig.arrivals.lock().unwrap();
+    check_delivery(&sent, &a, &[]);
+    assert!(
+        a.count.values().all(|n| *n >= 2),
+        "every message was sent again after the reconnect"
+    );
+    drop(a);
+    assert!(fwd.counters().failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    fwd.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_refused_messages_go_to_dead_letter_and_the_rest_flow() {
+    let rig = Rig::new().await;
+    let proxy = Proxy::start(&rig.pki, rig.cloud().v5).await;
+    proxy.set(|p| p.refuse_topic = Some("forbidden".into()));
+    let mut config = rig.config(Protocol::V5);
+    config.port = proxy.addr.port();
+    config.max_packet_size = 4096;
+    // All in lane 1, so the two bad ones sit in front of the good ones.
+    let mut ids = Vec::new();
+    for (topic, size) in [
+        ("devices/bed-1/p1", 10),
+        ("devices/bed-1/p1", 8000),
+        ("devices/bed-1/forbidden", 10),
+        ("devices/bed-1/p1", 10),
+    ] {
+        let mut m = message(1, 0);
+        m.topic = topic.into();
+        m.payload = Bytes::from(vec![b'a'; size]);
+        ids.push(rig.store.append(m).await.unwrap().id.to_string());
+    }
+    let fwd = Forwarder::start(config, rig.store.clone()).unwrap();
+    drained(&rig.store).await;
+    c::eventually(LONG, "the good messages", || {
+        let a = rig.arrivals.lock().unwrap();
+        a.count.contains_key(&ids[0]) && a.count.contains_key(&ids[3])
+    })
+    .await;
+    let dead = rig.store.dead_letters(None, 10).await.unwrap();
+    let reasons: HashMap<String, String> = dead
+        .iter()
+        .map(|d| (d.body.event.id.to_string(), d.body.reason.clone()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[&ids[1]].contains("too large"), "{reasons:?}");
+    assert!(reasons[&ids[2]].contains("0x87"), "{reasons:?}");
+    assert_eq!(
+        fwd.counters()
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    fwd.stop().await.unwrap();
+}
+
+/// Starts a forwarder that cannot connect, waits for the explanation, checks
+/// the messages are still buffered, and stops it.
+async fn fails_with(rig: &Rig, config: ForwardConfig, needle: &str) -> Forwarder {
+    let fwd = Forwarder::start(config, rig.store.clone()).unwrap();
+    let mut err = fwd.last_error();
+    let got = tokio::time::timeout(
+        Duration::from_secs(20),
+        err.wait_for(|e| e.as_deref().is_some_and(|e| e.contains(needle))),
+    )
+    .await
+    .map(|_| ());
+    let last = fwd.last_error().borrow().clone();
+    assert!(got.is_ok(), "expected an error containing {needle:?}, last: {last:?}");
+    assert_eq!(*fwd.link_state().borrow(), LinkState::Offline);
+    eprintln!("explained: {}", last.unwrap_or_default());
+    fwd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_failures_are_explained_while_vigil_keeps_buffering() {
+    let rig = Rig::new().await;
+    let mut sent = append(&rig.store, 20, 0).await;
+    let good = rig.config(Protocol::V5);
+
+    // Wrong CA: fixed in place, picked up without a restart.
+    let other = common::gate::Pki::new();
+    let mut wrong_ca = good.clone();
+    wrong_ca.tls.ca = other.path("ca.pem");
+    let fwd = fails_with(&rig, wrong_ca, "not signed by a CA in forward.tls.ca").await;
+    sent.extend(append(&rig.store, 5, 20).await);
+    assert_eq!(rig.store.stats().queued(), 25, "still buffering");
+    std::fs::copy(rig.pki.path("ca.pem"), other.path("ca.pem")).unwrap();
+    drained(&rig.store).await;
+    fwd.stop().await.unwrap();
+
+    // Hostname mismatch.
+    sent.extend(append(&rig.store, 5, 25).await);
+    let mut mismatch = good.clone();
+    mismatch.tls.server_name = Some("cloud.example.org".into());
+    fails_with(&rig, mismatch, "not valid for the name")
+        .await
+        .stop()
+        .await
+        .unwrap();
+
+    // No client certificate.
+    let mut anonymous = good.clone();
+    anonymous.tls.cert = None;
+    anonymous.tls.key = None;
+    fails_with(&rig, anonymous, "requires a client certificate")
+        .await
+        .stop()
+        .await
+        .unwrap();
+
+    // Vigil's own certificate expired.
+    let (cert, key) = rig.pki.expired_leaf("vigil", false);
+    std::fs::write(rig.pki.path("old.pem"), cert).unwrap();
+    common::gate::write_private(&rig.pki.path("old.key"), &key);
+    let mut expired = good.clone();
+    expired.tls.cert = Some(rig.pki.path("old.pem"));
+    expired.tls.key = Some(rig.pki.path("old.key"));
+    fails_with(&rig, expired, "client certificate expired")
+        .await
+        .stop()
+        .await
+        .unwrap();
+
+    // The cloud's certificate expired.
+    let stale_dir = c::cloud_dir(&rig.pki, "stale-cloud");
+    let (cert, key) = rig.pki.expired_leaf("127.0.0.1", true);
+    std::fs::write(stale_dir.join("server.pem"), cert).unwrap();
+    common::gate::write_private(&stale_dir.join("server.key"), &key);
+    let stale = Cloud::start(&stale_dir);
+    let mut stale_config = good.clone();
+    stale_config.port = stale.v5.port();
+    fails_with(&rig, stale_config, "the cloud's certificate has expired")
+        .await
+        .stop()
+        .await
+        .unwrap();
+
+    // A key file others can read is refused.
+    let mut open_key = good.clone();
+    std::fs::copy(rig.pki.path("vigil.key"), rig.pki.path("open.key")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(
+            rig.pki.path("open.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+    }
+    open_key.tls.key = Some(rig.pki.path("open.key"));
+    fails_with(&rig, open_key, "chmod 600")
+        .await
+        .stop()
+        .await
+        .unwrap();
+
+    assert_eq!(rig.store.stats().queued(), 5, "nothing lost while failing");
+    // Configuration fixed: everything goes.
+    let fwd = Forwarder::start(good, rig.store.clone()).unwrap();
+    drained(&rig.store).await;
+    c::eventually(LONG, "all at the subscriber", || {
+        rig.arrivals.lock().unwrap().unique() == sent.len()
+    })
+    .await;
+    check_delivery(&sent, &rig.arrivals.lock().unwrap(), &[]);
+    fwd.stop().await.unwrap();
+}

@@ -334,6 +334,8 @@ impl Driver {
                     connected = true;
                     last_progress = Instant::now();
                     self.session.connected(receive_max);
+                    // Every lane is read again from its cursor.
+                    self.exhausted.fill(None);
                     let configured = self.config.max_packet_size;
                     self.max_packet =
                         max_packet_size.map_or(configured, |m| m.min(configured)) as usize;

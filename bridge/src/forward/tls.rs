@@ -154,6 +154,11 @@ pub fn explain(detail: &str, debug: &str) -> String {
             "the cloud's certificate is not signed by a CA in forward.tls.ca (wrong CA bundle?)",
         ),
         (
+            "BadSignature",
+            "the cloud's certificate is not signed by a CA in forward.tls.ca (a CA of the same \
+             name but another key: wrong CA bundle?)",
+        ),
+        (
             "NotValidForName",
             "the cloud's certificate is not valid for the name Vigil connects to \
              (forward.host, or forward.tls.server_name)",

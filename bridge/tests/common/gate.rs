@@ -249,6 +249,23 @@ impl Pki {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// Like [`Pki::leaf`], but valid only in 2020: long expired.
+    pub fn expired_leaf(&self, name: &str, server: bool) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.use_authority_key_identifier_extension = true;
+        p.extended_key_usages.push(if server {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        });
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2020, 12, 31);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A rustls client config trusting this CA, with an optional client
     /// certificate `(cert, key)`.
     pub fn client(&self, cert: Option<(String, String)>) -> Arc<rustls::ClientConfig> {
