@@ -290,18 +290,22 @@ impl Driver {
                     LinkState::Syncing
                 })?;
             }
-            let idle = connected && self.session.in_flight() == 0;
+            let hungry = connected && self.wants_more();
             let waiting = connected && self.session.in_flight() > 0;
             let deadline = last_progress + self.config.ack_timeout;
-            // poll() is only raced against rare branches: shutdown, the
-            // append signal while nothing is in flight (the event loop is
-            // then only waiting on the socket or its keep-alive timer), and
-            // the ack timeout, after which this event loop is dropped.
+            // poll() is raced against shutdown, the ack timeout (after both
+            // this event loop is dropped) and the append signal while the
+            // window has room. rumqttc keeps its state across a cancelled
+            // poll (events queued in `state.events`, bytes in the framed
+            // buffer); the one cost is a publish left unflushed if the
+            // cancel lands mid-flush, and the wake-up is always followed by
+            // new publishes whose flush sends it (keep-alive and the ack
+            // timeout are the backstops). `notes/libraries.md` 2.5.
             let happened = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(Ended::Shutdown),
                 r = events.poll() => r,
-                _ = self.appends.changed(), if idle => continue,
+                _ = self.appends.changed(), if hungry => continue,
                 _ = tokio::time::sleep_until(deadline), if waiting => {
                     return Ok(Ended::Failed {
                         failure: Failure {
@@ -386,12 +390,17 @@ impl Driver {
         self.session.in_flight() == 0 && self.exhausted.iter().all(|e| *e == Some(current))
     }
 
+    /// Whether the window has room for a refill: it is empty, or half of it
+    /// is free (refilling in batches keeps the store from being read once
+    /// per PUBACK).
+    fn wants_more(&self) -> bool {
+        self.session.in_flight() == 0 || self.session.room() >= (self.session.window() / 2).max(1)
+    }
+
     /// Hands stored messages to the client, highest priority first, while the
-    /// window has room. Refills in batches (when half the window is free, or
-    /// when it is empty), so the store is not read once per PUBACK.
+    /// window has room.
     async fn fill(&mut self, publisher: &Publisher) -> Result<(), ForwardError> {
-        let window = self.session.window();
-        if self.session.in_flight() > 0 && self.session.room() < (window / 2).max(1) {
+        if !self.wants_more() {
             return Ok(());
         }
         for lane in 0..self.lanes {

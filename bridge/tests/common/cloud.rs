@@ -38,6 +38,17 @@ pub fn cloud_pki() -> Pki {
 /// server.key), writes `ports` ("v4 v5") and serves until stdin closes.
 /// Called in the child process.
 pub fn serve_cloud(dir: &Path) {
+    let (v4, v5) = start_broker(dir);
+    std::fs::write(dir.join("ports.tmp"), format!("{} {}", v4.port(), v5.port())).unwrap();
+    std::fs::rename(dir.join("ports.tmp"), dir.join("ports")).unwrap();
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    std::process::exit(0);
+}
+
+/// Starts rumqttd (MQTT 3.1.1 and 5 listeners, mutual TLS with the files in
+/// `dir`) on a thread of its own, and returns once both accept connections.
+pub fn start_broker(dir: &Path) -> (SocketAddr, SocketAddr) {
     let v4 = free_port();
     let v5 = free_port();
     let tls = rumqttd::TlsConfig::Rustls {
@@ -84,11 +95,10 @@ pub fn serve_cloud(dir: &Path) {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    std::fs::write(dir.join("ports.tmp"), format!("{v4} {v5}")).unwrap();
-    std::fs::rename(dir.join("ports.tmp"), dir.join("ports")).unwrap();
-    let mut sink = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-    std::process::exit(0);
+    (
+        SocketAddr::from(([127, 0, 0, 1], v4)),
+        SocketAddr::from(([127, 0, 0, 1], v5)),
+    )
 }
 
 fn free_port() -> u16 {
