@@ -21,7 +21,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::collections::VecDeque;
@@ -97,10 +96,10 @@ async fn drain(pki: &common::gate::Pki, cloud: std::net::SocketAddr, n: usize) -
     let mut pending = VecDeque::new();
     for i in 0..n {
         pending.push_back(store.submit(ingest(i)).await?);
-        if pending.len() >= 4096 {
-            if let Some(p) = pending.pop_front() {
-                p.committed().await?;
-            }
+        if pending.len() >= 4096
+            && let Some(p) = pending.pop_front()
+        {
+            p.committed().await?;
         }
     }
     for p in pending {
@@ -141,7 +140,9 @@ async fn drain(pki: &common::gate::Pki, cloud: std::net::SocketAddr, n: usize) -
          {:.0} msg/s; {} publishes, {} connection failures",
         took.as_secs_f64(),
         n as f64 / took.as_secs_f64(),
-        counters.published.load(std::sync::atomic::Ordering::Relaxed),
+        counters
+            .published
+            .load(std::sync::atomic::Ordering::Relaxed),
         counters.failures.load(std::sync::atomic::Ordering::Relaxed),
     );
     fwd.stop().await?;
@@ -149,7 +150,11 @@ async fn drain(pki: &common::gate::Pki, cloud: std::net::SocketAddr, n: usize) -
     Ok(())
 }
 
-async fn latency(pki: &common::gate::Pki, v4: std::net::SocketAddr, v5: std::net::SocketAddr) -> Result<()> {
+async fn latency(
+    pki: &common::gate::Pki,
+    v4: std::net::SocketAddr,
+    v5: std::net::SocketAddr,
+) -> Result<()> {
     let dir = bench_dir()?;
     let store = common::open(&dir.path().join("store"));
     let gate = Gate::start(common::gate::config(), store.clone()).await?;
@@ -178,14 +183,14 @@ async fn latency(pki: &common::gate::Pki, v4: std::net::SocketAddr, v5: std::net
                 }
                 rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
                     let now = now_micros();
-                    if let Ok(r) = vigil::forward::envelope::verify(&p.payload) {
-                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.payload) {
-                            if let Some(t) = v["t"].as_u64() {
-                                sink.lock()
-                                    .unwrap()
-                                    .push(Duration::from_micros(now.saturating_sub(t)));
-                            }
-                        }
+                    let sent = vigil::forward::envelope::verify(&p.payload)
+                        .ok()
+                        .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).ok())
+                        .and_then(|v| v["t"].as_u64());
+                    if let Some(t) = sent {
+                        sink.lock()
+                            .unwrap()
+                            .push(Duration::from_micros(now.saturating_sub(t)));
                     }
                 }
                 _ => {}
@@ -206,8 +211,13 @@ async fn latency(pki: &common::gate::Pki, v4: std::net::SocketAddr, v5: std::net
     for i in 0..n {
         tick.tick().await;
         let payload = format!("{{\"t\":{},\"i\":{i}}}", now_micros());
-        dev.publish("devices/bed-latency/vitals/hr", rumqttc::QoS::AtLeastOnce, false, payload)
-            .await?;
+        dev.publish(
+            "devices/bed-latency/vitals/hr",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .await?;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while (samples.lock().unwrap().len() as u64) < n {

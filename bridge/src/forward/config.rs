@@ -158,9 +158,7 @@ impl ForwardConfig {
             p.push("forward.ack_timeout must be above 0, e.g. 30s".into());
         }
         if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
-            p.push(
-                "forward.backoff_min must be above 0 and at most forward.backoff_max".into(),
-            );
+            p.push("forward.backoff_min must be above 0 and at most forward.backoff_max".into());
         }
         if self.max_head_failures == 0 {
             p.push("forward.max_head_failures must be at least 1".into());

@@ -225,7 +225,12 @@ mod tests {
 
     #[test]
     fn other_payloads_go_base64_and_tampering_is_caught() {
-        for p in [&b"\xff\x00binary"[..], b"", b"not json", b"{\"a\":1} trailing"] {
+        for p in [
+            &b"\xff\x00binary"[..],
+            b"",
+            b"not json",
+            b"{\"a\":1} trailing",
+        ] {
             let env = encode(&event(p));
             let v: serde_json::Value = serde_json::from_slice(&env).unwrap();
             assert_eq!(v["payload_encoding"], "base64", "{p:?}");

@@ -546,7 +546,8 @@ impl Backoff {
             Ok(()) => u32::from_le_bytes(bytes) as f64 / u32::MAX as f64,
             Err(_) => 0.5,
         };
-        base.mul_f64(1.0 + 0.25 * jitter).min(self.max.mul_f64(1.25))
+        base.mul_f64(1.0 + 0.25 * jitter)
+            .min(self.max.mul_f64(1.25))
     }
 }
 

@@ -41,15 +41,13 @@ pub fn client_config(tls: &UplinkTls, host: &str) -> Result<Arc<rustls::ClientCo
             let chain = load_certs(cert, "forward.tls.cert")?;
             check_validity(&chain, cert)?;
             let key_der = load_key(key, "forward.tls.key")?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| {
-                    PemError::new(
-                        "forward.tls.key",
-                        key,
-                        format!("the key does not fit the certificate in forward.tls.cert: {e}"),
-                    )
-                })?
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                PemError::new(
+                    "forward.tls.key",
+                    key,
+                    format!("the key does not fit the certificate in forward.tls.cert: {e}"),
+                )
+            })?
         }
         _ => builder.with_no_client_auth(),
     };

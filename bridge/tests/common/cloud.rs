@@ -39,7 +39,11 @@ pub fn cloud_pki() -> Pki {
 /// Called in the child process.
 pub fn serve_cloud(dir: &Path) {
     let (v4, v5) = start_broker(dir);
-    std::fs::write(dir.join("ports.tmp"), format!("{} {}", v4.port(), v5.port())).unwrap();
+    std::fs::write(
+        dir.join("ports.tmp"),
+        format!("{} {}", v4.port(), v5.port()),
+    )
+    .unwrap();
     std::fs::rename(dir.join("ports.tmp"), dir.join("ports")).unwrap();
     let mut sink = Vec::new();
     let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
@@ -79,8 +83,14 @@ pub fn start_broker(dir: &Path) -> (SocketAddr, SocketAddr) {
             max_segment_count: 20,
             ..Default::default()
         },
-        v4: Some(HashMap::from([("cloud-v4".to_string(), server("cloud-v4", v4))])),
-        v5: Some(HashMap::from([("cloud-v5".to_string(), server("cloud-v5", v5))])),
+        v4: Some(HashMap::from([(
+            "cloud-v4".to_string(),
+            server("cloud-v4", v4),
+        )])),
+        v5: Some(HashMap::from([(
+            "cloud-v5".to_string(),
+            server("cloud-v5", v5),
+        )])),
         ..Default::default()
     };
     std::thread::spawn(move || {
@@ -357,10 +367,16 @@ impl Proxy {
                 let token = conns.lock().unwrap().clone();
                 let (acceptor, connector, ctl) = (acceptor.clone(), connector.clone(), ctl.clone());
                 tokio::spawn(async move {
-                    let Ok(down) = acceptor.accept(tcp).await else { return };
-                    let Ok(up_tcp) = TcpStream::connect(upstream).await else { return };
+                    let Ok(down) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(up_tcp) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-                    let Ok(up) = connector.connect(name, up_tcp).await else { return };
+                    let Ok(up) = connector.connect(name, up_tcp).await else {
+                        return;
+                    };
                     let (dr, dw) = tokio::io::split(down);
                     let (ur, uw) = tokio::io::split(up);
                     let dw = Arc::new(tokio::sync::Mutex::new(dw));
@@ -503,7 +519,9 @@ async fn pump_up<R, W, D>(
                             c.published.push((id.clone(), prio));
                             pkids.lock().unwrap().insert(pkid, id);
                         }
-                        c.refuse_topic.as_ref().is_some_and(|m| topic.contains(m.as_str()))
+                        c.refuse_topic
+                            .as_ref()
+                            .is_some_and(|m| topic.contains(m.as_str()))
                     };
                     if refuse {
                         // PUBACK, pkid, reason 0x87, no properties.
@@ -519,8 +537,7 @@ async fn pump_up<R, W, D>(
             }
             _ => {}
         }
-        if up.write_all(&encode_packet(first, &body)).await.is_err() || up.flush().await.is_err()
-        {
+        if up.write_all(&encode_packet(first, &body)).await.is_err() || up.flush().await.is_err() {
             return;
         }
     }
