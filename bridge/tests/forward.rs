@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::cloud::{self as c, Arrivals, Cloud, Proxy, Subscriber};
-use vigil::event::{Ingest, Kind, Qos, Timestamp};
+use vigil::event::Ingest;
 use vigil::forward::Forwarder;
 use vigil::forward::config::{ForwardConfig, Protocol};
 use vigil::state::LinkState;
@@ -31,27 +31,15 @@ fn child_cloud() {
 
 /// One message per lane topic; even ones carry JSON, odd ones binary.
 fn message(priority: u8, i: usize) -> Ingest {
-    let payload = if i.is_multiple_of(2) {
+    let mut m = common::ingest("bed-1", priority, 0);
+    m.topic = format!("devices/bed-1/p{priority}");
+    m.user_properties.clear();
+    m.payload = if i.is_multiple_of(2) {
         Bytes::from(format!("{{\"i\":{i},\"hr\":72}}"))
     } else {
         Bytes::from(vec![0xff, (i % 251) as u8, 0, b'x'])
     };
-    Ingest {
-        kind: if priority == 0 {
-            Kind::Alert
-        } else {
-            Kind::Measurement
-        },
-        priority,
-        device: "bed-1".into(),
-        topic: format!("devices/bed-1/p{priority}"),
-        qos: Qos::AtLeastOnce,
-        retain: false,
-        received_at: Timestamp::now(),
-        content_type: None,
-        user_properties: Vec::new(),
-        payload,
-    }
+    m
 }
 
 /// Appends `n` messages spread over lanes 0..3; returns (id, priority) in

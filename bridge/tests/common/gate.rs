@@ -236,21 +236,23 @@ impl Pki {
 
     /// A certificate (PEM) and key (PKCS#8 PEM) with CN `name`.
     pub fn leaf(&self, name: &str, server: bool) -> (String, String) {
-        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
-        p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        p.use_authority_key_identifier_extension = true;
-        p.extended_key_usages.push(if server {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        });
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
+        self.leaf_with(name, server, |_| {})
     }
 
     /// Like [`Pki::leaf`], but valid only in 2020: long expired.
     pub fn expired_leaf(&self, name: &str, server: bool) -> (String, String) {
+        self.leaf_with(name, server, |p| {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2020, 12, 31);
+        })
+    }
+
+    fn leaf_with(
+        &self,
+        name: &str,
+        server: bool,
+        tweak: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> (String, String) {
         let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
         p.distinguished_name.push(rcgen::DnType::CommonName, name);
         p.use_authority_key_identifier_extension = true;
@@ -259,8 +261,7 @@ impl Pki {
         } else {
             rcgen::ExtendedKeyUsagePurpose::ClientAuth
         });
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2020, 12, 31);
+        tweak(&mut p);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
