@@ -33,6 +33,7 @@
 //! `DESIGN.md` section 1.
 
 pub mod cli;
+pub mod config;
 pub mod crypto;
 pub mod event;
 pub mod forward;
