@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::{CONFIG_ENV, VigilConfig};
 use crate::crypto::{KeySource, MasterKey};
 use crate::event::{Ingest, Kind, Qos, Timestamp};
 use crate::store::{Store, StoreOptions, StoreStats};
@@ -58,6 +59,18 @@ pub enum Command {
         #[arg(long)]
         events: bool,
     },
+    /// The daemon: gate, store and forwarder, until SIGTERM or Ctrl-C.
+    Run {
+        /// Configuration file (default: $VIGIL_CONFIG, else built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Loads the configuration as `run` would and reports every problem.
+    CheckConfig {
+        /// Configuration file (default: $VIGIL_CONFIG, else built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Reads a device password from standard input (one line) and prints the
     /// Argon2id hash to put in `gate.auth.users` as `password_hash`.
     HashPassword,
@@ -87,6 +100,22 @@ pub fn main() -> ExitCode {
                 events,
             } => inspect(dir, key_file, priorities, events).await,
             Command::HashPassword => hash_password(),
+            Command::Run { config } => run(config).await,
+            Command::CheckConfig { config } => check_config(config).map(|c| {
+                println!(
+                    "configuration OK: devices on {}, cloud {}:{} ({}), store in {}",
+                    c.gate
+                        .tcp_listen
+                        .map_or("TLS only".to_string(), |a| a.to_string()),
+                    c.forward.host,
+                    c.forward.port,
+                    match c.forward.protocol {
+                        crate::forward::config::Protocol::V311 => "MQTT 3.1.1",
+                        crate::forward::config::Protocol::V5 => "MQTT 5",
+                    },
+                    c.store.dir.display()
+                );
+            }),
         }
     });
     match result {
@@ -96,6 +125,25 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Loads the configuration from `--config`, else `VIGIL_CONFIG`, else the
+/// built-in defaults, with `VIGIL__*` environment overrides.
+fn check_config(path: Option<PathBuf>) -> anyhow::Result<VigilConfig> {
+    let path = path.or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from));
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    Ok(VigilConfig::load(path.as_deref(), &env)?)
+}
+
+async fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = check_config(path)?;
+    let source = KeySource::Configured {
+        key_file: config.store.key_file.clone(),
+    };
+    let (key, origin) = MasterKey::load(&source, |k| std::env::var(k).ok())?;
+    tracing::info!(key = %origin, "storage key loaded");
+    crate::daemon::run(config, key, crate::daemon::stop_signal()).await?;
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -173,8 +173,7 @@ impl VigilConfig {
         };
         let mut builder = config::Config::builder();
         if let Some(path) = file {
-            builder =
-                builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
@@ -182,7 +181,9 @@ impl VigilConfig {
                 .separator("__")
                 .source(Some(overrides.clone())),
         );
-        let merged = builder.build().map_err(|e| ConfigError(vec![e.to_string()]))?;
+        let merged = builder
+            .build()
+            .map_err(|e| ConfigError(vec![e.to_string()]))?;
         let sources = Sources {
             file: file_only,
             env: overrides,
@@ -190,7 +191,10 @@ impl VigilConfig {
 
         // Unknown sections.
         let known = ["store", "gate", "forward", "run"];
-        if let Ok(table) = merged.clone().try_deserialize::<HashMap<String, config::Value>>() {
+        if let Ok(table) = merged
+            .clone()
+            .try_deserialize::<HashMap<String, config::Value>>()
+        {
             let mut unknown: Vec<_> = table
                 .keys()
                 .filter(|k| !known.contains(&k.as_str()))
@@ -265,7 +269,9 @@ impl VigilConfig {
         }
         let g = &self.gate;
         if g.tcp_listen.is_none() && g.tls.is_none() {
-            p.push("gate.tcp_listen is off and gate.tls is not set: no device could connect".into());
+            p.push(
+                "gate.tcp_listen is off and gate.tls is not set: no device could connect".into(),
+            );
         }
         if g.max_connections == 0 || g.max_inflight == 0 {
             p.push("gate.max_connections and gate.max_inflight must be at least 1".into());
@@ -319,7 +325,10 @@ mod tests {
         assert_eq!(c.forward.window, 8);
         assert_eq!(c.forward.ack_timeout, Duration::from_secs(5));
         assert_eq!(c.store, StoreConfig::default());
-        assert_eq!(VigilConfig::load(None, &env(&[])).unwrap(), VigilConfig::default());
+        assert_eq!(
+            VigilConfig::load(None, &env(&[])).unwrap(),
+            VigilConfig::default()
+        );
     }
 
     #[test]
@@ -334,7 +343,10 @@ mod tests {
         .unwrap();
         let err = VigilConfig::load(
             Some(&path),
-            &env(&[("VIGIL__FORWARD__HOST", ""), ("VIGIL__RUN__SHUTDOWN_TIMEOUT", "soon")]),
+            &env(&[
+                ("VIGIL__FORWARD__HOST", ""),
+                ("VIGIL__RUN__SHUTDOWN_TIMEOUT", "soon"),
+            ]),
         )
         .unwrap_err();
         let text = err.to_string();

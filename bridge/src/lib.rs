@@ -27,6 +27,9 @@
 //! * [`pem`]: certificate and key files for both TLS ends.
 //! * [`state`]: the cloud link state (`offline`, `syncing`, `online`) and its
 //!   legal transitions.
+//! * [`config`]: `vigil.toml` and `VIGIL__*` overrides, checked as a whole.
+//! * [`daemon`]: `vigil run`: store, gate and forwarder together, and the
+//!   graceful stop.
 //! * [`cli`]: the `vigil` command.
 //!
 //! The delivery contract these modules keep is in the README and in
@@ -35,6 +38,7 @@
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod daemon;
 pub mod event;
 pub mod forward;
 pub mod gate;

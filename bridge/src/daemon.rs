@@ -1,0 +1,133 @@
+//! `vigil run`: the bridge as a daemon. Opens the store, starts the gate and
+//! the forwarder, and on a stop signal shuts down in data-flow order within
+//! `run.shutdown_timeout`: stop taking devices (each pending commit completes
+//! or fails its device's PUBACK), stop the cloud session (acknowledged
+//! messages are deleted first), then close the store (fsync). Anything
+//! unacknowledged simply stays stored for the next start.
+
+use std::future::Future;
+
+use crate::config::VigilConfig;
+use crate::crypto::MasterKey;
+use crate::forward::{ForwardError, Forwarder};
+use crate::gate::{Gate, GateError};
+use crate::store::{Store, StoreError};
+
+/// Why the daemon could not start or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The store could not be opened or closed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The gate could not start (listener address, TLS files, rules, ...).
+    #[error("gate: {0}")]
+    Gate(#[from] GateError),
+    /// The forwarder could not start or failed.
+    #[error("forward: {0}")]
+    Forward(#[from] ForwardError),
+    /// The store failed to persist: Vigil stops rather than acknowledge what
+    /// it cannot keep. A restart recovers everything acknowledged.
+    #[error("the store failed and Vigil stopped: {0}")]
+    StoreFailed(String),
+    /// The graceful stop took longer than `run.shutdown_timeout`.
+    #[error(
+        "the graceful stop took longer than run.shutdown_timeout ({0:?}); unacknowledged \
+         messages stay stored"
+    )]
+    ShutdownTimeout(std::time::Duration),
+}
+
+/// Runs until `stop` completes (or the store or forwarder fails), then shuts
+/// down gracefully.
+pub async fn run(
+    config: VigilConfig,
+    key: MasterKey,
+    stop: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let options = config.store.options();
+    let store = tokio::task::spawn_blocking(move || Store::open(options, &key))
+        .await
+        .map_err(|e| StoreError::Persist(format!("the store open task failed: {e}")))??;
+    let mut fatal = store.fatal();
+    let gate = match Gate::start(config.gate.clone(), store.clone()).await {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = store.close().await;
+            return Err(e.into());
+        }
+    };
+    let forwarder = match Forwarder::start(config.forward.clone(), store.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            gate.shutdown().await;
+            let _ = store.close().await;
+            return Err(e.into());
+        }
+    };
+    tracing::info!(
+        devices_tcp = ?gate.tcp_addr(),
+        devices_tls = ?gate.tls_addr(),
+        cloud = %format!("{}:{}", config.forward.host, config.forward.port),
+        store = %config.store.dir.display(),
+        queued = store.stats().queued(),
+        "vigil running"
+    );
+    let mut link = forwarder.link_state();
+    let outcome = {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break Ok(()),
+                changed = fatal.changed() => {
+                    let reason = fatal.borrow().clone();
+                    match (changed, reason) {
+                        (Ok(()), Some(reason)) => break Err(DaemonError::StoreFailed(reason)),
+                        (Ok(()), None) => {}
+                        (Err(_), _) => break Err(DaemonError::StoreFailed("the store stopped".into())),
+                    }
+                }
+                changed = link.changed() => {
+                    if changed.is_err() || forwarder.is_finished() {
+                        break Ok(());
+                    }
+                }
+            }
+        }
+    };
+    tracing::info!("stopping: devices first, then the cloud session, then the store");
+    let deadline = config.run.shutdown_timeout;
+    let graceful = async {
+        gate.shutdown().await;
+        let forwarded = forwarder.stop().await;
+        let closed = store.close().await;
+        forwarded?;
+        closed?;
+        Ok::<(), DaemonError>(())
+    };
+    let stopped = match tokio::time::timeout(deadline, graceful).await {
+        Ok(r) => r,
+        Err(_) => Err(DaemonError::ShutdownTimeout(deadline)),
+    };
+    outcome.and(stopped)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; use Ctrl-C");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received"),
+    }
+}
