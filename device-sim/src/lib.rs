@@ -1,0 +1,13 @@
+//! `vigil-sim`: how anyone proves, on their own machine, that Vigil loses
+//! nothing (issue 5, in progress).
+//!
+//! * [`pki`]: the development PKI (CA, cloud server, Vigil client, device
+//!   certificates), made with rcgen on demand and never committed.
+//! * [`ledger`]: what each side recorded: devices write what Vigil
+//!   acknowledged, the verifying cloud what arrived.
+//! * [`oracle`]: the verdict from the two ledgers (`DESIGN.md` section 4):
+//!   lost and unexpected must be 0; duplicated and reordered are reported.
+
+pub mod ledger;
+pub mod oracle;
+pub mod pki;
