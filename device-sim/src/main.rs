@@ -1,7 +1,7 @@
 //! `vigil-sim`: simulated bedside devices, a fault-injecting proxy, a verifying
 //! cloud and outage scenarios with a loss oracle (issue 5, in progress).
 //!
-//! Built so far: `vigil-sim pki` and `vigil-sim judge`. Any other command
+//! Built so far: `vigil-sim pki`, `vigil-sim cloud` and `vigil-sim judge`. Any other command
 //! exits non-zero and says it is not built yet, so nothing can mistake it for
 //! a working simulator.
 
@@ -39,7 +39,20 @@ enum Command {
         #[arg(long)]
         received: PathBuf,
     },
-    /// Not built yet: devices, proxy, cloud, scenario.
+    /// Runs the loopback cloud (rumqttd with mutual TLS) and the verifying
+    /// subscriber until Ctrl-C, writing what arrives to a ledger.
+    Cloud {
+        /// The development PKI (made there first if `ca.pem` is missing).
+        #[arg(long)]
+        pki: PathBuf,
+        /// Where the cloud's ledger goes (JSON lines).
+        #[arg(long, default_value = "received.jsonl")]
+        ledger: PathBuf,
+        /// Topic prefix Vigil forwards under.
+        #[arg(long, default_value = "vigil")]
+        prefix: String,
+    },
+    /// Not built yet: devices, proxy, scenario.
     #[command(external_subcommand)]
     Other(Vec<String>),
 }
@@ -70,6 +83,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            })
+        }
+        Command::Cloud {
+            pki,
+            ledger,
+            prefix,
+        } => {
+            let pki = if pki.join("ca.pem").exists() {
+                vigil_sim::pki::DevPki { dir: pki }
+            } else {
+                vigil_sim::pki::loopback(&pki)?
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let listeners = vigil_sim::cloud::start_broker(&pki)?;
+                let sub = vigil_sim::cloud::Subscriber::start(
+                    &pki,
+                    listeners.v4,
+                    &prefix,
+                    Some(&ledger),
+                )?;
+                if !sub.subscribed(std::time::Duration::from_secs(20)).await {
+                    anyhow::bail!("the verifying subscriber could not subscribe");
+                }
+                println!(
+                    "cloud: MQTT 3.1.1 on {}, MQTT 5 on {} (mutual TLS, CA {}); \
+                     verifying {prefix}/# into {}; Ctrl-C to stop",
+                    listeners.v4,
+                    listeners.v5,
+                    pki.path("ca.pem").display(),
+                    ledger.display()
+                );
+                tokio::signal::ctrl_c().await?;
+                let arrived = sub.arrived();
+                let bad = arrived.iter().filter(|a| !a.verified).count();
+                println!("received {} envelopes, {bad} failing verification", arrived.len());
+                Ok(ExitCode::SUCCESS)
             })
         }
         Command::Other(args) => {
