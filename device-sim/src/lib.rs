@@ -5,12 +5,15 @@
 //!   certificates), made with rcgen on demand and never committed.
 //! * [`cloud`]: the loopback cloud: rumqttd with mutual TLS and a verifying
 //!   subscriber that writes the cloud's ledger.
+//! * [`devices`]: simulated bedside monitors (vitals, ECG, alarms) that
+//!   record what Vigil acknowledged.
 //! * [`ledger`]: what each side recorded: devices write what Vigil
 //!   acknowledged, the verifying cloud what arrived.
 //! * [`oracle`]: the verdict from the two ledgers (`DESIGN.md` section 4):
 //!   lost and unexpected must be 0; duplicated and reordered are reported.
 
 pub mod cloud;
+pub mod devices;
 pub mod ledger;
 pub mod oracle;
 pub mod pki;

@@ -1,7 +1,7 @@
 //! `vigil-sim`: simulated bedside devices, a fault-injecting proxy, a verifying
 //! cloud and outage scenarios with a loss oracle (issue 5, in progress).
 //!
-//! Built so far: `vigil-sim pki`, `vigil-sim cloud` and `vigil-sim judge`. Any other command
+//! Built so far: `vigil-sim pki`, `cloud`, `devices` and `judge`. Any other command
 //! exits non-zero and says it is not built yet, so nothing can mistake it for
 //! a working simulator.
 
@@ -52,7 +52,26 @@ enum Command {
         #[arg(long, default_value = "vigil")]
         prefix: String,
     },
-    /// Not built yet: devices, proxy, scenario.
+    /// Simulated bedside monitors publishing to Vigil until Ctrl-C (or
+    /// `--seconds`), each recording what Vigil acknowledged.
+    Devices {
+        /// Vigil's device listener.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        gate: std::net::SocketAddr,
+        /// Number of monitors.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// Rate multiplier: 1 = vitals and an ECG chunk once a second each.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Stop after this many seconds (default: Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Where the devices' ledger goes (JSON lines).
+        #[arg(long, default_value = "sent.jsonl")]
+        ledger: PathBuf,
+    },
+    /// Not built yet: proxy, scenario.
     #[command(external_subcommand)]
     Other(Vec<String>),
 }
@@ -61,7 +80,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vigil-sim: {e:#}");
+            eprintln!("vigil-sim: {e}");
             ExitCode::from(2)
         }
     }
@@ -118,13 +137,59 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tokio::signal::ctrl_c().await?;
                 let arrived = sub.arrived();
                 let bad = arrived.iter().filter(|a| !a.verified).count();
-                println!("received {} envelopes, {bad} failing verification", arrived.len());
+                println!(
+                    "received {} envelopes, {bad} failing verification",
+                    arrived.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Devices {
+            gate,
+            count,
+            rate,
+            seconds,
+            ledger,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let stop = tokio_util::sync::CancellationToken::new();
+                let trigger = stop.clone();
+                tokio::spawn(async move {
+                    match seconds {
+                        Some(s) => tokio::time::sleep(std::time::Duration::from_secs(s)).await,
+                        None => {
+                            let _ = tokio::signal::ctrl_c().await;
+                        }
+                    }
+                    trigger.cancel();
+                });
+                let writer = ledger::Writer::create(&ledger)?;
+                let config = vigil_sim::devices::DevicesConfig {
+                    gate,
+                    count,
+                    rate,
+                    prefix: "bed".into(),
+                };
+                let sent = vigil_sim::devices::run(
+                    config,
+                    Some(writer),
+                    stop,
+                    std::time::Duration::from_secs(10),
+                )
+                .await?;
+                let acked = sent.iter().filter(|s| s.acked).count();
+                println!(
+                    "{} messages sent, {acked} acknowledged by Vigil; ledger in {}",
+                    sent.len(),
+                    ledger.display()
+                );
                 Ok(ExitCode::SUCCESS)
             })
         }
         Command::Other(args) => {
             eprintln!(
-                "vigil-sim {}: not built yet (devices, proxy, cloud and scenarios arrive with issue 5)",
+                "vigil-sim {}: not built yet (the proxy and scenarios arrive with issue 5)",
                 args.first().map(String::as_str).unwrap_or_default()
             );
             Ok(ExitCode::from(2))

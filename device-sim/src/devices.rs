@@ -1,0 +1,276 @@
+//! Simulated bedside monitors: each its own MQTT 3.1.1 client at QoS 1,
+//! publishing on Vigil's documented topic scheme:
+//!
+//! - `devices/<id>/vitals`: heart rate, SpO2, blood pressure, respiratory
+//!   rate and temperature as JSON, following bounded random walks, once per
+//!   tick (1 Hz at rate 1);
+//! - `devices/<id>/waveforms/ecg`: one second of a 250 Hz ECG as 500 bytes
+//!   of little-endian i16 samples (binary: it travels base64 in the envelope);
+//! - `devices/<id>/alarms/<vital>`: JSON, when a vital crosses its threshold.
+//!
+//! Every payload carries the device and its counter, so each is unique and
+//! its SHA-256 identifies it. Each device records in the ledger what it sent
+//! and whether Vigil's PUBACK came (matched through rumqttc's in-order
+//! `Outgoing::Publish(pkid)` events).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use tokio_util::sync::CancellationToken;
+use vigil::event::hex;
+
+use crate::ledger::{LedgerError, Sent, Writer};
+
+/// How the devices run.
+#[derive(Debug, Clone)]
+pub struct DevicesConfig {
+    /// Vigil's device listener (plain MQTT).
+    pub gate: SocketAddr,
+    /// Number of monitors (`bed-1` ...).
+    pub count: usize,
+    /// Ticks per second per device (1.0 = real time); each tick sends vitals
+    /// and an ECG chunk.
+    pub rate: f64,
+    /// Client id prefix.
+    pub prefix: String,
+}
+
+/// Priorities of Vigil's default topic rules, for the ledger.
+fn priority_of(kind: &str) -> u8 {
+    match kind {
+        "alarms" => 0,
+        "vitals" => 1,
+        "status" => 2,
+        _ => 3,
+    }
+}
+
+/// A small deterministic generator (xorshift64*), seeded per device.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1].
+    fn step(&mut self) -> f64 {
+        (self.next() % 2001) as f64 / 1000.0 - 1.0
+    }
+}
+
+/// One vital: value, walk step, bounds, and alarm thresholds.
+struct Vital {
+    name: &'static str,
+    value: f64,
+    step: f64,
+    bounds: (f64, f64),
+    alarm: (f64, f64),
+    alarming: bool,
+}
+
+fn vitals() -> Vec<Vital> {
+    let v = |name, value, step, bounds, alarm| Vital {
+        name,
+        value,
+        step,
+        bounds,
+        alarm,
+        alarming: false,
+    };
+    vec![
+        v("hr", 75.0, 3.0, (30.0, 200.0), (45.0, 120.0)),
+        v("spo2", 97.0, 0.6, (70.0, 100.0), (90.0, 101.0)),
+        v("bp_sys", 120.0, 3.0, (60.0, 220.0), (85.0, 170.0)),
+        v("bp_dia", 80.0, 2.0, (30.0, 140.0), (45.0, 110.0)),
+        v("rr", 16.0, 1.0, (4.0, 50.0), (8.0, 30.0)),
+        v("temp", 36.8, 0.1, (33.0, 42.0), (35.0, 38.5)),
+    ]
+}
+
+/// Runs the devices until `stop`, then waits up to `grace` for outstanding
+/// PUBACKs. Returns every message sent, acknowledged or not, and writes
+/// each to `ledger` as its outcome becomes final.
+pub async fn run(
+    config: DevicesConfig,
+    ledger: Option<Writer>,
+    stop: CancellationToken,
+    grace: Duration,
+) -> Result<Vec<Sent>, LedgerError> {
+    let ledger = Arc::new(Mutex::new((ledger, Vec::new(), None::<LedgerError>)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 1..=config.count {
+        let id = format!("{}-{n}", config.prefix);
+        tasks.spawn(device(
+            id,
+            n as u64,
+            config.clone(),
+            ledger.clone(),
+            stop.clone(),
+            grace,
+        ));
+    }
+    while tasks.join_next().await.is_some() {}
+    let mut guard = ledger.lock().map_err(|_| LedgerError::Io {
+        path: "ledger".into(),
+        source: std::io::Error::other("poisoned"),
+    })?;
+    if let Some(e) = guard.2.take() {
+        return Err(e);
+    }
+    Ok(std::mem::take(&mut guard.1))
+}
+
+type Shared = Arc<Mutex<(Option<Writer>, Vec<Sent>, Option<LedgerError>)>>;
+
+fn record(ledger: &Shared, sent: Sent) {
+    if let Ok(mut g) = ledger.lock() {
+        if let Some(w) = g.0.as_mut()
+            && let Err(e) = w.append(&sent)
+        {
+            g.2.get_or_insert(e);
+        }
+        g.1.push(sent);
+    }
+}
+
+async fn device(
+    id: String,
+    seed: u64,
+    config: DevicesConfig,
+    ledger: Shared,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let mut o = rumqttc::MqttOptions::new(&id, config.gate.ip().to_string(), config.gate.port());
+    o.set_inflight(64);
+    o.set_keep_alive(Duration::from_secs(10));
+    o.set_max_packet_size(64 * 1024, 64 * 1024);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 256);
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut vitals = vitals();
+    let mut counter = 0u64;
+    let mut handed: VecDeque<Sent> = VecDeque::new();
+    let mut by_pkid: HashMap<u16, Sent> = HashMap::new();
+    let period = Duration::from_secs_f64(1.0 / config.rate.max(0.001));
+    let mut tick = tokio::time::interval(period);
+    let mut stopping: Option<tokio::time::Instant> = None;
+    loop {
+        if let Some(until) = stopping
+            && (handed.is_empty() && by_pkid.is_empty() || tokio::time::Instant::now() > until)
+        {
+            break;
+        }
+        tokio::select! {
+            _ = stop.cancelled(), if stopping.is_none() => {
+                stopping = Some(tokio::time::Instant::now() + grace);
+            }
+            _ = tick.tick(), if stopping.is_none() => {
+                for (n, topic, payload) in readings(&id, &mut counter, &mut rng, &mut vitals) {
+                    let kind = topic.split('/').nth(2).unwrap_or_default();
+                    let sent = Sent {
+                        device: id.clone(),
+                        counter: n,
+                        priority: priority_of(kind),
+                        sha256: hex(&Sha256::digest(&payload)),
+                        acked: false,
+                    };
+                    match client.try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload) {
+                        Ok(()) => handed.push_back(sent),
+                        // The client's queue is full (Vigil is not taking
+                        // messages): this one was never sent.
+                        Err(_) => record(&ledger, sent),
+                    }
+                }
+            }
+            ev = el.poll() => match ev {
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                    if let Some(s) = handed.pop_front() {
+                        by_pkid.insert(pkid, s);
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => {
+                    if let Some(mut s) = by_pkid.remove(&a.pkid) {
+                        s.acked = true;
+                        record(&ledger, s);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    // Whatever was in flight or queued is not acknowledged;
+                    // clean rumqttc's state so nothing stale is replayed.
+                    for s in handed.drain(..).chain(by_pkid.drain().map(|(_, s)| s)) {
+                        record(&ledger, s);
+                    }
+                    el.pending.clear();
+                    el.state.events.clear();
+                    el.state.collision = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+        }
+    }
+    for s in handed.drain(..).chain(by_pkid.drain().map(|(_, s)| s)) {
+        record(&ledger, s);
+    }
+    let _ = client.try_disconnect();
+}
+
+/// One tick's messages: vitals, an ECG chunk, and any new alarms.
+fn readings(
+    id: &str,
+    counter: &mut u64,
+    rng: &mut Rng,
+    vitals: &mut [Vital],
+) -> Vec<(u64, String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut alarms = Vec::new();
+    let mut fields = Vec::new();
+    for v in vitals.iter_mut() {
+        v.value = (v.value + v.step * rng.step()).clamp(v.bounds.0, v.bounds.1);
+        let out_of_range = v.value < v.alarm.0 || v.value > v.alarm.1;
+        if out_of_range && !v.alarming {
+            alarms.push((v.name, v.value));
+        }
+        v.alarming = out_of_range;
+        fields.push(format!("\"{}\":{:.1}", v.name, v.value));
+    }
+    *counter += 1;
+    out.push((
+        *counter,
+        format!("devices/{id}/vitals"),
+        format!(
+            "{{\"device\":\"{id}\",\"n\":{},{}}}",
+            *counter,
+            fields.join(",")
+        )
+        .into_bytes(),
+    ));
+    *counter += 1;
+    let mut ecg = Vec::with_capacity(508);
+    ecg.extend_from_slice(&counter.to_le_bytes());
+    for i in 0..250u64 {
+        let beat = if i % 200 < 8 { 900 } else { 0 };
+        let sample = (beat + (rng.next() % 60) as i64 - 30) as i16;
+        ecg.extend_from_slice(&sample.to_le_bytes());
+    }
+    out.push((*counter, format!("devices/{id}/waveforms/ecg"), ecg));
+    for (name, value) in alarms {
+        *counter += 1;
+        out.push((
+            *counter,
+            format!("devices/{id}/alarms/{name}"),
+            format!(
+                "{{\"device\":\"{id}\",\"n\":{},\"alarm\":\"{name}\",\"value\":{value:.1}}}",
+                *counter
+            )
+            .into_bytes(),
+        ));
+    }
+    out
+}
