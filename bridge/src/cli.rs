@@ -136,13 +136,14 @@ fn check_config(path: Option<PathBuf>) -> anyhow::Result<VigilConfig> {
 }
 
 async fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let stop = crate::daemon::stop_signal();
     let config = check_config(path)?;
     let source = KeySource::Configured {
         key_file: config.store.key_file.clone(),
     };
     let (key, origin) = MasterKey::load(&source, |k| std::env::var(k).ok())?;
     tracing::info!(key = %origin, "storage key loaded");
-    crate::daemon::run(config, key, crate::daemon::stop_signal()).await?;
+    crate::daemon::run(config, key, stop).await?;
     Ok(())
 }
 

@@ -140,6 +140,11 @@ async fn sigterm_during_traffic_stops_cleanly_and_loses_nothing_acknowledged() {
 
     // Restart: whatever was acknowledged and not yet forwarded goes now.
     let mut vigil = start_vigil(&config);
+    let wait_listening = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < wait_listening, "vigil did not restart");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let want: HashSet<usize> = acked.iter().copied().collect();
     let arrived = || -> HashSet<usize> {
         arrivals
