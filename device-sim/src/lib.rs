@@ -9,6 +9,8 @@
 //!   record what Vigil acknowledged.
 //! * [`ledger`]: what each side recorded: devices write what Vigil
 //!   acknowledged, the verifying cloud what arrived.
+//! * [`proxy`]: a TCP fault proxy (refuse, reset, blackhole, latency,
+//!   bandwidth cap, one byte per write), switchable while it runs.
 //! * [`oracle`]: the verdict from the two ledgers (`DESIGN.md` section 4):
 //!   lost and unexpected must be 0; duplicated and reordered are reported.
 
@@ -17,3 +19,4 @@ pub mod devices;
 pub mod ledger;
 pub mod oracle;
 pub mod pki;
+pub mod proxy;

@@ -1,7 +1,7 @@
 //! `vigil-sim`: simulated bedside devices, a fault-injecting proxy, a verifying
 //! cloud and outage scenarios with a loss oracle (issue 5, in progress).
 //!
-//! Built so far: `vigil-sim pki`, `cloud`, `devices` and `judge`. Any other command
+//! Built so far: `vigil-sim pki`, `cloud`, `devices`, `proxy` and `judge`. Any other command
 //! exits non-zero and says it is not built yet, so nothing can mistake it for
 //! a working simulator.
 
@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vigil_sim::ledger::{self, Arrived, Sent};
+use vigil_sim::proxy::{Mode, Proxy};
 
 /// Simulated bedside devices, fault proxy and verifying cloud for Vigil.
 #[derive(Debug, Parser)]
@@ -71,7 +72,21 @@ enum Command {
         #[arg(long, default_value = "sent.jsonl")]
         ledger: PathBuf,
     },
-    /// Not built yet: proxy, scenario.
+    /// A TCP fault proxy. Modes: pass, refuse, reset, blackhole,
+    /// latency=<duration>, bandwidth=<bytes/s>, one-byte. Plays `--schedule`
+    /// and also takes a mode per line on standard input while it runs.
+    Proxy {
+        /// Where clients connect.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Where the proxy connects (e.g. the cloud broker).
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        /// Timeline, e.g. "0s=pass,5s=blackhole,15s=pass" (offsets from start).
+        #[arg(long, default_value = "0s=pass")]
+        schedule: String,
+    },
+    /// Not built yet: scenario.
     #[command(external_subcommand)]
     Other(Vec<String>),
 }
@@ -187,9 +202,56 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
+        Command::Proxy {
+            listen,
+            upstream,
+            schedule,
+        } => {
+            let mut steps = Vec::new();
+            for step in schedule.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let Some((at, mode)) = step.split_once('=') else {
+                    anyhow::bail!(
+                        "schedule step {step:?}: write <offset>=<mode>, e.g. 5s=blackhole"
+                    );
+                };
+                let at = humantime::parse_duration(at.trim())
+                    .map_err(|e| anyhow::anyhow!("schedule step {step:?}: {e}"))?;
+                let mode: Mode = mode.parse().map_err(anyhow::Error::msg)?;
+                steps.push((at, mode));
+            }
+            steps.sort_by_key(|(at, _)| *at);
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                let proxy = std::sync::Arc::new(Proxy::start(listen, upstream).await?);
+                println!("proxy: {} -> {upstream}", proxy.addr());
+                let timeline = proxy.clone();
+                tokio::spawn(async move {
+                    let start = tokio::time::Instant::now();
+                    for (at, mode) in steps {
+                        tokio::time::sleep_until(start + at).await;
+                        timeline.set(mode);
+                        println!("proxy: {at:?}: {mode:?}");
+                    }
+                });
+                let control = proxy.clone();
+                std::thread::spawn(move || {
+                    for line in std::io::stdin().lines().map_while(Result::ok) {
+                        match line.parse::<Mode>() {
+                            Ok(mode) => {
+                                control.set(mode);
+                                println!("proxy: {mode:?}");
+                            }
+                            Err(e) => eprintln!("proxy: {e}"),
+                        }
+                    }
+                });
+                tokio::signal::ctrl_c().await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
         Command::Other(args) => {
             eprintln!(
-                "vigil-sim {}: not built yet (the proxy and scenarios arrive with issue 5)",
+                "vigil-sim {}: not built yet (scenarios arrive with issue 5)",
                 args.first().map(String::as_str).unwrap_or_default()
             );
             Ok(ExitCode::from(2))
