@@ -11,6 +11,8 @@
 //!   acknowledged, the verifying cloud what arrived.
 //! * [`proxy`]: a TCP fault proxy (refuse, reset, blackhole, latency,
 //!   bandwidth cap, one byte per write), switchable while it runs.
+//! * [`scenario`]: cloud, proxy, the real `vigil` binary and the devices
+//!   under a timeline of faults, then a drain and the report.
 //! * [`oracle`]: the verdict from the two ledgers (`DESIGN.md` section 4):
 //!   lost and unexpected must be 0; duplicated and reordered are reported.
 
@@ -20,3 +22,4 @@ pub mod ledger;
 pub mod oracle;
 pub mod pki;
 pub mod proxy;
+pub mod scenario;

@@ -1,9 +1,6 @@
 //! `vigil-sim`: simulated bedside devices, a fault-injecting proxy, a verifying
-//! cloud and outage scenarios with a loss oracle (issue 5, in progress).
-//!
-//! Built so far: `vigil-sim pki`, `cloud`, `devices`, `proxy` and `judge`. Any other command
-//! exits non-zero and says it is not built yet, so nothing can mistake it for
-//! a working simulator.
+//! cloud and outage scenarios with a loss oracle. The parts are in the
+//! `vigil_sim` library; this is the command line over them.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,9 +83,19 @@ enum Command {
         #[arg(long, default_value = "0s=pass")]
         schedule: String,
     },
-    /// Not built yet: scenario.
-    #[command(external_subcommand)]
-    Other(Vec<String>),
+    /// Runs a scenario: the loopback cloud, the fault proxy, the real
+    /// `vigil` binary and the devices under the file's timeline; prints the
+    /// report and exits 1 when anything was lost or unexpected.
+    Scenario {
+        /// The scenario file (see device-sim/scenarios/).
+        file: PathBuf,
+        /// The vigil binary (default: next to this one).
+        #[arg(long)]
+        vigil: Option<PathBuf>,
+        /// Working directory for the run (default: a temporary one).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -249,12 +256,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Other(args) => {
-            eprintln!(
-                "vigil-sim {}: not built yet (scenarios arrive with issue 5)",
-                args.first().map(String::as_str).unwrap_or_default()
-            );
-            Ok(ExitCode::from(2))
+        Command::Scenario {
+            file,
+            vigil,
+            workdir,
+        } => {
+            let scenario = vigil_sim::scenario::Scenario::load(&file)?;
+            let vigil = match vigil {
+                Some(v) => v,
+                None => std::env::current_exe()?
+                    .parent()
+                    .map(|d| d.join("vigil"))
+                    .ok_or_else(|| anyhow::anyhow!("cannot find the vigil binary; pass --vigil"))?,
+            };
+            let temp;
+            let workdir = match workdir {
+                Some(w) => w,
+                None => {
+                    temp = tempfile::tempdir()?;
+                    temp.path().to_path_buf()
+                }
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            let outcome = runtime.block_on(vigil_sim::scenario::run(
+                &scenario,
+                &vigil_sim::scenario::RunOptions {
+                    vigil,
+                    workdir,
+                    forward_extra: Vec::new(),
+                },
+            ))?;
+            println!("{outcome}");
+            Ok(if outcome.report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -62,6 +62,13 @@ pub struct ForwardConfig {
     /// flight (a message the cloud cannot take would otherwise block its lane
     /// for ever). Timeouts do not count.
     pub max_head_failures: u32,
+    /// **Breaks the delivery contract; for the loss oracle's own test only.**
+    /// Deletes each message from the store as soon as it is published
+    /// instead of on its PUBACK, so a fault loses what was in flight.
+    /// `vigil-sim`'s test sets it to show the oracle reports the loss. Vigil
+    /// logs an error at start when it is on. Never set it in production.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub testing_only_delete_on_send: bool,
 }
 
 impl Default for ForwardConfig {
@@ -81,6 +88,7 @@ impl Default for ForwardConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             max_head_failures: 5,
+            testing_only_delete_on_send: false,
         }
     }
 }

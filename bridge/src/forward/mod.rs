@@ -105,6 +105,13 @@ impl Forwarder {
         if !problems.is_empty() {
             return Err(ForwardError::Config(problems));
         }
+        if config.testing_only_delete_on_send {
+            tracing::error!(
+                "forward.testing_only_delete_on_send is ON: messages are deleted when sent, not \
+                 when the cloud acknowledges them. THIS VIGIL LOSES DATA ON EVERY FAULT. It exists \
+                 only to test the loss oracle"
+            );
+        }
         if config.tls.cert.is_none() {
             tracing::warn!(
                 "forward.tls.cert is not set: connecting to the cloud without a client certificate"
@@ -355,8 +362,13 @@ impl Driver {
                     );
                 }
                 Ok(Happened::Published(pkid)) => {
-                    if self.session.outgoing(pkid).is_some() {
+                    if let Some(m) = self.session.outgoing(pkid) {
                         self.counters.published.fetch_add(1, Ordering::Relaxed);
+                        if self.config.testing_only_delete_on_send {
+                            // The deliberate bug: forget it before the PUBACK.
+                            self.session.withdraw(m);
+                            self.ack(m).await?;
+                        }
                     }
                 }
                 Ok(Happened::PubAck { pkid, reason }) => {

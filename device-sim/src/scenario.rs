@@ -1,0 +1,428 @@
+//! Scenarios: the verifying cloud, the fault proxy, the real `vigil` binary
+//! as a child process and the simulated devices, driven by a timeline of
+//! faults; then a drain, and the oracle's report.
+//!
+//! A scenario file (TOML; `device-sim/scenarios/` has the shipped ones):
+//!
+//! ```toml
+//! name = "outage"
+//! devices = 10          # monitors
+//! rate = 5.0            # ticks per second per monitor (vitals + ECG each)
+//! duration = "12s"      # how long the devices publish
+//! drain_timeout = "60s" # how long Vigil may take to deliver the backlog
+//! protocol = "5"        # Vigil to cloud: "5" or "3.1.1"
+//!
+//! [[faults]]
+//! at = "3s"             # from the start of the run
+//! action = "proxy"      # the link between Vigil and the cloud
+//! mode = "refuse"       # pass, refuse, reset, blackhole, latency=200ms,
+//!                       # bandwidth=20000, one-byte
+//!
+//! [[faults]]
+//! at = "5s"
+//! action = "kill-vigil" # SIGKILL; "start-vigil" brings it back
+//! ```
+//!
+//! After `duration` the devices stop (waiting for their last PUBACKs), the
+//! link is set back to `pass` and Vigil is started if it is down; the drain
+//! time runs until every acknowledged message has reached the cloud.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use vigil::forward::config::Protocol;
+
+use crate::cloud::{self, Subscriber};
+use crate::devices::{self, DevicesConfig};
+use crate::ledger::{self, Sent};
+use crate::oracle::{self, Report};
+use crate::pki;
+use crate::proxy::{Mode, Proxy};
+
+/// A scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Shown in the report.
+    pub name: String,
+    /// Simulated monitors.
+    #[serde(default = "default_devices")]
+    pub devices: usize,
+    /// Ticks per second per monitor.
+    #[serde(default = "default_rate")]
+    pub rate: f64,
+    /// How long the devices publish.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// How long the drain may take.
+    #[serde(with = "humantime_serde", default = "default_drain")]
+    pub drain_timeout: Duration,
+    /// Vigil to cloud protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The timeline.
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+}
+
+fn default_devices() -> usize {
+    10
+}
+fn default_rate() -> f64 {
+    5.0
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// One step of the timeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// When, from the start.
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    /// `proxy`, `kill-vigil` or `start-vigil`.
+    pub action: String,
+    /// For `proxy`: the mode.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+/// What went wrong running a scenario (not a verdict: see [`Outcome`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// The file is unreadable or not a scenario.
+    #[error("scenario {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A component could not be started.
+    #[error("scenario set-up: {0}")]
+    Setup(String),
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let bad = |reason: String| ScenarioError::File {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let s: Scenario = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| bad(e.to_string()))?;
+        for (i, f) in s.faults.iter().enumerate() {
+            match (f.action.as_str(), &f.mode) {
+                ("proxy", Some(m)) => {
+                    m.parse::<Mode>()
+                        .map_err(|e| bad(format!("faults[{i}]: {e}")))?;
+                }
+                ("proxy", None) => return Err(bad(format!("faults[{i}]: proxy needs a mode"))),
+                ("kill-vigil" | "start-vigil", None) => {}
+                (other, _) => {
+                    return Err(bad(format!(
+                        "faults[{i}]: unknown action {other:?}; use proxy (with mode), \
+                         kill-vigil or start-vigil"
+                    )));
+                }
+            }
+        }
+        if s.devices == 0 || s.rate <= 0.0 {
+            return Err(bad("devices and rate must be above 0".into()));
+        }
+        Ok(s)
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The `vigil` binary.
+    pub vigil: PathBuf,
+    /// Working directory (PKI, Vigil's store and config, ledgers).
+    pub workdir: PathBuf,
+    /// Extra `[forward]` lines for Vigil's configuration (e.g. the oracle
+    /// test's deliberately broken setting).
+    pub forward_extra: Vec<String>,
+}
+
+/// A scenario's result.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The scenario's name.
+    pub name: String,
+    /// The oracle's verdict.
+    pub report: Report,
+    /// From the devices' stop until every acknowledged message had arrived
+    /// (`None`: the drain timed out).
+    pub drain_time: Option<Duration>,
+    /// Vigil's peak resident set size (KiB) over the run, sampled.
+    pub peak_rss_kib: u64,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "scenario      {}", self.name)?;
+        writeln!(f, "{}", self.report)?;
+        match self.drain_time {
+            Some(d) => writeln!(f, "drain time    {:.2} s", d.as_secs_f64())?,
+            None => writeln!(f, "drain time    timed out")?,
+        }
+        write!(f, "peak RSS      {} KiB (vigil)", self.peak_rss_kib)
+    }
+}
+
+/// The `vigil` child process.
+struct Vigil {
+    bin: PathBuf,
+    config: PathBuf,
+    key: String,
+    gate: SocketAddr,
+    child: Option<Child>,
+    pid: Arc<AtomicU32>,
+}
+
+impl Vigil {
+    async fn start(&mut self) -> Result<(), ScenarioError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let child = Command::new(&self.bin)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("VIGIL_STORAGE_KEY", &self.key)
+            .env("VIGIL_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| ScenarioError::Setup(format!("{}: {e}", self.bin.display())))?;
+        self.pid.store(child.id(), Ordering::Relaxed);
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(self.gate).await.is_err() {
+            if Instant::now() > deadline {
+                return Err(ScenarioError::Setup("vigil did not start listening".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.pid.store(0, Ordering::Relaxed);
+    }
+
+    /// SIGTERM and wait (SIGKILL after 20 s).
+    async fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        self.pid.store(0, Ordering::Relaxed);
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let waited = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return status.success();
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await;
+        waited.unwrap_or(false)
+    }
+}
+
+impl Drop for Vigil {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// VmRSS of `pid` in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn free_port() -> Result<u16, ScenarioError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| ScenarioError::Setup(format!("no free port: {e}")))
+}
+
+/// Runs `scenario` and judges it.
+pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, ScenarioError> {
+    let setup = |e: &dyn std::fmt::Display| ScenarioError::Setup(e.to_string());
+    std::fs::create_dir_all(&opts.workdir).map_err(|e| setup(&e))?;
+    let pki = pki::loopback(&opts.workdir.join("pki")).map_err(|e| setup(&e))?;
+    let listeners = cloud::start_broker(&pki).map_err(|e| setup(&e))?;
+    let subscriber = Subscriber::start(
+        &pki,
+        listeners.v4,
+        "vigil",
+        Some(&opts.workdir.join("received.jsonl")),
+    )
+    .map_err(|e| setup(&e))?;
+    if !subscriber.subscribed(Duration::from_secs(20)).await {
+        return Err(setup(&"the verifying subscriber could not subscribe"));
+    }
+    let upstream = match scenario.protocol {
+        Protocol::V311 => listeners.v4,
+        Protocol::V5 => listeners.v5,
+    };
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
+        .await
+        .map_err(|e| setup(&e))?;
+    let gate = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let config = opts.workdir.join("vigil.toml");
+    let protocol = match scenario.protocol {
+        Protocol::V311 => "3.1.1",
+        Protocol::V5 => "5",
+    };
+    let text = format!(
+        "[store]\ndir = {store:?}\n\n[gate]\ntcp_listen = \"{gate}\"\n\n[forward]\n\
+         host = \"127.0.0.1\"\nport = {port}\nprotocol = \"{protocol}\"\n\
+         ack_timeout = \"5s\"\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n{extra}\n\n\
+         [forward.tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+        store = opts.workdir.join("store").display().to_string(),
+        port = proxy.addr().port(),
+        extra = opts.forward_extra.join("\n"),
+        ca = pki.path("ca.pem").display().to_string(),
+        cert = pki.path("vigil.pem").display().to_string(),
+        key = pki.path("vigil.key").display().to_string(),
+    );
+    std::fs::write(&config, text).map_err(|e| setup(&e))?;
+    let key = {
+        use base64::Engine as _;
+        let mut k = [0u8; 32];
+        getrandom::fill(&mut k).map_err(|e| setup(&e))?;
+        base64::engine::general_purpose::STANDARD.encode(k)
+    };
+    let pid = Arc::new(AtomicU32::new(0));
+    let mut vigil = Vigil {
+        bin: opts.vigil.clone(),
+        config,
+        key,
+        gate,
+        child: None,
+        pid: pid.clone(),
+    };
+    vigil.start().await?;
+
+    // Sample Vigil's RSS throughout.
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampling = CancellationToken::new();
+    {
+        let (pid, peak, stop) = (pid.clone(), peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Some(kib) = rss_kib(pid.load(Ordering::Relaxed)) {
+                    peak.fetch_max(kib, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
+    let stop_devices = CancellationToken::new();
+    let sent_path = opts.workdir.join("sent.jsonl");
+    let writer = ledger::Writer::create(&sent_path).map_err(|e| setup(&e))?;
+    let devices = tokio::spawn(devices::run(
+        DevicesConfig {
+            gate,
+            count: scenario.devices,
+            rate: scenario.rate,
+            prefix: "bed".into(),
+        },
+        Some(writer),
+        stop_devices.clone(),
+        Duration::from_secs(10),
+    ));
+    let start = tokio::time::Instant::now();
+    let mut faults = scenario.faults.clone();
+    faults.sort_by_key(|f| f.at);
+    for f in &faults {
+        tokio::time::sleep_until(start + f.at).await;
+        match f.action.as_str() {
+            "proxy" => {
+                if let Some(mode) = f.mode.as_deref().and_then(|m| m.parse().ok()) {
+                    proxy.set(mode);
+                }
+            }
+            "kill-vigil" => vigil.kill(),
+            "start-vigil" => vigil.start().await?,
+            _ => {}
+        }
+    }
+    tokio::time::sleep_until(start + scenario.duration).await;
+    // Heal everything, then let the devices finish.
+    proxy.set(Mode::Pass);
+    vigil.start().await?;
+    stop_devices.cancel();
+    let sent: Vec<Sent> = devices
+        .await
+        .map_err(|e| setup(&e))?
+        .map_err(|e| setup(&e))?;
+    let stopped = Instant::now();
+    let want: std::collections::HashSet<String> = sent
+        .iter()
+        .filter(|s| s.acked)
+        .map(|s| s.sha256.clone())
+        .collect();
+    let drain_time = loop {
+        let have: std::collections::HashSet<String> = subscriber
+            .arrived()
+            .into_iter()
+            .filter(|a| a.verified)
+            .map(|a| a.sha256)
+            .collect();
+        if want.is_subset(&have) {
+            break Some(stopped.elapsed());
+        }
+        if stopped.elapsed() > scenario.drain_timeout {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Late duplicates still in flight are counted too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sampling.cancel();
+    vigil.stop().await;
+    let report = oracle::judge(&sent, &subscriber.arrived());
+    Ok(Outcome {
+        name: scenario.name.clone(),
+        report,
+        drain_time,
+        peak_rss_kib: peak.load(Ordering::Relaxed),
+    })
+}
