@@ -95,6 +95,10 @@ enum Command {
         /// Working directory for the run (default: a temporary one).
         #[arg(long)]
         workdir: Option<PathBuf>,
+        /// Extra `[forward]` line for Vigil's configuration (repeatable). For
+        /// the oracle's own test: `testing_only_delete_on_send = true`.
+        #[arg(long, hide = true)]
+        forward_setting: Vec<String>,
     },
 }
 
@@ -260,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file,
             vigil,
             workdir,
+            forward_setting,
         } => {
             let scenario = vigil_sim::scenario::Scenario::load(&file)?;
             let vigil = match vigil {
@@ -283,7 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &vigil_sim::scenario::RunOptions {
                     vigil,
                     workdir,
-                    forward_extra: Vec::new(),
+                    forward_extra: forward_setting,
                 },
             ))?;
             println!("{outcome}");
