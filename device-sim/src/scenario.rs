@@ -426,3 +426,47 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
         peak_rss_kib: peak.load(Ordering::Relaxed),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_scenario_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let s = Scenario::load(&path).unwrap();
+            names.push(s.name);
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "crash-during-outage",
+                "flapping",
+                "outage",
+                "slow-link",
+                "soak",
+                "ward-3-outage"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_timeline_names_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            "name = \"x\"\nduration = \"1s\"\n[[faults]]\nat = \"1s\"\naction = \"proxy\"\nmode = \"slow\"\n",
+        )
+        .unwrap();
+        let err = Scenario::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("faults[0]") && err.contains("blackhole"),
+            "{err}"
+        );
+    }
+}
