@@ -5,6 +5,10 @@
 //! - **duplicated**: arrivals beyond the first of the same message.
 //! - **reordered**: first arrivals of a device's messages at one priority that
 //!   came after a later message of the same device and priority.
+//! - **sequence gaps**: numbers missing from a device's envelope `seq`s
+//!   (Vigil numbers each device's stored messages 1, 2, ... without gaps), up
+//!   to the highest that arrived. A gap is a loss or an eviction; evictions
+//!   are announced by gap notices.
 //!
 //! Gap notices (device `$vigil`) are counted apart; they must verify too.
 
@@ -34,6 +38,8 @@ pub struct Report {
     /// Sent without an acknowledgement, and not received either (the device
     /// knows it was not accepted; not a loss).
     pub unacknowledged: u64,
+    /// Device sequence numbers missing below the highest received.
+    pub sequence_gaps: u64,
     /// Gap notices received.
     pub gap_notices: u64,
     /// Up to 10 lost messages, as `device#counter`, for the report.
@@ -56,6 +62,7 @@ impl std::fmt::Display for Report {
         writeln!(f, "unexpected    {}", self.unexpected)?;
         writeln!(f, "duplicated    {}", self.duplicated)?;
         writeln!(f, "reordered     {}", self.reordered)?;
+        writeln!(f, "seq gaps      {}", self.sequence_gaps)?;
         writeln!(f, "gap notices   {}", self.gap_notices)?;
         if !self.lost_examples.is_empty() {
             writeln!(f, "lost, e.g.    {}", self.lost_examples.join(", "))?;
@@ -77,6 +84,7 @@ pub fn judge(sent: &[Sent], arrived: &[Arrived]) -> Report {
     };
     let by_sha: HashMap<&str, &Sent> = sent.iter().map(|s| (s.sha256.as_str(), s)).collect();
     let mut seen: HashSet<&str> = HashSet::new();
+    let mut seqs: HashMap<&str, HashSet<u64>> = HashMap::new();
     // Highest counter seen so far per (device, priority).
     let mut high: HashMap<(&str, u8), u64> = HashMap::new();
     for a in arrived {
@@ -92,6 +100,7 @@ pub fn judge(sent: &[Sent], arrived: &[Arrived]) -> Report {
             r.unexpected += 1;
             continue;
         };
+        seqs.entry(a.device.as_str()).or_default().insert(a.seq);
         if !seen.insert(s.sha256.as_str()) {
             r.duplicated += 1;
             continue;
@@ -102,6 +111,10 @@ pub fn judge(sent: &[Sent], arrived: &[Arrived]) -> Report {
         } else {
             *h = s.counter;
         }
+    }
+    for got in seqs.values() {
+        let top = got.iter().copied().max().unwrap_or(0);
+        r.sequence_gaps += top - got.len() as u64;
     }
     for s in sent {
         if seen.contains(s.sha256.as_str()) {
@@ -156,6 +169,14 @@ mod tests {
     }
 
     #[test]
+    fn missing_sequence_numbers_are_counted() {
+        let s: Vec<_> = (1..=6).map(|i| sent("bed-1", i, 1, true)).collect();
+        let a: Vec<_> = [0, 1, 4, 5].iter().map(|&i| arrived(&s[i])).collect();
+        let r = judge(&s, &a);
+        assert_eq!((r.lost, r.sequence_gaps), (2, 2), "{r}");
+    }
+
+    #[test]
     fn losses_duplicates_reorders_and_forgeries_are_counted() {
         let s: Vec<_> = (1..=5)
             .map(|i| sent("bed-1", i, 1, i != 5))
@@ -186,6 +207,7 @@ mod tests {
         assert_eq!(r.duplicated, 1);
         assert_eq!(r.reordered, 1);
         assert_eq!(r.unacknowledged, 1);
+        assert_eq!(r.sequence_gaps, 0, "4 and 5 are missing above the highest seq");
         assert_eq!(r.lost_examples, vec!["bed-1#4", "bed-2#1"]);
         assert!(r.to_string().contains("FAIL"));
     }

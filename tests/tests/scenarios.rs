@@ -57,6 +57,7 @@ async fn run(name: &str) -> Outcome {
 fn assert_clean(o: &Outcome) {
     assert!(o.report.passed(), "{o}");
     assert_eq!(o.report.reordered, 0, "{o}");
+    assert_eq!(o.report.sequence_gaps, 0, "{o}");
     assert!(o.report.acknowledged > 500, "{o}");
     assert!(o.drain_time.is_some(), "{o}");
 }
