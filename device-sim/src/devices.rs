@@ -1,5 +1,5 @@
-//! Simulated bedside monitors: each its own MQTT 3.1.1 client at QoS 1,
-//! publishing on Vigil's documented topic scheme:
+//! Simulated bedside monitors: each its own MQTT client (3.1.1 or 5) at
+//! QoS 1, publishing on Vigil's documented topic scheme:
 //!
 //! - `devices/<id>/vitals`: heart rate, SpO2, blood pressure, respiratory
 //!   rate and temperature as JSON, following bounded random walks, once per
@@ -36,6 +36,153 @@ pub struct DevicesConfig {
     pub rate: f64,
     /// Client id prefix.
     pub prefix: String,
+    /// Which MQTT version the devices speak. An MQTT 5 PUBACK with a failure
+    /// reason (e.g. 0x97, Vigil's store is full) is recorded as not
+    /// acknowledged.
+    pub protocol: DeviceProtocol,
+}
+
+/// MQTT version of the simulated devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub enum DeviceProtocol {
+    /// All MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// All MQTT 5.
+    #[serde(rename = "5")]
+    V5,
+    /// Odd-numbered devices MQTT 3.1.1, even-numbered MQTT 5.
+    #[default]
+    #[serde(rename = "mixed")]
+    Mixed,
+}
+
+impl std::str::FromStr for DeviceProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "3.1.1" => Ok(Self::V311),
+            "5" => Ok(Self::V5),
+            "mixed" => Ok(Self::Mixed),
+            _ => Err(format!("{s:?}: use 3.1.1, 5 or mixed")),
+        }
+    }
+}
+
+/// One device's client, either protocol.
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// Its event loop.
+enum Loop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+/// What a poll meant for the ledger.
+enum Polled {
+    Published(u16),
+    /// PUBACK: whether it accepted the message.
+    Acked(u16, bool),
+    Other,
+    Failed,
+}
+
+fn connect(id: &str, n: u64, config: &DevicesConfig) -> (Client, Loop) {
+    let (host, port) = (config.gate.ip().to_string(), config.gate.port());
+    let mqtt5 = match config.protocol {
+        DeviceProtocol::V311 => false,
+        DeviceProtocol::V5 => true,
+        DeviceProtocol::Mixed => n.is_multiple_of(2),
+    };
+    if mqtt5 {
+        let mut o = rumqttc::v5::MqttOptions::new(id, host, port);
+        o.set_keep_alive(Duration::from_secs(10));
+        o.set_max_packet_size(Some(64 * 1024));
+        let (c, l) = rumqttc::v5::AsyncClient::new(o, 256);
+        (Client::V5(c), Loop::V5(Box::new(l)))
+    } else {
+        let mut o = rumqttc::MqttOptions::new(id, host, port);
+        o.set_inflight(64);
+        o.set_keep_alive(Duration::from_secs(10));
+        o.set_max_packet_size(64 * 1024, 64 * 1024);
+        let (c, l) = rumqttc::AsyncClient::new(o, 256);
+        (Client::V4(c), Loop::V4(Box::new(l)))
+    }
+}
+
+impl Client {
+    fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
+        match self {
+            Client::V4(c) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .is_ok(),
+            Client::V5(c) => c
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .is_ok(),
+        }
+    }
+
+    fn disconnect(&self) {
+        let _ = match self {
+            Client::V4(c) => c.try_disconnect().is_ok(),
+            Client::V5(c) => c.try_disconnect().is_ok(),
+        };
+    }
+}
+
+impl Loop {
+    async fn poll(&mut self) -> Polled {
+        match self {
+            Loop::V4(l) => match l.poll().await {
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(p))) => Polled::Published(p),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => {
+                    Polled::Acked(a.pkid, true)
+                }
+                Ok(_) => Polled::Other,
+                Err(_) => Polled::Failed,
+            },
+            Loop::V5(l) => match l.poll().await {
+                Ok(rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Publish(p))) => {
+                    Polled::Published(p)
+                }
+                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(a))) => {
+                    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+                    let ok = matches!(
+                        a.reason,
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                    );
+                    Polled::Acked(a.pkid, ok)
+                }
+                Ok(_) => Polled::Other,
+                Err(_) => Polled::Failed,
+            },
+        }
+    }
+
+    /// After an error: drop rumqttc's queued requests, stale events and
+    /// collision state, so nothing of the dead connection is replayed.
+    fn clean(&mut self) {
+        match self {
+            Loop::V4(l) => {
+                l.pending.clear();
+                l.state.events.clear();
+                l.state.collision = None;
+            }
+            Loop::V5(l) => {
+                l.pending.clear();
+                l.state.events.clear();
+                l.state.collision = None;
+            }
+        }
+    }
 }
 
 /// Priorities of Vigil's default topic rules, for the ledger.
@@ -147,11 +294,7 @@ async fn device(
     stop: CancellationToken,
     grace: Duration,
 ) {
-    let mut o = rumqttc::MqttOptions::new(&id, config.gate.ip().to_string(), config.gate.port());
-    o.set_inflight(64);
-    o.set_keep_alive(Duration::from_secs(10));
-    o.set_max_packet_size(64 * 1024, 64 * 1024);
-    let (client, mut el) = rumqttc::AsyncClient::new(o, 256);
+    let (client, mut el) = connect(&id, seed, &config);
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut vitals = vitals();
     let mut counter = 0u64;
@@ -180,36 +323,34 @@ async fn device(
                         sha256: hex(&Sha256::digest(&payload)),
                         acked: false,
                     };
-                    match client.try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload) {
-                        Ok(()) => handed.push_back(sent),
+                    if client.publish(topic, payload) {
+                        handed.push_back(sent);
+                    } else {
                         // The client's queue is full (Vigil is not taking
                         // messages): this one was never sent.
-                        Err(_) => record(&ledger, sent),
+                        record(&ledger, sent);
                     }
                 }
             }
             ev = el.poll() => match ev {
-                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                Polled::Published(pkid) => {
                     if let Some(s) = handed.pop_front() {
                         by_pkid.insert(pkid, s);
                     }
                 }
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => {
-                    if let Some(mut s) = by_pkid.remove(&a.pkid) {
-                        s.acked = true;
+                Polled::Acked(pkid, ok) => {
+                    if let Some(mut s) = by_pkid.remove(&pkid) {
+                        s.acked = ok;
                         record(&ledger, s);
                     }
                 }
-                Ok(_) => {}
-                Err(_) => {
-                    // Whatever was in flight or queued is not acknowledged;
-                    // clean rumqttc's state so nothing stale is replayed.
+                Polled::Other => {}
+                Polled::Failed => {
+                    // Whatever was in flight or queued is not acknowledged.
                     for s in handed.drain(..).chain(by_pkid.drain().map(|(_, s)| s)) {
                         record(&ledger, s);
                     }
-                    el.pending.clear();
-                    el.state.events.clear();
-                    el.state.collision = None;
+                    el.clean();
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             },
@@ -218,7 +359,7 @@ async fn device(
     for s in handed.drain(..).chain(by_pkid.drain().map(|(_, s)| s)) {
         record(&ledger, s);
     }
-    let _ = client.try_disconnect();
+    client.disconnect();
 }
 
 /// One tick's messages: vitals, an ECG chunk, and any new alarms.

@@ -68,6 +68,9 @@ enum Command {
         /// Where the devices' ledger goes (JSON lines).
         #[arg(long, default_value = "sent.jsonl")]
         ledger: PathBuf,
+        /// MQTT version: 3.1.1, 5 or mixed (odd devices 3.1.1, even 5).
+        #[arg(long, default_value = "mixed")]
+        protocol: vigil_sim::devices::DeviceProtocol,
     },
     /// A TCP fault proxy. Modes: pass, refuse, reset, blackhole,
     /// latency=<duration>, bandwidth=<bytes/s>, one-byte. Plays `--schedule`
@@ -176,6 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate,
             seconds,
             ledger,
+            protocol,
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
@@ -196,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     count,
                     rate,
                     prefix: "bed".into(),
+                    protocol,
                 };
                 let sent = vigil_sim::devices::run(
                     config,

@@ -207,7 +207,10 @@ mod tests {
         assert_eq!(r.duplicated, 1);
         assert_eq!(r.reordered, 1);
         assert_eq!(r.unacknowledged, 1);
-        assert_eq!(r.sequence_gaps, 0, "4 and 5 are missing above the highest seq");
+        assert_eq!(
+            r.sequence_gaps, 0,
+            "4 and 5 are missing above the highest seq"
+        );
         assert_eq!(r.lost_examples, vec!["bed-1#4", "bed-2#1"]);
         assert!(r.to_string().contains("FAIL"));
     }

@@ -11,6 +11,7 @@
 //! duration = "12s"      # how long the devices publish
 //! drain_timeout = "60s" # how long Vigil may take to deliver the backlog
 //! protocol = "5"        # Vigil to cloud: "5" or "3.1.1"
+//! device_protocol = "mixed"  # devices to Vigil: "3.1.1", "5" or "mixed"
 //!
 //! [[faults]]
 //! at = "3s"             # from the start of the run
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use vigil::forward::config::Protocol;
 
 use crate::cloud::{self, Subscriber};
-use crate::devices::{self, DevicesConfig};
+use crate::devices::{self, DeviceProtocol, DevicesConfig};
 use crate::ledger::{self, Sent};
 use crate::oracle::{self, Report};
 use crate::pki;
@@ -66,6 +67,9 @@ pub struct Scenario {
     /// Vigil to cloud protocol.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Devices to Vigil: "3.1.1", "5" or "mixed" (the default: half each).
+    #[serde(default)]
+    pub device_protocol: DeviceProtocol,
     /// The timeline.
     #[serde(default)]
     pub faults: Vec<Fault>,
@@ -363,6 +367,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
             count: scenario.devices,
             rate: scenario.rate,
             prefix: "bed".into(),
+            protocol: scenario.device_protocol,
         },
         Some(writer),
         stop_devices.clone(),

@@ -44,6 +44,7 @@ async fn monitors_through_vigil_during_an_outage_lose_nothing() {
             count: 10,
             rate: 20.0,
             prefix: "bed".into(),
+            protocol: devices::DeviceProtocol::Mixed,
         },
         Some(ledger::Writer::create(&sent_path).unwrap()),
         stop.clone(),
@@ -90,7 +91,12 @@ async fn monitors_through_vigil_during_an_outage_lose_nothing() {
     assert!(report.passed(), "{report}");
     assert!(report.acknowledged >= 300, "{report}");
     assert_eq!(report.reordered, 0, "{report}");
-    // Vitals, ECG and (usually) alarms all went through.
+    // Every device, MQTT 3.1.1 (odd) and MQTT 5 (even), was acknowledged.
+    for n in 1..=10 {
+        let id = format!("bed-{n}");
+        assert!(sent.iter().any(|s| s.device == id && s.acked), "{id}");
+    }
+    // Vitals and ECG chunks both went through.
     for kind in [1u8, 3] {
         assert!(sent.iter().any(|s| s.priority == kind && s.acked));
     }
