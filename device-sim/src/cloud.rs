@@ -117,9 +117,24 @@ pub fn start_broker(pki: &DevPki) -> Result<Listeners, CloudError> {
 /// A rustls client configuration trusting the PKI's CA, presenting the
 /// client certificate `<stem>.pem`.
 pub fn client_tls(pki: &DevPki, stem: &str) -> Result<Arc<rustls::ClientConfig>, CloudError> {
-    let roots = vigil::pem::load_roots(&pki.path("ca.pem"), "ca")?;
-    let chain = vigil::pem::load_certs(&pki.path(&format!("{stem}.pem")), "cert")?;
-    let key = vigil::pem::load_key(&pki.path(&format!("{stem}.key")), "key")?;
+    tls_from_files(
+        &pki.path("ca.pem"),
+        &pki.path(&format!("{stem}.pem")),
+        &pki.path(&format!("{stem}.key")),
+    )
+}
+
+/// A rustls client configuration from a CA bundle, a client certificate and
+/// its key (PEM files).
+pub fn tls_from_files(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ClientConfig>, CloudError> {
+    let roots = vigil::pem::load_roots(ca, "--ca")?;
+    let chain = vigil::pem::load_certs(cert, "--cert")?;
+    let key = vigil::pem::load_key(key, "--key")?;
+    let stem = cert.display();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -150,11 +165,23 @@ impl Subscriber {
         ledger: Option<&Path>,
     ) -> Result<Self, CloudError> {
         let tls = client_tls(pki, "subscriber")?;
+        Self::connect(tls, &cloud.ip().to_string(), cloud.port(), prefix, ledger)
+    }
+
+    /// Subscribes at any broker (`host` is also the name its certificate
+    /// must carry), e.g. a real cloud, with the given TLS configuration.
+    pub fn connect(
+        tls: Arc<rustls::ClientConfig>,
+        host: &str,
+        port: u16,
+        prefix: &str,
+        ledger: Option<&Path>,
+    ) -> Result<Self, CloudError> {
         let mut writer = ledger.map(Writer::create).transpose()?;
         let mut o = rumqttc::MqttOptions::new(
             format!("vigil-sim-subscriber-{}", std::process::id()),
-            cloud.ip().to_string(),
-            cloud.port(),
+            host,
+            port,
         );
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(tls),

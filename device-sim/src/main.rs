@@ -41,7 +41,7 @@ enum Command {
     /// subscriber until Ctrl-C, writing what arrives to a ledger.
     Cloud {
         /// The development PKI (made there first if `ca.pem` is missing).
-        #[arg(long)]
+        #[arg(long, default_value = "pki")]
         pki: PathBuf,
         /// Where the cloud's ledger goes (JSON lines).
         #[arg(long, default_value = "received.jsonl")]
@@ -49,6 +49,19 @@ enum Command {
         /// Topic prefix Vigil forwards under.
         #[arg(long, default_value = "vigil")]
         prefix: String,
+        /// Verify at an external broker (`host:port`, MQTT over TLS)
+        /// instead of starting one; needs --ca, --cert and --key.
+        #[arg(long, requires_all = ["ca", "cert", "key"])]
+        connect: Option<String>,
+        /// CA bundle the external broker's certificate chains to.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The subscriber's client certificate for the external broker.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Its key (mode 0600).
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
     /// Simulated bedside monitors publishing to Vigil until Ctrl-C (or
     /// `--seconds`), each recording what Vigil acknowledged.
@@ -137,6 +150,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pki,
             ledger,
             prefix,
+            connect: Some(target),
+            ca,
+            cert,
+            key,
+        } => {
+            let (host, port) = target
+                .rsplit_once(':')
+                .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_string(), p)))
+                .ok_or_else(|| anyhow::anyhow!("--connect {target:?}: write host:port"))?;
+            let (Some(ca), Some(cert), Some(key)) = (ca, cert, key) else {
+                anyhow::bail!("--connect needs --ca, --cert and --key");
+            };
+            let _ = pki;
+            let tls = vigil_sim::cloud::tls_from_files(&ca, &cert, &key)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let sub = vigil_sim::cloud::Subscriber::connect(
+                    tls,
+                    &host,
+                    port,
+                    &prefix,
+                    Some(&ledger),
+                )?;
+                if !sub.subscribed(std::time::Duration::from_secs(30)).await {
+                    anyhow::bail!("could not subscribe at {host}:{port} (certificates? ACLs?)");
+                }
+                println!(
+                    "verifying {prefix}/# at {host}:{port} into {}; Ctrl-C to stop",
+                    ledger.display()
+                );
+                tokio::signal::ctrl_c().await?;
+                let arrived = sub.arrived();
+                let bad = arrived.iter().filter(|a| !a.verified).count();
+                println!(
+                    "received {} envelopes, {bad} failing verification",
+                    arrived.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Cloud {
+            pki,
+            ledger,
+            prefix,
+            ..
         } => {
             let pki = if pki.join("ca.pem").exists() {
                 vigil_sim::pki::DevPki { dir: pki }
