@@ -128,6 +128,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Lets the subscriber verify until Ctrl-C, then prints what arrived.
+async fn verify_until_ctrl_c(sub: &vigil_sim::cloud::Subscriber) -> anyhow::Result<ExitCode> {
+    tokio::signal::ctrl_c().await?;
+    let arrived = sub.arrived();
+    let bad = arrived.iter().filter(|a| !a.verified).count();
+    println!(
+        "received {} envelopes, {bad} failing verification",
+        arrived.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Pki { out } => {
@@ -180,14 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "verifying {prefix}/# at {host}:{port} into {}; Ctrl-C to stop",
                     ledger.display()
                 );
-                tokio::signal::ctrl_c().await?;
-                let arrived = sub.arrived();
-                let bad = arrived.iter().filter(|a| !a.verified).count();
-                println!(
-                    "received {} envelopes, {bad} failing verification",
-                    arrived.len()
-                );
-                Ok(ExitCode::SUCCESS)
+                verify_until_ctrl_c(&sub).await
             })
         }
         Command::Cloud {
@@ -221,14 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     pki.path("ca.pem").display(),
                     ledger.display()
                 );
-                tokio::signal::ctrl_c().await?;
-                let arrived = sub.arrived();
-                let bad = arrived.iter().filter(|a| !a.verified).count();
-                println!(
-                    "received {} envelopes, {bad} failing verification",
-                    arrived.len()
-                );
-                Ok(ExitCode::SUCCESS)
+                verify_until_ctrl_c(&sub).await
             })
         }
         Command::Devices {
