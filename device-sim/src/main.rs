@@ -62,6 +62,10 @@ enum Command {
         /// Its key (mode 0600).
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Only the broker, no subscriber: prints its ports and serves until
+        /// standard input closes (how `scenario` runs a cloud it can kill).
+        #[arg(long, conflicts_with = "connect")]
+        broker_only: bool,
     },
     /// Simulated bedside monitors publishing to Vigil until Ctrl-C (or
     /// `--seconds`), each recording what Vigil acknowledged.
@@ -166,6 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ca,
             cert,
             key,
+            ..
         } => {
             let (host, port) = target
                 .rsplit_once(':')
@@ -194,6 +199,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 verify_until_ctrl_c(&sub).await
             })
+        }
+        Command::Cloud {
+            pki,
+            broker_only: true,
+            ..
+        } => {
+            let pki = vigil_sim::pki::DevPki { dir: pki };
+            let listeners = vigil_sim::cloud::start_broker(&pki)?;
+            println!("{} {}", listeners.v4, listeners.v5);
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Cloud {
             pki,
@@ -350,6 +367,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     vigil,
                     workdir,
                     forward_extra: forward_setting,
+                    sim: std::env::current_exe().ok(),
                 },
             ))?;
             println!("{outcome}");

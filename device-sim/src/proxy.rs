@@ -71,6 +71,7 @@ impl std::str::FromStr for Mode {
 pub struct Proxy {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
+    upstream: watch::Sender<SocketAddr>,
     cancel: CancellationToken,
 }
 
@@ -80,8 +81,9 @@ impl Proxy {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(Mode::Pass);
+        let (upstream, _) = watch::channel(upstream);
         let cancel = CancellationToken::new();
-        let (modes, stop) = (mode.clone(), cancel.clone());
+        let (modes, stop, target) = (mode.clone(), cancel.clone(), upstream.clone());
         tokio::spawn(async move {
             loop {
                 let (socket, _) = tokio::select! {
@@ -100,6 +102,7 @@ impl Proxy {
                     }
                     _ => {}
                 }
+                let upstream = *target.borrow();
                 tokio::spawn(connection(
                     socket,
                     upstream,
@@ -108,7 +111,18 @@ impl Proxy {
                 ));
             }
         });
-        Ok(Self { addr, mode, cancel })
+        Ok(Self {
+            addr,
+            mode,
+            upstream,
+            cancel,
+        })
+    }
+
+    /// Points new connections at another upstream (e.g. a restarted cloud
+    /// on a new port); open ones keep theirs.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        self.upstream.send_replace(upstream);
     }
 
     /// Where clients connect.

@@ -22,7 +22,19 @@
 //! [[faults]]
 //! at = "5s"
 //! action = "kill-vigil" # SIGKILL; "start-vigil" brings it back
+//!
+//! [[faults]]
+//! at = "8s"
+//! action = "restart-cloud"  # see below
 //! ```
+//!
+//! `restart-cloud` runs the broker as a `vigil-sim cloud --broker-only` child
+//! process: the link is cut and refused, the subscriber is given a second to
+//! take what the broker already acknowledged, the broker is SIGKILLed (its
+//! sessions and queues die with it) and a new one starts on new ports; the
+//! subscriber and the proxy follow it and the link comes back as it was.
+//! The pause keeps the oracle honest: a broker killed between its PUBACK to
+//! Vigil and its delivery to the subscriber loses that message itself.
 //!
 //! After `duration` the devices stop (waiting for their last PUBACKs), the
 //! link is set back to `pass` and Vigil is started if it is down; the drain
@@ -92,7 +104,7 @@ pub struct Fault {
     /// When, from the start.
     #[serde(with = "humantime_serde")]
     pub at: Duration,
-    /// `proxy`, `kill-vigil` or `start-vigil`.
+    /// `proxy`, `kill-vigil`, `start-vigil` or `restart-cloud`.
     pub action: String,
     /// For `proxy`: the mode.
     #[serde(default)]
@@ -134,11 +146,11 @@ impl Scenario {
                         .map_err(|e| bad(format!("faults[{i}]: {e}")))?;
                 }
                 ("proxy", None) => return Err(bad(format!("faults[{i}]: proxy needs a mode"))),
-                ("kill-vigil" | "start-vigil", None) => {}
+                ("kill-vigil" | "start-vigil" | "restart-cloud", None) => {}
                 (other, _) => {
                     return Err(bad(format!(
                         "faults[{i}]: unknown action {other:?}; use proxy (with mode), \
-                         kill-vigil or start-vigil"
+                         kill-vigil, start-vigil or restart-cloud"
                     )));
                 }
             }
@@ -160,6 +172,60 @@ pub struct RunOptions {
     /// Extra `[forward]` lines for Vigil's configuration (e.g. the oracle
     /// test's deliberately broken setting).
     pub forward_extra: Vec<String>,
+    /// The `vigil-sim` binary, for scenarios that restart the cloud.
+    pub sim: Option<PathBuf>,
+}
+
+/// The cloud broker: in this process, or a child process that can be killed.
+enum Broker {
+    InProcess,
+    Child(Child),
+}
+
+impl Broker {
+    fn kill(&mut self) {
+        if let Broker::Child(c) = self {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `vigil-sim cloud --broker-only` and reads its ports.
+fn child_broker(
+    sim: &Path,
+    pki: &pki::DevPki,
+) -> Result<(Broker, cloud::Listeners), ScenarioError> {
+    use std::io::BufRead as _;
+    let setup = |e: String| ScenarioError::Setup(e);
+    let mut child = Command::new(sim)
+        .args(["cloud", "--broker-only", "--pki"])
+        .arg(&pki.dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| setup(format!("{}: {e}", sim.display())))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    let mut addrs = line.split_whitespace().map(|a| a.parse::<SocketAddr>());
+    match (addrs.next(), addrs.next()) {
+        (Some(Ok(v4)), Some(Ok(v5))) => Ok((Broker::Child(child), cloud::Listeners { v4, v5 })),
+        _ => {
+            let _ = child.kill();
+            Err(setup(format!(
+                "the cloud child printed {line:?}, not its ports"
+            )))
+        }
+    }
 }
 
 /// A scenario's result.
@@ -289,21 +355,36 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
     let setup = |e: &dyn std::fmt::Display| ScenarioError::Setup(e.to_string());
     std::fs::create_dir_all(&opts.workdir).map_err(|e| setup(&e))?;
     let pki = pki::loopback(&opts.workdir.join("pki")).map_err(|e| setup(&e))?;
-    let listeners = cloud::start_broker(&pki).map_err(|e| setup(&e))?;
-    let subscriber = Subscriber::start(
-        &pki,
-        listeners.v4,
-        "vigil",
-        Some(&opts.workdir.join("received.jsonl")),
-    )
-    .map_err(|e| setup(&e))?;
-    if !subscriber.subscribed(Duration::from_secs(20)).await {
+    let restarts = scenario.faults.iter().any(|f| f.action == "restart-cloud");
+    let (mut broker, listeners) = match (&opts.sim, restarts) {
+        (Some(sim), true) => child_broker(sim, &pki)?,
+        (None, true) => {
+            return Err(setup(
+                &"restart-cloud needs the vigil-sim binary (RunOptions::sim)",
+            ));
+        }
+        (_, false) => (
+            Broker::InProcess,
+            cloud::start_broker(&pki).map_err(|e| setup(&e))?,
+        ),
+    };
+    let subscribe = |v4: SocketAddr, n: usize| {
+        Subscriber::start(
+            &pki,
+            v4,
+            "vigil",
+            Some(&opts.workdir.join(format!("received-{n}.jsonl"))),
+        )
+    };
+    let mut subscribers = vec![subscribe(listeners.v4, 0).map_err(|e| setup(&e))?];
+    if !subscribers[0].subscribed(Duration::from_secs(20)).await {
         return Err(setup(&"the verifying subscriber could not subscribe"));
     }
-    let upstream = match scenario.protocol {
-        Protocol::V311 => listeners.v4,
-        Protocol::V5 => listeners.v5,
+    let upstream_of = |l: &cloud::Listeners| match scenario.protocol {
+        Protocol::V311 => l.v4,
+        Protocol::V5 => l.v5,
     };
+    let upstream = upstream_of(&listeners);
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
         .await
         .map_err(|e| setup(&e))?;
@@ -386,6 +467,24 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
             }
             "kill-vigil" => vigil.kill(),
             "start-vigil" => vigil.start().await?,
+            "restart-cloud" => {
+                let (Some(sim), before) = (opts.sim.as_deref(), proxy.mode()) else {
+                    continue;
+                };
+                proxy.set(Mode::Reset);
+                proxy.set(Mode::Refuse);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                broker.kill();
+                let (fresh, listeners) = child_broker(sim, &pki)?;
+                broker = fresh;
+                let sub = subscribe(listeners.v4, subscribers.len()).map_err(|e| setup(&e))?;
+                if !sub.subscribed(Duration::from_secs(20)).await {
+                    return Err(setup(&"the subscriber could not resubscribe"));
+                }
+                subscribers.push(sub);
+                proxy.set_upstream(upstream_of(&listeners));
+                proxy.set(before);
+            }
             _ => {}
         }
     }
@@ -404,9 +503,11 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
         .filter(|s| s.acked)
         .map(|s| s.sha256.clone())
         .collect();
+    let arrived = |subs: &[Subscriber]| -> Vec<crate::ledger::Arrived> {
+        subs.iter().flat_map(Subscriber::arrived).collect()
+    };
     let drain_time = loop {
-        let have: std::collections::HashSet<String> = subscriber
-            .arrived()
+        let have: std::collections::HashSet<String> = arrived(&subscribers)
             .into_iter()
             .filter(|a| a.verified)
             .map(|a| a.sha256)
@@ -423,7 +524,8 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
     tokio::time::sleep(Duration::from_millis(300)).await;
     sampling.cancel();
     vigil.stop().await;
-    let report = oracle::judge(&sent, &subscriber.arrived());
+    let report = oracle::judge(&sent, &arrived(&subscribers));
+    drop(broker);
     Ok(Outcome {
         name: scenario.name.clone(),
         report,
@@ -449,6 +551,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "cloud-restart",
                 "crash-during-outage",
                 "flapping",
                 "outage",

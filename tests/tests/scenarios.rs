@@ -46,6 +46,7 @@ async fn run(name: &str) -> Outcome {
             vigil: binary("vigil", "vigil"),
             workdir: dir.path().to_path_buf(),
             forward_extra: Vec::new(),
+            sim: Some(binary("vigil-sim", "vigil-sim")),
         },
     )
     .await
@@ -70,6 +71,11 @@ async fn outage_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flapping_loses_nothing() {
     assert_clean(&run("flapping").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_broker_restart_loses_nothing() {
+    assert_clean(&run("cloud-restart").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
