@@ -3,14 +3,18 @@
 //! can change while it runs, and a change applies to open connections at
 //! their next chunk.
 //!
-//! TLS passes through untouched (the proxy never sees plaintext); faults
-//! that need MQTT packets (dropping PUBACKs) need a TLS-terminating proxy,
-//! which Vigil's own tests have (`bridge/tests/common/cloud.rs`).
+//! A plain proxy passes TLS through untouched (it never sees plaintext).
+//! [`Proxy::start_tls`] terminates TLS on both sides instead (presenting a
+//! certificate the client trusts, and a client certificate upstream), so the
+//! faults act on whole MQTT packets and `drop-pubacks` can drop the cloud's
+//! PUBACKs. A reset there still sends RST.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +37,9 @@ pub enum Mode {
     Bandwidth(u64),
     /// Forward one byte per write.
     OneByte,
+    /// Drop every PUBACK from the cloud (TLS-terminating proxies only:
+    /// a plain TCP proxy cannot see MQTT inside TLS and forwards them).
+    DropPubacks,
 }
 
 impl std::str::FromStr for Mode {
@@ -51,6 +58,7 @@ impl std::str::FromStr for Mode {
             ("reset", None) => Ok(Mode::Reset),
             ("blackhole", None) => Ok(Mode::Blackhole),
             ("one-byte", None) => Ok(Mode::OneByte),
+            ("drop-pubacks", None) => Ok(Mode::DropPubacks),
             ("latency", Some(d)) => humantime::parse_duration(d)
                 .map(Mode::Latency)
                 .map_err(|e| format!("latency={d}: {e}")),
@@ -60,9 +68,25 @@ impl std::str::FromStr for Mode {
             },
             _ => Err(format!(
                 "unknown proxy mode {s:?}: use pass, refuse, reset, blackhole, \
-                 latency=<duration>, bandwidth=<bytes/s> or one-byte"
+                 latency=<duration>, bandwidth=<bytes/s>, one-byte or drop-pubacks"
             )),
         }
+    }
+}
+
+/// Both TLS ends of a TLS-terminating proxy.
+pub struct TlsEnds {
+    /// Presented to clients (e.g. the cloud's own certificate).
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Used towards the upstream (with a client certificate it accepts).
+    pub connector: tokio_rustls::TlsConnector,
+    /// The name the upstream's certificate must carry.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsEnds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsEnds").finish_non_exhaustive()
     }
 }
 
@@ -76,8 +100,26 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Listens on `listen` and forwards to `upstream`.
+    /// Listens on `listen` and forwards bytes to `upstream`.
     pub async fn start(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<Self> {
+        Self::start_with(listen, upstream, None).await
+    }
+
+    /// Like [`Proxy::start`], but terminating TLS on both sides, so faults
+    /// can act on whole MQTT packets (`drop-pubacks`).
+    pub async fn start_tls(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        tls: TlsEnds,
+    ) -> std::io::Result<Self> {
+        Self::start_with(listen, upstream, Some(Arc::new(tls))).await
+    }
+
+    async fn start_with(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        tls: Option<Arc<TlsEnds>>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(Mode::Pass);
@@ -106,6 +148,7 @@ impl Proxy {
                 tokio::spawn(connection(
                     socket,
                     upstream,
+                    tls.clone(),
                     modes.subscribe(),
                     stop.clone(),
                 ));
@@ -153,15 +196,34 @@ fn reset(socket: TcpStream) {
     drop(socket);
 }
 
-/// Makes both sockets of a pump close with RST when their halves drop.
-fn reset_halves(from: &tokio::net::tcp::OwnedReadHalf, to: &tokio::net::tcp::OwnedWriteHalf) {
-    let _ = AsRef::<TcpStream>::as_ref(from).set_zero_linger();
-    let _ = AsRef::<TcpStream>::as_ref(to).set_zero_linger();
+/// A connection end the proxy can read, write and reset.
+trait Link: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The TCP socket underneath (to reset it).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Link for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Link for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl Link for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
 }
 
 async fn connection(
     client: TcpStream,
     upstream: SocketAddr,
+    tls: Option<Arc<TlsEnds>>,
     modes: watch::Receiver<Mode>,
     stop: CancellationToken,
 ) {
@@ -170,77 +232,126 @@ async fn connection(
         return;
     };
     let _ = server.set_nodelay(true);
-    let (cr, cw) = client.into_split();
-    let (sr, sw) = server.into_split();
-    let up = pump(cr, sw, modes.clone());
-    let down = pump(sr, cw, modes);
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = up => {}
-        _ = down => {}
+    let Some(tls) = tls else {
+        relay(client, server, false, modes, stop).await;
+        return;
+    };
+    let Ok(Ok(client)) =
+        tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(client)).await
+    else {
+        return;
+    };
+    let name = tls.server_name.clone();
+    let Ok(Ok(server)) =
+        tokio::time::timeout(Duration::from_secs(10), tls.connector.connect(name, server)).await
+    else {
+        return;
+    };
+    relay(client, server, true, modes, stop).await;
+}
+
+/// The length of the first complete MQTT packet in `buf`, if there is one.
+fn packet_len(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let total = 1 + i + 1 + len;
+            return (buf.len() >= total).then_some(total);
+        }
+    }
+    None
+}
+
+/// Carries bytes both ways as the mode says, until either side closes, the
+/// mode is `reset`, or the proxy stops. With `mqtt`, whole MQTT packets are
+/// the unit (so `drop-pubacks` can drop the cloud's PUBACKs); otherwise
+/// whatever each read returned.
+async fn relay<C: Link, S: Link>(
+    mut client: C,
+    mut server: S,
+    mqtt: bool,
+    mut modes: watch::Receiver<Mode>,
+    stop: CancellationToken,
+) {
+    let mut up = Vec::new(); // client -> server, not yet forwarded
+    let mut down = Vec::new(); // server -> client
+    let mut a = vec![0u8; 16 * 1024];
+    let mut b = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = client.read(&mut a) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => up.extend_from_slice(&a[..n]),
+            },
+            r = server.read(&mut b) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => down.extend_from_slice(&b[..n]),
+            },
+            changed = modes.changed() => if changed.is_err() { return },
+        }
+        // Apply the mode to what has arrived, unit by unit.
+        for upward in [true, false] {
+            loop {
+                let buf = if upward { &mut up } else { &mut down };
+                let unit = if mqtt {
+                    packet_len(buf)
+                } else {
+                    Some(buf.len())
+                };
+                let Some(n) = unit.filter(|n| *n > 0) else {
+                    break;
+                };
+                let mode = *modes.borrow_and_update();
+                match mode {
+                    Mode::Reset => {
+                        let _ = client.tcp().set_zero_linger();
+                        let _ = server.tcp().set_zero_linger();
+                        return;
+                    }
+                    // Held until the mode changes (the select wakes on it).
+                    Mode::Blackhole => break,
+                    Mode::Latency(d) => tokio::time::sleep(d).await,
+                    Mode::Bandwidth(bps) => {
+                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps as f64)).await;
+                    }
+                    Mode::Pass | Mode::Refuse | Mode::OneByte | Mode::DropPubacks => {}
+                }
+                let unit: Vec<u8> = buf.drain(..n).collect();
+                if mode == Mode::DropPubacks && !upward && unit.first().is_some_and(|f| f >> 4 == 4)
+                {
+                    continue;
+                }
+                let ok = if upward {
+                    write(&mut server, &unit, mode == Mode::OneByte).await
+                } else {
+                    write(&mut client, &unit, mode == Mode::OneByte).await
+                };
+                if !ok {
+                    return;
+                }
+            }
+        }
     }
 }
 
-/// Copies one direction, chunk by chunk, as the mode says. Returns when
-/// either side closes or the mode is `reset`.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut modes: watch::Receiver<Mode>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = tokio::select! {
-            r = from.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-            changed = modes.changed() => {
-                if changed.is_err() || *modes.borrow() == Mode::Reset {
-                    reset_halves(&from, &to);
-                    return;
-                }
-                continue;
+async fn write<W: AsyncWrite + Unpin>(to: &mut W, bytes: &[u8], one_by_one: bool) -> bool {
+    let written = if one_by_one {
+        let mut ok = true;
+        for byte in bytes {
+            if to.write_all(std::slice::from_ref(byte)).await.is_err() || to.flush().await.is_err()
+            {
+                ok = false;
+                break;
             }
-        };
-        let chunk = &buf[..n];
-        loop {
-            let mode = *modes.borrow_and_update();
-            match mode {
-                Mode::Reset => {
-                    reset_halves(&from, &to);
-                    return;
-                }
-                Mode::Blackhole => {
-                    if modes.changed().await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                Mode::Latency(d) => tokio::time::sleep(d).await,
-                Mode::Bandwidth(bps) => {
-                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps as f64)).await;
-                }
-                Mode::Pass | Mode::Refuse | Mode::OneByte => {}
-            }
-            break;
         }
-        let written = if *modes.borrow() == Mode::OneByte {
-            let mut ok = true;
-            for b in chunk {
-                if to.write_all(std::slice::from_ref(b)).await.is_err() {
-                    ok = false;
-                    break;
-                }
-            }
-            ok
-        } else {
-            to.write_all(chunk).await.is_ok()
-        };
-        if !written {
-            return;
-        }
-    }
+        ok
+    } else {
+        to.write_all(bytes).await.is_ok()
+    };
+    written && to.flush().await.is_ok()
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 //! at = "3s"             # from the start of the run
 //! action = "proxy"      # the link between Vigil and the cloud
 //! mode = "refuse"       # pass, refuse, reset, blackhole, latency=200ms,
-//!                       # bandwidth=20000, one-byte
+//!                       # bandwidth=20000, one-byte, drop-pubacks
 //!
 //! [[faults]]
 //! at = "5s"
@@ -333,6 +333,25 @@ impl Drop for Vigil {
     }
 }
 
+/// The proxy's TLS ends: it presents the cloud's certificate to Vigil and
+/// the `device` client certificate to the cloud.
+fn proxy_tls(pki: &pki::DevPki) -> Result<crate::proxy::TlsEnds, cloud::CloudError> {
+    let chain = vigil::pem::load_certs(&pki.path("cloud.pem"), "cloud.pem")?;
+    let key = vigil::pem::load_key(&pki.path("cloud.key"), "cloud.key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| cloud::CloudError::Start(format!("proxy TLS: {e}")))?;
+    Ok(crate::proxy::TlsEnds {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        connector: tokio_rustls::TlsConnector::from(cloud::client_tls(pki, "device")?),
+        server_name: rustls::pki_types::ServerName::IpAddress(
+            std::net::IpAddr::from([127, 0, 0, 1]).into(),
+        ),
+    })
+}
+
 /// VmRSS of `pid` in KiB.
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -385,9 +404,14 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
         Protocol::V5 => l.v5,
     };
     let upstream = upstream_of(&listeners);
-    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
-        .await
-        .map_err(|e| setup(&e))?;
+    // TLS-terminating, so faults act on MQTT packets (drop-pubacks).
+    let proxy = Proxy::start_tls(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        upstream,
+        proxy_tls(&pki).map_err(|e| setup(&e))?,
+    )
+    .await
+    .map_err(|e| setup(&e))?;
     let gate = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let config = opts.workdir.join("vigil.toml");
     let protocol = match scenario.protocol {
@@ -557,7 +581,8 @@ mod tests {
                 "outage",
                 "slow-link",
                 "soak",
-                "ward-3-outage"
+                "ward-3-outage",
+                "withheld-pubacks"
             ]
         );
     }

@@ -74,6 +74,16 @@ async fn flapping_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withheld_pubacks_lose_nothing_and_are_resent() {
+    let o = run("withheld-pubacks").await;
+    assert_clean(&o);
+    assert!(
+        o.report.duplicated > 0,
+        "the unacknowledged ones were sent again: {o}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_broker_restart_loses_nothing() {
     assert_clean(&run("cloud-restart").await);
 }
