@@ -282,3 +282,22 @@ pub fn check(envelope_bytes: &[u8]) -> Arrived {
         },
     }
 }
+
+/// The proxy's TLS ends: it presents the cloud's certificate to Vigil and
+/// the `device` client certificate to the cloud.
+pub fn proxy_tls(pki: &DevPki) -> Result<crate::proxy::TlsEnds, CloudError> {
+    let chain = vigil::pem::load_certs(&pki.path("cloud.pem"), "cloud.pem")?;
+    let key = vigil::pem::load_key(&pki.path("cloud.key"), "cloud.key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| CloudError::Start(format!("proxy TLS: {e}")))?;
+    Ok(crate::proxy::TlsEnds {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        connector: tokio_rustls::TlsConnector::from(client_tls(pki, "device")?),
+        server_name: rustls::pki_types::ServerName::IpAddress(
+            std::net::IpAddr::from([127, 0, 0, 1]).into(),
+        ),
+    })
+}

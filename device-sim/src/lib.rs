@@ -1,5 +1,5 @@
 //! `vigil-sim`: how anyone proves, on their own machine, that Vigil loses
-//! nothing (issue 5, in progress).
+//! nothing.
 //!
 //! * [`pki`]: the development PKI (CA, cloud server, Vigil client, device
 //!   certificates), made with rcgen on demand and never committed.
@@ -9,8 +9,9 @@
 //!   record what Vigil acknowledged.
 //! * [`ledger`]: what each side recorded: devices write what Vigil
 //!   acknowledged, the verifying cloud what arrived.
-//! * [`proxy`]: a TCP fault proxy (refuse, reset, blackhole, latency,
-//!   bandwidth cap, one byte per write), switchable while it runs.
+//! * [`proxy`]: a fault proxy (refuse, reset, blackhole, latency, bandwidth
+//!   cap, one byte per write; dropping PUBACKs when it terminates TLS),
+//!   switchable while it runs.
 //! * [`scenario`]: cloud, proxy, the real `vigil` binary and the devices
 //!   under a timeline of faults, then a drain and the report.
 //! * [`oracle`]: the verdict from the two ledgers (`DESIGN.md` section 4):

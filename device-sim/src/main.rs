@@ -102,6 +102,11 @@ enum Command {
         /// Timeline, e.g. "0s=pass,5s=blackhole,15s=pass" (offsets from start).
         #[arg(long, default_value = "0s=pass")]
         schedule: String,
+        /// Terminate TLS with this development PKI (presenting the cloud's
+        /// certificate, and the device certificate upstream), so faults act
+        /// on MQTT packets and drop-pubacks works.
+        #[arg(long)]
+        tls_pki: Option<PathBuf>,
     },
     /// Runs a scenario: the loopback cloud, the fault proxy, the real
     /// `vigil` binary and the devices under the file's timeline; prints the
@@ -295,6 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             upstream,
             schedule,
+            tls_pki,
         } => {
             let mut steps = Vec::new();
             for step in schedule.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -311,7 +317,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             steps.sort_by_key(|(at, _)| *at);
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
-                let proxy = std::sync::Arc::new(Proxy::start(listen, upstream).await?);
+                let proxy = match tls_pki {
+                    Some(dir) => {
+                        let ends = vigil_sim::cloud::proxy_tls(&vigil_sim::pki::DevPki { dir })?;
+                        Proxy::start_tls(listen, upstream, ends).await?
+                    }
+                    None => Proxy::start(listen, upstream).await?,
+                };
+                let proxy = std::sync::Arc::new(proxy);
                 println!("proxy: {} -> {upstream}", proxy.addr());
                 let timeline = proxy.clone();
                 tokio::spawn(async move {

@@ -333,25 +333,6 @@ impl Drop for Vigil {
     }
 }
 
-/// The proxy's TLS ends: it presents the cloud's certificate to Vigil and
-/// the `device` client certificate to the cloud.
-fn proxy_tls(pki: &pki::DevPki) -> Result<crate::proxy::TlsEnds, cloud::CloudError> {
-    let chain = vigil::pem::load_certs(&pki.path("cloud.pem"), "cloud.pem")?;
-    let key = vigil::pem::load_key(&pki.path("cloud.key"), "cloud.key")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
-        .map_err(|e| cloud::CloudError::Start(format!("proxy TLS: {e}")))?;
-    Ok(crate::proxy::TlsEnds {
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-        connector: tokio_rustls::TlsConnector::from(cloud::client_tls(pki, "device")?),
-        server_name: rustls::pki_types::ServerName::IpAddress(
-            std::net::IpAddr::from([127, 0, 0, 1]).into(),
-        ),
-    })
-}
-
 /// VmRSS of `pid` in KiB.
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -408,7 +389,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
     let proxy = Proxy::start_tls(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         upstream,
-        proxy_tls(&pki).map_err(|e| setup(&e))?,
+        cloud::proxy_tls(&pki).map_err(|e| setup(&e))?,
     )
     .await
     .map_err(|e| setup(&e))?;
