@@ -250,6 +250,9 @@ async fn connection(
     relay(client, server, true, modes, stop).await;
 }
 
+/// Most bytes held per direction while they wait (e.g. in a blackhole).
+const HELD: usize = 4 << 20;
+
 /// The length of the first complete MQTT packet in `buf`, if there is one.
 fn packet_len(buf: &[u8]) -> Option<usize> {
     let mut len = 0usize;
@@ -282,11 +285,13 @@ async fn relay<C: Link, S: Link>(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            r = client.read(&mut a) => match r {
+            // Past HELD bytes waiting in one direction (a blackhole), that
+            // side is not read: TCP flow control holds the sender back.
+            r = client.read(&mut a), if up.len() < HELD => match r {
                 Ok(0) | Err(_) => return,
                 Ok(n) => up.extend_from_slice(&a[..n]),
             },
-            r = server.read(&mut b) => match r {
+            r = server.read(&mut b), if down.len() < HELD => match r {
                 Ok(0) | Err(_) => return,
                 Ok(n) => down.extend_from_slice(&b[..n]),
             },
