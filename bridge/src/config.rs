@@ -32,6 +32,8 @@ pub struct VigilConfig {
     pub gate: GateConfig,
     /// `[forward]`: the cloud.
     pub forward: ForwardConfig,
+    /// `[http]`: health, status and metrics.
+    pub http: crate::operator::HttpConfig,
     /// `[run]`: the daemon itself.
     pub run: RunConfig,
 }
@@ -190,7 +192,7 @@ impl VigilConfig {
         };
 
         // Unknown sections.
-        let known = ["store", "gate", "forward", "run"];
+        let known = ["store", "gate", "forward", "http", "run"];
         if let Ok(table) = merged
             .clone()
             .try_deserialize::<HashMap<String, config::Value>>()
@@ -227,6 +229,7 @@ impl VigilConfig {
             store: section(&merged, "store", &mut problems),
             gate: section(&merged, "gate", &mut problems),
             forward: section(&merged, "forward", &mut problems),
+            http: section(&merged, "http", &mut problems),
             run: section(&merged, "run", &mut problems),
         };
         for p in config.problems() {

@@ -25,6 +25,9 @@ pub enum DaemonError {
     /// The forwarder could not start or failed.
     #[error("forward: {0}")]
     Forward(#[from] ForwardError),
+    /// The operator endpoints could not start.
+    #[error(transparent)]
+    Operator(#[from] crate::operator::OperatorError),
     /// The store failed to persist: Vigil stops rather than acknowledge what
     /// it cannot keep. A restart recovers everything acknowledged.
     #[error("the store failed and Vigil stopped: {0}")]
@@ -64,6 +67,25 @@ pub async fn run(
             return Err(e.into());
         }
     };
+    let operator = if config.http.enabled {
+        let observed = crate::operator::Observed {
+            store: store.clone(),
+            gate: gate.counters(),
+            forward: forwarder.counters(),
+            link: forwarder.link_state(),
+        };
+        match crate::operator::Operator::start(config.http.listen, observed).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                let _ = forwarder.stop().await;
+                gate.shutdown().await;
+                let _ = store.close().await;
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     tracing::info!(
         devices_tcp = ?gate.tcp_addr(),
         devices_tls = ?gate.tls_addr(),
@@ -95,6 +117,7 @@ pub async fn run(
         }
     };
     tracing::info!("stopping: devices first, then the cloud session, then the store");
+    drop(operator);
     let deadline = config.run.shutdown_timeout;
     let graceful = async {
         gate.shutdown().await;

@@ -27,6 +27,8 @@
 //! * [`pem`]: certificate and key files for both TLS ends.
 //! * [`state`]: the cloud link state (`offline`, `syncing`, `online`) and its
 //!   legal transitions.
+//! * [`operator`]: `/health`, `/status` and `/metrics` on a loopback
+//!   listener.
 //! * [`config`]: `vigil.toml` and `VIGIL__*` overrides, checked as a whole.
 //! * [`daemon`]: `vigil run`: store, gate and forwarder together, and the
 //!   graceful stop.
@@ -42,6 +44,7 @@ pub mod daemon;
 pub mod event;
 pub mod forward;
 pub mod gate;
+pub mod operator;
 pub mod pem;
 pub mod state;
 pub mod store;

@@ -11,11 +11,11 @@
 //! offline → online is illegal. The forwarder publishes the state on a watch
 //! channel (health and metrics read it) and logs every change.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// Where the cloud link stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkState {
     /// No cloud connection.

@@ -81,6 +81,97 @@ async fn publish_until_gone(port: u16, from: usize, limit: usize) -> Vec<usize> 
     acked
 }
 
+/// `GET path` over HTTP/1.0: (status code, body).
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+/// /health, /status and /metrics of a running Vigil with traffic flowing.
+async fn check_operator_endpoints(port: u16) {
+    let (code, body) = http_get(port, "/health").await;
+    assert_eq!(code, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["forwarder_alive"], true);
+
+    let (code, body) = http_get(port, "/status").await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["backlog"].as_array().unwrap().len(), 4, "{body}");
+    assert!(
+        status["counters"]["ingested"].as_u64().unwrap() >= 100,
+        "{body}"
+    );
+    assert!(
+        status["counters"]["acknowledged"].as_u64().unwrap() > 0,
+        "{body}"
+    );
+
+    let (code, body) = http_get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    // Prometheus text: comments, or `name{labels} value` with a number.
+    let mut names = std::collections::HashSet::new();
+    for line in body.lines().filter(|l| !l.is_empty()) {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad name in {line}"
+        );
+        names.insert(name.to_string());
+    }
+    assert!(
+        body.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    for documented in [
+        "vigil_ingested_total",
+        "vigil_refused_store_full_total",
+        "vigil_backlog_messages",
+        "vigil_backlog_bytes",
+        "vigil_oldest_age_seconds",
+        "vigil_forwarded_total",
+        "vigil_acknowledged_total",
+        "vigil_in_flight",
+        "vigil_cloud_connected",
+        "vigil_link_state",
+        "vigil_reconnects_total",
+        "vigil_evicted_total",
+        "vigil_dead_lettered_total",
+        "vigil_dead_letter_messages",
+        "vigil_quarantined_total",
+        "vigil_gap_notices_total",
+        "vigil_last_cloud_ack_age_seconds",
+        "vigil_device_connections",
+        "vigil_refused_auth_total",
+    ] {
+        assert!(
+            names.contains(documented),
+            "{documented} missing from:\n{body}"
+        );
+    }
+    assert!(
+        body.contains("vigil_link_state{state=\"online\"} 1")
+            || body.contains("vigil_link_state{state=\"syncing\"} 1"),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_traffic_stops_cleanly_and_loses_nothing_acknowledged() {
     let pki = c::cloud_pki();
@@ -89,6 +180,7 @@ async fn sigterm_during_traffic_stops_cleanly_and_loses_nothing_acknowledged() {
     let _sub = Subscriber::start(&pki, cloud.v4, arrivals.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let http_port = free_port();
     let config = dir.path().join("vigil.toml");
     std::fs::write(
         &config,
@@ -96,9 +188,11 @@ async fn sigterm_during_traffic_stops_cleanly_and_loses_nothing_acknowledged() {
             "[store]\ndir = \"{store}\"\n\n[gate]\ntcp_listen = \"127.0.0.1:{port}\"\n\n\
              [forward]\nhost = \"127.0.0.1\"\nport = {cloud_port}\nbackoff_max = \"500ms\"\n\n\
              [forward.tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
+             [http]\nlisten = \"127.0.0.1:{http}\"\n\n\
              [run]\nshutdown_timeout = \"10s\"\n",
             store = dir.path().join("store").display(),
             cloud_port = cloud.v5.port(),
+            http = http_port,
             ca = pki.path("ca.pem").display(),
             cert = pki.path("vigil.pem").display(),
             key = pki.path("vigil.key").display(),
@@ -118,6 +212,7 @@ async fn sigterm_during_traffic_stops_cleanly_and_loses_nothing_acknowledged() {
         arrivals.lock().unwrap().unique() >= 100
     })
     .await;
+    check_operator_endpoints(http_port).await;
     let pid = vigil.id();
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])

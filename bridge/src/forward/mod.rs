@@ -83,6 +83,11 @@ pub struct ForwardCounters {
     pub connections: AtomicU64,
     /// Connection attempts or connections that failed.
     pub failures: AtomicU64,
+    /// Publishes in flight now (a gauge).
+    pub in_flight: AtomicU64,
+    /// When the last PUBACK arrived (microseconds since the Unix epoch; 0:
+    /// never).
+    pub last_ack_micros: AtomicU64,
 }
 
 /// A running forwarder.
@@ -158,9 +163,9 @@ impl Forwarder {
         self.last_error.clone()
     }
 
-    /// Counters since start.
-    pub fn counters(&self) -> &ForwardCounters {
-        &self.counters
+    /// Counters since start (shared: they keep counting).
+    pub fn counters(&self) -> Arc<ForwardCounters> {
+        self.counters.clone()
     }
 
     /// Whether the driver has stopped (only on a store failure or `stop`).
@@ -297,6 +302,9 @@ impl Driver {
                     LinkState::Syncing
                 })?;
             }
+            self.counters
+                .in_flight
+                .store(self.session.in_flight() as u64, Ordering::Relaxed);
             let hungry = connected && self.wants_more();
             let waiting = connected && self.session.in_flight() > 0;
             let deadline = last_progress + self.config.ack_timeout;
@@ -373,6 +381,10 @@ impl Driver {
                 }
                 Ok(Happened::PubAck { pkid, reason }) => {
                     last_progress = Instant::now();
+                    self.counters.last_ack_micros.store(
+                        u64::try_from(crate::event::Timestamp::now().0).unwrap_or(0),
+                        Ordering::Relaxed,
+                    );
                     match self.session.puback(pkid, reason) {
                         AckOutcome::Delivered(m) => {
                             progressed = true;
