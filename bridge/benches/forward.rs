@@ -183,7 +183,7 @@ async fn latency(
                 }
                 rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
                     let now = now_micros();
-                    let sent = vigil::forward::envelope::verify(&p.payload)
+                    let sent = vigil_sim::envelope::verify(&p.payload)
                         .ok()
                         .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).ok())
                         .and_then(|v| v["t"].as_u64());

@@ -11,9 +11,8 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use vigil::event::hex;
-use vigil::forward::envelope;
 
+use crate::envelope::{self, hex};
 use crate::ledger::{Arrived, LedgerError, Writer};
 use crate::pki::DevPki;
 
@@ -25,7 +24,7 @@ pub enum CloudError {
     Start(String),
     /// A certificate or key of the development PKI is unusable.
     #[error(transparent)]
-    Pem(#[from] vigil::pem::PemError),
+    Pem(#[from] crate::pem::PemError),
     /// The ledger could not be written.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
@@ -131,9 +130,9 @@ pub fn tls_from_files(
     cert: &Path,
     key: &Path,
 ) -> Result<Arc<rustls::ClientConfig>, CloudError> {
-    let roots = vigil::pem::load_roots(ca, "--ca")?;
-    let chain = vigil::pem::load_certs(cert, "--cert")?;
-    let key = vigil::pem::load_key(key, "--key")?;
+    let roots = crate::pem::load_roots(ca, "--ca")?;
+    let chain = crate::pem::load_certs(cert, "--cert")?;
+    let key = crate::pem::load_key(key, "--key")?;
     let stem = cert.display();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -286,8 +285,8 @@ pub fn check(envelope_bytes: &[u8]) -> Arrived {
 /// The proxy's TLS ends: it presents the cloud's certificate to Vigil and
 /// the `device` client certificate to the cloud.
 pub fn proxy_tls(pki: &DevPki) -> Result<crate::proxy::TlsEnds, CloudError> {
-    let chain = vigil::pem::load_certs(&pki.path("cloud.pem"), "cloud.pem")?;
-    let key = vigil::pem::load_key(&pki.path("cloud.key"), "cloud.key")?;
+    let chain = crate::pem::load_certs(&pki.path("cloud.pem"), "cloud.pem")?;
+    let key = crate::pem::load_key(&pki.path("cloud.key"), "cloud.key")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

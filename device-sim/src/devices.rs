@@ -18,9 +18,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::envelope::hex;
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
-use vigil::event::hex;
 
 use crate::ledger::{LedgerError, Sent, Writer};
 

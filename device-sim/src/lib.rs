@@ -7,6 +7,9 @@
 //!   subscriber that writes the cloud's ledger.
 //! * [`devices`]: simulated bedside monitors (vitals, ECG, alarms) that
 //!   record what Vigil acknowledged.
+//! * [`envelope`]: the cloud's side of Vigil's envelope, written from its
+//!   documentation: parse, recover the payload, check the sha256.
+//! * [`pem`]: the PKI's PEM files as rustls types.
 //! * [`ledger`]: what each side recorded: devices write what Vigil
 //!   acknowledged, the verifying cloud what arrived.
 //! * [`proxy`]: a fault proxy (refuse, reset, blackhole, latency, bandwidth
@@ -19,8 +22,10 @@
 
 pub mod cloud;
 pub mod devices;
+pub mod envelope;
 pub mod ledger;
 pub mod oracle;
+pub mod pem;
 pub mod pki;
 pub mod proxy;
 pub mod scenario;

@@ -381,6 +381,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     workdir,
                     forward_extra: forward_setting,
                     sim: std::env::current_exe().ok(),
+                    http: None,
+                    milestones: None,
                 },
             ))?;
             println!("{outcome}");

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use vigil::event::VIGIL_DEVICE;
+use crate::envelope::VIGIL_DEVICE;
 
 use crate::ledger::{Arrived, Sent};
 

@@ -142,9 +142,9 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o077, 0, "{stem}.key is private");
-            assert!(vigil::pem::load_certs(&pki.path(&format!("{stem}.pem")), "test").is_ok());
-            assert!(vigil::pem::load_key(&pki.path(&format!("{stem}.key")), "test").is_ok());
+            assert!(crate::pem::load_certs(&pki.path(&format!("{stem}.pem")), "test").is_ok());
+            assert!(crate::pem::load_key(&pki.path(&format!("{stem}.key")), "test").is_ok());
         }
-        assert!(vigil::pem::load_roots(&pki.path("ca.pem"), "test").is_ok());
+        assert!(crate::pem::load_roots(&pki.path("ca.pem"), "test").is_ok());
     }
 }

@@ -49,7 +49,6 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
-use vigil::forward::config::Protocol;
 
 use crate::cloud::{self, Subscriber};
 use crate::devices::{self, DeviceProtocol, DevicesConfig};
@@ -78,13 +77,25 @@ pub struct Scenario {
     pub drain_timeout: Duration,
     /// Vigil to cloud protocol.
     #[serde(default)]
-    pub protocol: Protocol,
+    pub protocol: CloudProtocol,
     /// Devices to Vigil: "3.1.1", "5" or "mixed" (the default: half each).
     #[serde(default)]
     pub device_protocol: DeviceProtocol,
     /// The timeline.
     #[serde(default)]
     pub faults: Vec<Fault>,
+}
+
+/// The MQTT version Vigil speaks to the cloud (its `forward.protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum CloudProtocol {
+    /// MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5.
+    #[default]
+    #[serde(rename = "5")]
+    V5,
 }
 
 fn default_devices() -> usize {
@@ -130,12 +141,31 @@ pub enum ScenarioError {
 impl Scenario {
     /// Reads and checks a scenario file.
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        Self::check(
+            config::File::from(path).format(config::FileFormat::Toml),
+            path,
+        )
+    }
+
+    /// Parses and checks a scenario given as TOML text; `origin` names it in
+    /// errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ScenarioError> {
+        Self::check(
+            config::File::from_str(text, config::FileFormat::Toml),
+            origin,
+        )
+    }
+
+    fn check<S>(source: S, path: &Path) -> Result<Self, ScenarioError>
+    where
+        S: config::Source + Send + Sync + 'static,
+    {
         let bad = |reason: String| ScenarioError::File {
             path: path.to_path_buf(),
             reason,
         };
         let s: Scenario = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(source)
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| bad(e.to_string()))?;
@@ -174,6 +204,21 @@ pub struct RunOptions {
     pub forward_extra: Vec<String>,
     /// The `vigil-sim` binary, for scenarios that restart the cloud.
     pub sim: Option<PathBuf>,
+    /// Where Vigil's operator endpoints (`/status`, `/metrics`) listen
+    /// (`None`: a free loopback port, not reported).
+    pub http: Option<SocketAddr>,
+    /// Milestones as they happen, one human-readable line each (Vigil up,
+    /// each fault, devices stopped, drained). Sent with `try_send`: a slow
+    /// reader misses lines, the run never waits for it.
+    pub milestones: Option<tokio::sync::mpsc::Sender<String>>,
+}
+
+impl RunOptions {
+    fn milestone(&self, line: impl FnOnce() -> String) {
+        if let Some(tx) = &self.milestones {
+            let _ = tx.try_send(line());
+        }
+    }
 }
 
 /// The cloud broker: in this process, or a child process that can be killed.
@@ -381,8 +426,8 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
         return Err(setup(&"the verifying subscriber could not subscribe"));
     }
     let upstream_of = |l: &cloud::Listeners| match scenario.protocol {
-        Protocol::V311 => l.v4,
-        Protocol::V5 => l.v5,
+        CloudProtocol::V311 => l.v4,
+        CloudProtocol::V5 => l.v5,
     };
     let upstream = upstream_of(&listeners);
     // TLS-terminating, so faults act on MQTT packets (drop-pubacks).
@@ -394,13 +439,17 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
     .await
     .map_err(|e| setup(&e))?;
     let gate = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let http = match opts.http {
+        Some(a) => a,
+        None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+    };
     let config = opts.workdir.join("vigil.toml");
     let protocol = match scenario.protocol {
-        Protocol::V311 => "3.1.1",
-        Protocol::V5 => "5",
+        CloudProtocol::V311 => "3.1.1",
+        CloudProtocol::V5 => "5",
     };
     let text = format!(
-        "[store]\ndir = {store:?}\n\n[gate]\ntcp_listen = \"{gate}\"\n\n[forward]\n\
+        "[store]\ndir = {store:?}\n\n[gate]\ntcp_listen = \"{gate}\"\n\n[http]\nlisten = \"{http}\"\n\n[forward]\n\
          host = \"127.0.0.1\"\nport = {port}\nprotocol = \"{protocol}\"\n\
          ack_timeout = \"5s\"\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n{extra}\n\n\
          [forward.tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
@@ -428,6 +477,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
         pid: pid.clone(),
     };
     vigil.start().await?;
+    opts.milestone(|| format!("vigil is up: devices on {gate}, cloud via the fault proxy"));
 
     // Sample Vigil's RSS throughout.
     let peak = Arc::new(AtomicU64::new(0));
@@ -464,6 +514,10 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
     faults.sort_by_key(|f| f.at);
     for f in &faults {
         tokio::time::sleep_until(start + f.at).await;
+        opts.milestone(|| match &f.mode {
+            Some(mode) => format!("{:?}: {} {mode}", f.at, f.action),
+            None => format!("{:?}: {}", f.at, f.action),
+        });
         match f.action.as_str() {
             "proxy" => {
                 if let Some(mode) = f.mode.as_deref().and_then(|m| m.parse().ok()) {
@@ -503,6 +557,13 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
         .map_err(|e| setup(&e))?
         .map_err(|e| setup(&e))?;
     let stopped = Instant::now();
+    opts.milestone(|| {
+        format!(
+            "devices stopped: {} readings sent, {} acknowledged by Vigil; link healed, draining",
+            sent.len(),
+            sent.iter().filter(|s| s.acked).count()
+        )
+    });
     let want: std::collections::HashSet<String> = sent
         .iter()
         .filter(|s| s.acked)
@@ -525,6 +586,10 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    opts.milestone(|| match drain_time {
+        Some(d) => format!("drained: every acknowledged reading reached the cloud in {d:.2?}"),
+        None => format!("drain timed out after {:?}", scenario.drain_timeout),
+    });
     // Late duplicates still in flight are counted too.
     tokio::time::sleep(Duration::from_millis(300)).await;
     sampling.cancel();

@@ -47,6 +47,8 @@ async fn run(name: &str) -> Outcome {
             workdir: dir.path().to_path_buf(),
             forward_extra: Vec::new(),
             sim: Some(binary("vigil-sim", "vigil-sim")),
+            http: None,
+            milestones: None,
         },
     )
     .await

@@ -25,6 +25,10 @@
 //!   when the device set them.
 //! - Gap notices (`kind` `gap-notice`, `device` `$vigil`, priority 0) use the
 //!   same envelope; their payload is JSON documented in the README.
+//!
+//! The cloud's side (parsing and checking an envelope) is written
+//! independently in `vigil_sim::envelope`, from this documentation: the
+//! oracle does not trust the code it judges.
 
 use base64::Engine as _;
 use serde::Serialize;
@@ -95,100 +99,12 @@ pub fn encode(event: &Event) -> Vec<u8> {
     out
 }
 
-/// A cloud's view of an envelope: what a subscriber needs to verify it. Used
-/// by Vigil's tests and the simulator; a reference for cloud teams.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Received {
-    /// `id`.
-    pub id: String,
-    /// `device`.
-    pub device: String,
-    /// `seq`.
-    pub seq: u64,
-    /// `priority`.
-    pub priority: u8,
-    /// `kind`.
-    pub kind: String,
-    /// The payload bytes as the device sent them.
-    pub payload: Vec<u8>,
-}
-
-/// Why an envelope does not verify.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EnvelopeError {
-    /// Not a JSON object with the version-1 members.
-    #[error("not a version-{VERSION} envelope: {0}")]
-    Malformed(String),
-    /// The payload does not hash to `sha256`.
-    #[error("payload does not match its sha256 (envelope {id})")]
-    Digest {
-        /// The envelope's id.
-        id: String,
-    },
-}
-
-/// Parses an envelope and checks its payload against `sha256`.
-pub fn verify(envelope: &[u8]) -> Result<Received, EnvelopeError> {
-    #[derive(serde::Deserialize)]
-    struct Members {
-        v: u8,
-        id: String,
-        device: String,
-        seq: u64,
-        priority: u8,
-        kind: String,
-        sha256: String,
-        payload_encoding: String,
-        payload: serde_json::Value,
-    }
-    let bad = |m: String| EnvelopeError::Malformed(m);
-    let m: Members = serde_json::from_slice(envelope).map_err(|e| bad(e.to_string()))?;
-    if m.v != VERSION {
-        return Err(bad(format!("version {}", m.v)));
-    }
-    let payload = match m.payload_encoding.as_str() {
-        "json" => {
-            const MARK: &[u8] = b",\"payload\":";
-            let start = envelope
-                .windows(MARK.len())
-                .position(|w| w == MARK)
-                .ok_or_else(|| bad("no payload member".into()))?
-                + MARK.len();
-            let end = envelope.len().saturating_sub(1);
-            envelope
-                .get(start..end)
-                .ok_or_else(|| bad("truncated".into()))?
-                .to_vec()
-        }
-        "base64" => {
-            let text = m
-                .payload
-                .as_str()
-                .ok_or_else(|| bad("base64 payload is not a string".into()))?;
-            base64::engine::general_purpose::STANDARD
-                .decode(text)
-                .map_err(|e| bad(format!("payload: {e}")))?
-        }
-        other => return Err(bad(format!("payload_encoding {other:?}"))),
-    };
-    if hex(&Sha256::digest(&payload)) != m.sha256 {
-        return Err(EnvelopeError::Digest { id: m.id });
-    }
-    Ok(Received {
-        id: m.id,
-        device: m.device,
-        seq: m.seq,
-        priority: m.priority,
-        kind: m.kind,
-        payload,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::{Ingest, Kind, Qos, Timestamp};
     use proptest::prelude::*;
+    use vigil_sim::envelope::{EnvelopeError, verify};
 
     fn event(payload: &[u8]) -> Event {
         Event::from_ingest(

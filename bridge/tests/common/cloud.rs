@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use vigil::forward::config::{ForwardConfig, Protocol, UplinkTls};
-use vigil::forward::envelope::{self, Received};
+use vigil_sim::envelope::{self, Received};
 
 use super::gate::{Pki, write_private};
 
