@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{CONFIG_ENV, VigilConfig};
 use crate::crypto::{KeySource, MasterKey};
-use crate::event::{Ingest, Kind, Qos, Timestamp};
+use crate::event::Timestamp;
 use crate::store::{Store, StoreOptions, StoreStats};
 
 /// Vigil: a store-and-forward MQTT bridge whose PUBACK means "on disk".
@@ -36,28 +36,33 @@ pub enum LogFormat {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Zero set-up demonstration: an encrypted store in a temporary directory
-    /// under an ephemeral key, simulated bedside readings appended durably,
-    /// some acknowledged, and the backlog reported.
-    Demo {
-        /// Readings to append.
-        #[arg(long, default_value_t = 2_000)]
-        messages: u64,
+    /// Zero set-up demonstration (under a minute): a loopback cloud with
+    /// mutual TLS, Vigil, simulated bedside monitors, the cloud link cut for
+    /// a few seconds, live progress, and the loss oracle's verdict. Exits 1
+    /// if anything Vigil acknowledged was lost.
+    Demo,
+    /// Reads a running Vigil's /status and prints it as a table.
+    Status {
+        /// Where its operator endpoints listen (`http.listen`).
+        #[arg(long, default_value = "127.0.0.1:9731")]
+        addr: std::net::SocketAddr,
     },
     /// Read-only view of a store: backlog per priority, dead-letter and
     /// quarantine counts. Needs the store's key (VIGIL_STORAGE_KEY or --key-file).
     Inspect {
-        /// The data directory.
-        dir: PathBuf,
-        /// The key file (instead of VIGIL_STORAGE_KEY).
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-        /// Number of priorities the store was configured with.
-        #[arg(long, default_value_t = 4)]
-        priorities: u8,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
         /// Also decrypt and print queued events as JSON lines (payloads included).
         #[arg(long)]
         events: bool,
+    },
+    /// Messages the cloud refused for good: list them, put them back in their
+    /// lane, or delete them. Works on a stopped Vigil's data directory.
+    DeadLetter {
+        /// What to do.
+        #[command(subcommand)]
+        action: DeadLetterAction,
     },
     /// The daemon: gate, store and forwarder, until SIGTERM or Ctrl-C.
     Run {
@@ -71,15 +76,97 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Certificates for development and testing.
+    Certs {
+        /// What to make.
+        #[command(subcommand)]
+        what: CertsCommand,
+    },
     /// Reads a device password from standard input (one line) and prints the
     /// Argon2id hash to put in `gate.auth.users` as `password_hash`.
     HashPassword,
 }
 
+/// Which store an offline command opens.
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// The data directory (`store.dir`). Vigil must not be running on it.
+    pub dir: PathBuf,
+    /// The key file (instead of VIGIL_STORAGE_KEY).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Number of priorities the store was configured with (`store.priorities`).
+    #[arg(long, default_value_t = 4)]
+    pub priorities: u8,
+}
+
+/// `vigil dead-letter ...`.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// One line per dead letter: its number, priority, device, topic,
+    /// reason and when (never the payload).
+    List {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Puts dead letters back at the tail of their lane, to be sent again.
+    Requeue {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Dead-letter numbers (from `list`).
+        #[arg(required_unless_present = "all")]
+        numbers: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Deletes dead letters for good.
+    Purge {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Dead-letter numbers (from `list`).
+        #[arg(required_unless_present = "all")]
+        numbers: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// `vigil certs ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// A development PKI made with rcgen: a CA, the cloud's server
+    /// certificate, Vigil's client certificate, a server certificate for
+    /// Vigil's device listener (`gateway`) and device client certificates.
+    /// Keys are written with mode 0600; the CA key is not kept. Never use
+    /// these in production.
+    Dev {
+        /// Directory to write (created; must not already hold a PKI).
+        #[arg(long)]
+        out: PathBuf,
+        /// Device certificates to make (`device-1` ...).
+        #[arg(long, default_value_t = 2)]
+        devices: u16,
+        /// Names the gateway and cloud certificates are valid for.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
+}
+
 /// Entry point of the `vigil` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo's cloud is an in-process rumqttd whose connection chatter
+    // (resets are the point of the demo) would bury the progress lines.
+    let default_filter = match cli.command {
+        Command::Demo => "warn,rumqttd=off",
+        _ => "info,rumqttd=warn,fjall=warn,lsm_tree=warn",
+    };
+    init_logging(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,14 +179,28 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Demo { messages } => demo(messages).await,
-            Command::Inspect {
-                dir,
-                key_file,
-                priorities,
-                events,
-            } => inspect(dir, key_file, priorities, events).await,
+            Command::Demo => match crate::demo::run().await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(anyhow::anyhow!("the demo lost acknowledged readings")),
+                Err(e) => Err(e),
+            },
+            Command::Status { addr } => {
+                crate::operator::fetch_status(addr, std::time::Duration::from_secs(5))
+                    .await
+                    .map(|status| println!("{status}"))
+                    .map_err(anyhow::Error::from)
+            }
+            Command::Inspect { store, events } => inspect(store, events).await,
+            Command::DeadLetter { action } => dead_letter(action).await,
             Command::HashPassword => hash_password(),
+            Command::Certs {
+                what:
+                    CertsCommand::Dev {
+                        out,
+                        devices,
+                        names,
+                    },
+            } => certs_dev(&out, devices, &names),
             Command::Run { config } => run(config).await,
             Command::CheckConfig { config } => check_config(config).map(|c| {
                 println!(
@@ -147,10 +248,10 @@ async fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("VIGIL_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,fjall=warn,lsm_tree=warn"));
+    let filter =
+        EnvFilter::try_from_env("VIGIL_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -160,88 +261,126 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-async fn demo(messages: u64) -> anyhow::Result<()> {
-    let dir = tempfile_dir()?;
-    let (key, origin) = MasterKey::load(&KeySource::Ephemeral, |_| None)?;
-    println!("vigil demo: store in {} under {origin}", dir.display());
-    println!("  (the key lives only in this process; the data is unreadable after it exits)");
-    let options = StoreOptions::new(&dir);
-    let store = tokio::task::spawn_blocking(move || Store::open(options, &key)).await??;
+/// Opens a stopped Vigil's store with its key.
+async fn open_store(args: StoreArgs) -> anyhow::Result<Store> {
+    // Opening creates a store where there is none: refuse instead.
+    if !args.dir.join(crate::store::IDENTITY_FILE).exists() {
+        anyhow::bail!(
+            "{}: not a Vigil data directory (no {}); pass the `store.dir` of your configuration",
+            args.dir.display(),
+            crate::store::IDENTITY_FILE
+        );
+    }
+    let (key, _) = MasterKey::load(
+        &KeySource::Configured {
+            key_file: args.key_file,
+        },
+        |k| std::env::var(k).ok(),
+    )?;
+    let mut options = StoreOptions::new(&args.dir);
+    options.priorities = args.priorities;
+    Ok(tokio::task::spawn_blocking(move || Store::open(options, &key)).await??)
+}
 
-    let started = std::time::Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for bed in 0..8u64 {
-        let store = store.clone();
-        let per_bed = messages / 8;
-        tasks.spawn(async move {
-            for n in 0..per_bed {
-                let alarm = n % 97 == 0;
-                let ingest = Ingest {
-                    kind: if alarm {
-                        Kind::Alert
-                    } else {
-                        Kind::Measurement
-                    },
-                    priority: if alarm { 0 } else { 1 + (n % 3) as u8 },
-                    device: format!("bed-{bed}"),
-                    topic: format!("devices/bed-{bed}/vitals/hr"),
-                    qos: Qos::AtLeastOnce,
-                    retain: false,
-                    received_at: Timestamp::now(),
-                    content_type: None,
-                    user_properties: Vec::new(),
-                    payload: format!("{{\"hr\":{}}}", 60 + n % 40).into(),
+async fn dead_letter(action: DeadLetterAction) -> anyhow::Result<()> {
+    /// Every dead letter's number, in order.
+    async fn all_numbers(store: &Store) -> anyhow::Result<Vec<u64>> {
+        let mut numbers = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.dead_letters(after, 1000).await?;
+            let Some(last) = page.last().map(|d| d.seq) else {
+                return Ok(numbers);
+            };
+            numbers.extend(page.iter().map(|d| d.seq));
+            after = Some(last);
+        }
+    }
+    match action {
+        DeadLetterAction::List { store } => {
+            let store = open_store(store).await?;
+            let mut after = None;
+            let mut total = 0u64;
+            println!(
+                "{:>8} {:>8} {:<20} {:<40} {:<24} reason",
+                "number", "priority", "device", "topic", "dead-lettered at"
+            );
+            loop {
+                let page = store.dead_letters(after, 1000).await?;
+                let Some(last) = page.last().map(|d| d.seq) else {
+                    break;
                 };
-                store.append(ingest).await?;
+                for d in &page {
+                    let e = &d.body.event;
+                    println!(
+                        "{:>8} {:>8} {:<20} {:<40} {:<24} {}",
+                        d.seq,
+                        e.priority,
+                        e.device,
+                        e.topic,
+                        d.body.dead_lettered_at.to_rfc3339(),
+                        d.body.reason
+                    );
+                }
+                total += page.len() as u64;
+                after = Some(last);
             }
-            Ok::<_, crate::store::StoreError>(())
-        });
+            println!("{total} dead letters");
+            store.close().await?;
+        }
+        DeadLetterAction::Requeue {
+            store,
+            numbers,
+            all,
+        } => {
+            let store = open_store(store).await?;
+            let numbers = if all {
+                all_numbers(&store).await?
+            } else {
+                numbers
+            };
+            let mut missing = Vec::new();
+            for n in &numbers {
+                match store.requeue(*n).await? {
+                    Some(seq) => println!("dead letter {n} requeued (lane seq {seq})"),
+                    None => missing.push(*n),
+                }
+            }
+            store.close().await?;
+            if !missing.is_empty() {
+                anyhow::bail!("no dead letter numbered {missing:?}; see `vigil dead-letter list`");
+            }
+        }
+        DeadLetterAction::Purge {
+            store,
+            numbers,
+            all,
+        } => {
+            let store = open_store(store).await?;
+            let numbers = if all {
+                all_numbers(&store).await?
+            } else {
+                numbers
+            };
+            let mut missing = Vec::new();
+            for n in &numbers {
+                if store.purge_dead_letter(*n).await? {
+                    println!("dead letter {n} purged");
+                } else {
+                    missing.push(*n);
+                }
+            }
+            store.close().await?;
+            if !missing.is_empty() {
+                anyhow::bail!("no dead letter numbered {missing:?}; see `vigil dead-letter list`");
+            }
+        }
     }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    let elapsed = started.elapsed();
-    let stats = store.stats();
-    println!(
-        "appended {} readings durably (fsynced) in {:.2?}: {:.0}/s",
-        stats.counters.appended,
-        elapsed,
-        stats.counters.appended as f64 / elapsed.as_secs_f64()
-    );
-    print_stats(&stats);
-
-    // Acknowledge the first half of each lane, as a cloud would.
-    for p in 0..store.priorities() {
-        let queued = stats.lanes.get(usize::from(p)).map_or(0, |l| l.messages);
-        let events = store.read(p, None, (queued / 2) as usize).await?;
-        store.ack(p, events.iter().map(|e| e.seq).collect()).await?;
-    }
-    println!("after the cloud acknowledged half of each priority:");
-    print_stats(&store.stats());
-    store.close().await?;
-    drop(store);
-    std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("vigil-demo-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-async fn inspect(
-    dir: PathBuf,
-    key_file: Option<PathBuf>,
-    priorities: u8,
-    events: bool,
-) -> anyhow::Result<()> {
-    let (key, _) = MasterKey::load(&KeySource::Configured { key_file }, |k| {
-        std::env::var(k).ok()
-    })?;
-    let mut options = StoreOptions::new(&dir);
-    options.priorities = priorities;
-    let store = tokio::task::spawn_blocking(move || Store::open(options, &key)).await??;
+async fn inspect(args: StoreArgs, events: bool) -> anyhow::Result<()> {
+    let store = open_store(args).await?;
     print_stats(&store.stats());
     if events {
         for p in 0..store.priorities() {
@@ -307,6 +446,49 @@ fn print_stats(stats: &StoreStats) {
         stats.counters.evicted,
         stats.counters.refused_full
     );
+}
+
+fn certs_dev(out: &std::path::Path, devices: u16, names: &[String]) -> anyhow::Result<()> {
+    use vigil_sim::pki::Role;
+    if out.join("ca.pem").exists() {
+        anyhow::bail!(
+            "{} already holds a PKI (ca.pem); choose another --out or remove it first",
+            out.display()
+        );
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let device_names: Vec<String> = (1..=devices).map(|n| format!("device-{n}")).collect();
+    let device_cns: Vec<[&str; 1]> = device_names.iter().map(|n| [n.as_str()]).collect();
+    let mut leaves: Vec<(&str, Role, &[&str])> = vec![
+        ("cloud", Role::Server, &names),
+        ("vigil", Role::Client, &["vigil"]),
+        ("gateway", Role::Server, &names),
+    ];
+    for (name, cn) in device_names.iter().zip(&device_cns) {
+        leaves.push((name.as_str(), Role::Client, cn));
+    }
+    let pki = vigil_sim::pki::create(out, &leaves)?;
+    let p = |f: &str| pki.path(f).display().to_string();
+    println!(
+        "development PKI written to {} (CA, cloud, vigil, gateway, {} device certificates)",
+        out.display(),
+        devices
+    );
+    println!("for vigil.toml:\n");
+    println!(
+        "[forward.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        p("ca.pem"),
+        p("vigil.pem"),
+        p("vigil.key")
+    );
+    println!(
+        "[gate.tls]\nlisten = \"0.0.0.0:8883\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}",
+        p("gateway.pem"),
+        p("gateway.key"),
+        p("ca.pem")
+    );
+    println!("\nThe cloud broker serves cloud.pem/cloud.key and trusts ca.pem for clients.");
+    Ok(())
 }
 
 fn hash_password() -> anyhow::Result<()> {

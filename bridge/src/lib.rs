@@ -32,6 +32,8 @@
 //! * [`config`]: `vigil.toml` and `VIGIL__*` overrides, checked as a whole.
 //! * [`daemon`]: `vigil run`: store, gate and forwarder together, and the
 //!   graceful stop.
+//! * [`demo`]: `vigil demo`: a loopback cloud, Vigil and simulated monitors
+//!   through a cut link, judged by `vigil-sim`'s oracle.
 //! * [`cli`]: the `vigil` command.
 //!
 //! The delivery contract these modules keep is in the README and in
@@ -41,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod demo;
 pub mod event;
 pub mod forward;
 pub mod gate;

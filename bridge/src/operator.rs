@@ -64,6 +64,62 @@ pub enum OperatorError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `vigil status` (or the demo) could not read a running Vigil's
+    /// `/status`.
+    #[error(
+        "cannot read http://{addr}/status: {reason}; is Vigil running with [http] enabled \
+         and listening there? (see http.listen, or pass --addr)"
+    )]
+    Fetch {
+        /// The address asked.
+        addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The most `fetch_status` reads: a status body is a few KiB.
+const MAX_STATUS_BYTES: u64 = 1 << 20;
+
+/// Reads a running Vigil's `/status` (HTTP/1.0 on loopback, at most 1 MiB,
+/// within `limit`).
+pub async fn fetch_status(
+    addr: SocketAddr,
+    limit: std::time::Duration,
+) -> Result<Status, OperatorError> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fail = |reason: String| OperatorError::Fetch { addr, reason };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        stream
+            .write_all(b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mut raw = Vec::new();
+        stream
+            .take(MAX_STATUS_BYTES)
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        Ok::<_, OperatorError>(raw)
+    };
+    let raw = tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| fail(format!("no answer within {limit:?}")))??;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| fail("not an HTTP response".into()))?;
+    let (head, body) = raw.split_at(split);
+    let head = String::from_utf8_lossy(head);
+    let code = head.split_whitespace().nth(1).unwrap_or("?");
+    if code != "200" {
+        return Err(fail(format!("HTTP status {code}")));
+    }
+    serde_json::from_slice(body.get(4..).unwrap_or_default())
+        .map_err(|e| fail(format!("not a Vigil status body: {e}")))
 }
 
 /// What the endpoints read.
@@ -193,6 +249,62 @@ pub struct Status {
     pub last_cloud_ack_age_seconds: Option<f64>,
     /// Counters, by name (the same as the metrics, without the prefix).
     pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+impl Status {
+    /// A counter by name (0 when absent).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
+    }
+}
+
+fn age_text(seconds: Option<f64>) -> String {
+    seconds.map_or_else(|| "-".to_string(), |s| format!("{s:.1} s"))
+}
+
+/// The readable table `vigil status` prints.
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "link            {}", self.link)?;
+        writeln!(f, "in flight       {}", self.in_flight)?;
+        writeln!(
+            f,
+            "last cloud ack  {}",
+            self.last_cloud_ack_age_seconds
+                .map_or_else(|| "never".to_string(), |s| format!("{s:.1} s ago"))
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<10} {:>10} {:>12} {:>12}",
+            "priority", "messages", "bytes", "oldest age"
+        )?;
+        for lane in &self.backlog {
+            writeln!(
+                f,
+                "{:<10} {:>10} {:>12} {:>12}",
+                lane.priority,
+                lane.messages,
+                lane.bytes,
+                age_text(lane.oldest_age_seconds)
+            )?;
+        }
+        writeln!(
+            f,
+            "dead-letter {}, quarantine {}",
+            self.dead_letter, self.quarantine
+        )?;
+        writeln!(f)?;
+        let mut first = true;
+        for (name, value) in &self.counters {
+            if !first {
+                writeln!(f)?;
+            }
+            first = false;
+            write!(f, "{name:<26} {value:>12}")?;
+        }
+        Ok(())
+    }
 }
 
 fn age_seconds(micros: i64, now: Timestamp) -> f64 {

@@ -94,6 +94,10 @@ use crate::event::{Event, Ingest, Timestamp};
 pub use record::{DeadLetterEntry, QuarantineEntry, RecordError};
 pub use scan::ScannedLane;
 
+/// The file that marks a directory as a Vigil store (written when a store is
+/// first created).
+pub const IDENTITY_FILE: &str = identity::FILE_NAME;
+
 /// The most priorities a store can have.
 pub const MAX_PRIORITIES: u8 = 16;
 
