@@ -160,11 +160,14 @@ pub enum CertsCommand {
 /// Entry point of the `vigil` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo's cloud is an in-process rumqttd whose connection chatter
-    // (resets are the point of the demo) would bury the progress lines.
+    // rumqttd logs every device disconnect and Vigil's own readiness probe at
+    // ERROR ("router-drop", "no-connection"): noise to an operator, since
+    // the gate reports what matters itself (refusals, protocol errors, a
+    // broker that does not start). `VIGIL_LOG=info,rumqttd=warn` shows it.
+    // The demo's cloud is one more in-process rumqttd.
     let default_filter = match cli.command {
         Command::Demo => "warn,rumqttd=off",
-        _ => "info,rumqttd=warn,fjall=warn,lsm_tree=warn",
+        _ => "info,rumqttd=off,fjall=warn,lsm_tree=warn",
     };
     init_logging(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

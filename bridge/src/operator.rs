@@ -406,6 +406,23 @@ pub fn render_metrics(o: &Observed) -> String {
         "Age of the oldest queued message, per priority (0 when empty)",
         &|l| l.oldest_age_seconds.unwrap_or(0.0) as i64,
     );
+    let ingested = Family::<Labels, Counter>::default();
+    for (p, n) in o.store.metrics().ingested.iter().enumerate() {
+        ingested
+            .get_or_create(&vec![("priority".into(), p.to_string())])
+            .inner()
+            .store(n.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    r.register(
+        "ingested_by_priority",
+        "Device messages stored since start, per priority",
+        ingested,
+    );
+    r.register(
+        "commit_seconds",
+        "Duration of each durable store commit (write batch and fsync)",
+        o.store.metrics().commit_seconds.clone(),
+    );
     let evicted = Family::<Labels, Counter>::default();
     for (p, n) in stats.counters.evicted.iter().enumerate() {
         evicted

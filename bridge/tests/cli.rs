@@ -128,3 +128,38 @@ fn status_without_a_running_vigil_says_what_to_check() {
         "{err}"
     );
 }
+
+/// The shipped systemd unit is valid (checked by `systemd-analyze verify`
+/// where systemd is installed) and starts `vigil run` as the README says.
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../broker-config/vigil.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/vigil run --config /etc/vigil/vigil.toml"));
+    assert!(unit.contains("KillSignal=SIGTERM"));
+    let have = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        println!("SKIP systemd unit verification: systemd-analyze is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vigil.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/vigil", env!("CARGO_BIN_EXE_vigil")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}

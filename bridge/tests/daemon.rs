@@ -29,20 +29,45 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_vigil(config: &std::path::Path) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env(
-            "VIGIL_STORAGE_KEY",
-            "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=",
-        )
-        .env("VIGIL_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+/// The `vigil` child, killed if the test panics (so no orphan outlives it).
+struct VigilChild(std::process::Child);
+
+impl std::ops::Deref for VigilChild {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for VigilChild {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for VigilChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_vigil(config: &std::path::Path) -> VigilChild {
+    VigilChild(
+        Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env(
+                "VIGIL_STORAGE_KEY",
+                "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=",
+            )
+            .env("VIGIL_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Publishes `payload-<i>` for i in `from..`, one at a time, until `stop`
@@ -139,32 +164,40 @@ async fn check_operator_endpoints(port: u16) {
         body.trim_end().ends_with("# EOF"),
         "OpenMetrics text ends with # EOF"
     );
-    for documented in [
-        "vigil_ingested_total",
-        "vigil_refused_store_full_total",
-        "vigil_backlog_messages",
-        "vigil_backlog_bytes",
-        "vigil_oldest_age_seconds",
-        "vigil_forwarded_total",
-        "vigil_acknowledged_total",
-        "vigil_in_flight",
-        "vigil_cloud_connected",
-        "vigil_link_state",
-        "vigil_reconnects_total",
-        "vigil_evicted_total",
-        "vigil_dead_lettered_total",
-        "vigil_dead_letter_messages",
-        "vigil_quarantined_total",
-        "vigil_gap_notices_total",
-        "vigil_last_cloud_ack_age_seconds",
-        "vigil_device_connections",
-        "vigil_refused_auth_total",
-    ] {
+    // Every metric of the README's table, read from the README itself so
+    // the table and the binary cannot drift apart.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let documented: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `vigil_"))
+        .filter_map(|l| l.split(['`', '{']).next())
+        .collect();
+    assert!(documented.len() >= 20, "the README's metrics table");
+    for name in documented {
+        let name = format!("vigil_{name}");
         assert!(
-            names.contains(documented),
-            "{documented} missing from:\n{body}"
+            names
+                .iter()
+                .any(|n| *n == name || n.strip_prefix(&name).is_some_and(|r| r.starts_with('_'))),
+            "{name} (README) missing from:\n{body}"
         );
     }
+    let sample = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+    };
+    assert!(sample("vigil_commit_seconds_count ") > 0.0, "{body}");
+    let ingested: f64 = (0..4)
+        .map(|p| {
+            sample(&format!(
+                "vigil_ingested_by_priority_total{{priority=\"{p}\"}} "
+            ))
+        })
+        .sum();
+    assert!(ingested > 0.0, "{body}");
     assert!(
         body.contains("vigil_link_state{state=\"online\"} 1")
             || body.contains("vigil_link_state{state=\"syncing\"} 1"),

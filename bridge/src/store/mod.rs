@@ -98,6 +98,31 @@ pub use scan::ScannedLane;
 /// first created).
 pub const IDENTITY_FILE: &str = identity::FILE_NAME;
 
+/// Figures kept in memory since the store was opened (not persisted, so they
+/// start from zero after a restart, as Prometheus counters may): what the
+/// metrics need beyond [`StoreStats`].
+#[derive(Debug)]
+pub struct StoreMetrics {
+    /// Device messages committed, per priority.
+    pub ingested: Vec<std::sync::atomic::AtomicU64>,
+    /// Duration of each durable commit (the write batch and its fsync), in
+    /// seconds: 100 µs to about 3 s in powers of two.
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl StoreMetrics {
+    fn new(priorities: usize) -> Self {
+        Self {
+            ingested: (0..priorities)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
+        }
+    }
+}
+
 /// The most priorities a store can have.
 pub const MAX_PRIORITIES: u8 = 16;
 
@@ -547,6 +572,7 @@ struct Shared {
     /// Bumped after every commit that queued records in a lane.
     appends: watch::Sender<u64>,
     hold: Hold,
+    metrics: StoreMetrics,
 }
 
 impl Shared {
@@ -828,6 +854,12 @@ impl Store {
         scan::lane(&self.shared, priority, after, limit)
     }
 
+    /// In-memory figures since the store was opened (commit latency,
+    /// ingested per priority).
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.shared.metrics
+    }
+
     /// The current figures.
     pub fn stats(&self) -> StoreStats {
         self.shared.stats()
@@ -1015,6 +1047,7 @@ fn open_shared(
         fatal: watch::Sender::new(None),
         appends: watch::Sender::new(0),
         hold: Hold::default(),
+        metrics: StoreMetrics::new(configured),
     };
 
     // Defensive: the seq counter is written in the same batch as the records it

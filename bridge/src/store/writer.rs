@@ -189,6 +189,8 @@ struct Batch {
     evictions: BTreeMap<(u8, String), GapRange>,
     /// Where the next eviction scan of each lane resumes.
     scan_from: Vec<Option<u64>>,
+    /// Device messages appended per lane (counted once committed).
+    ingested: Vec<u64>,
 }
 
 impl Batch {
@@ -205,6 +207,7 @@ impl Batch {
             devices: BTreeSet::new(),
             evictions: BTreeMap::new(),
             scan_from: vec![None; lanes],
+            ingested: vec![0; lanes],
         }
     }
 
@@ -515,6 +518,9 @@ impl Writer {
                         Some(event.received_at),
                     );
                     self.state.counters.appended += 1;
+                    if let Some(n) = batch.ingested.get_mut(usize::from(priority)) {
+                        *n += 1;
+                    }
                     batch.put(Area::Lane(priority), seq, value);
                     batch.pending_lanes |= 1 << priority;
                     let appended = Appended {
@@ -996,6 +1002,9 @@ impl Writer {
         if let Ok(mut shared) = self.shared.stats.write() {
             shared.clone_from(&self.state);
         }
+        for (counter, n) in self.shared.metrics.ingested.iter().zip(&batch.ingested) {
+            counter.fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
+        }
         for reply in batch.replies {
             reply(None);
         }
@@ -1042,8 +1051,15 @@ impl Writer {
         let state = postcard::to_allocvec(&self.state)
             .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
         wb.insert(&self.shared.meta, STATE_KEY, state);
+        let started = Instant::now();
         wb.commit()
             .map_err(|e| StoreError::Persist(format!("{e:?}")))?;
+        if batch.sync {
+            self.shared
+                .metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         if queued_more {
             self.shared.appends.send_modify(|n| *n = n.wrapping_add(1));
         }
