@@ -423,6 +423,23 @@ pub fn render_metrics(o: &Observed) -> String {
         "Duration of each durable store commit (write batch and fsync)",
         o.store.metrics().commit_seconds.clone(),
     );
+    let dead = Family::<Labels, Counter>::default();
+    for why in crate::forward::DeadLetterReason::ALL {
+        let n = o
+            .forward
+            .dead_lettered_by_reason
+            .get(why as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed));
+        dead.get_or_create(&vec![("reason".into(), why.as_str().into())])
+            .inner()
+            .store(n, Ordering::Relaxed);
+    }
+    r.register(
+        "dead_lettered_by_reason",
+        "Messages the forwarder moved to dead-letter since start, by reason \
+         (refused: PUBACK reason >= 0x80; too_large; head_failures)",
+        dead,
+    );
     let evicted = Family::<Labels, Counter>::default();
     for (p, n) in stats.counters.evicted.iter().enumerate() {
         evicted

@@ -339,6 +339,13 @@ async fn oversized_and_refused_messages_go_to_dead_letter_and_the_rest_flow() {
             .load(std::sync::atomic::Ordering::Relaxed),
         2
     );
+    let by_reason: Vec<u64> = fwd
+        .counters()
+        .dead_lettered_by_reason
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
+    assert_eq!(by_reason, [1, 1, 0], "refused, too_large, head_failures");
     fwd.stop().await.unwrap();
 }
 

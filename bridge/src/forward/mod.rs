@@ -79,6 +79,8 @@ pub struct ForwardCounters {
     pub delivered: AtomicU64,
     /// Messages moved to dead-letter (refused, too large, or poison).
     pub dead_lettered: AtomicU64,
+    /// The same, by [`DeadLetterReason`] (indexed by `reason as usize`).
+    pub dead_lettered_by_reason: [AtomicU64; DeadLetterReason::ALL.len()],
     /// Connections that reached CONNACK.
     pub connections: AtomicU64,
     /// Connection attempts or connections that failed.
@@ -88,6 +90,32 @@ pub struct ForwardCounters {
     /// When the last PUBACK arrived (microseconds since the Unix epoch; 0:
     /// never).
     pub last_ack_micros: AtomicU64,
+}
+
+/// Why the forwarder moved a message to dead-letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// An MQTT 5 PUBACK with a reason code of 0x80 or above.
+    Refused = 0,
+    /// The envelope exceeds the cloud's maximum packet size.
+    TooLarge = 1,
+    /// The cloud closed `max_head_failures` connections in a row while the
+    /// message headed the window.
+    HeadFailures = 2,
+}
+
+impl DeadLetterReason {
+    /// Every reason, in index order.
+    pub const ALL: [DeadLetterReason; 3] = [Self::Refused, Self::TooLarge, Self::HeadFailures];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::TooLarge => "too_large",
+            Self::HeadFailures => "head_failures",
+        }
+    }
 }
 
 /// A running forwarder.
@@ -246,7 +274,8 @@ impl Driver {
                      priority {}; last error: {explained}",
                     self.config.max_head_failures, head.priority
                 );
-                self.dead_letter(head, reason).await?;
+                self.dead_letter(head, DeadLetterReason::HeadFailures, reason)
+                    .await?;
             }
             if progressed {
                 backoff.reset();
@@ -396,7 +425,8 @@ impl Driver {
                                 "the cloud refused it: PUBACK reason code 0x{code:02x} ({})",
                                 uplink::reason_name(code)
                             );
-                            self.dead_letter(m, reason).await?;
+                            self.dead_letter(m, DeadLetterReason::Refused, reason)
+                                .await?;
                         }
                         AckOutcome::Unknown(pkid) => {
                             tracing::debug!(pkid, "PUBACK for a packet id not in flight");
@@ -458,7 +488,8 @@ impl Driver {
                              (forward.max_packet_size, or what the cloud announced)",
                             self.max_packet
                         );
-                        self.dead_letter(m, reason).await?;
+                        self.dead_letter(m, DeadLetterReason::TooLarge, reason)
+                            .await?;
                         continue;
                     }
                     if let Err(f) = publisher.publish(topic, body) {
@@ -511,7 +542,12 @@ impl Driver {
         Ok(())
     }
 
-    async fn dead_letter(&mut self, m: InFlight, reason: String) -> Result<(), ForwardError> {
+    async fn dead_letter(
+        &mut self,
+        m: InFlight,
+        why: DeadLetterReason,
+        reason: String,
+    ) -> Result<(), ForwardError> {
         self.session.withdraw(m);
         tracing::warn!(
             priority = m.priority,
@@ -526,6 +562,9 @@ impl Driver {
             .is_some()
         {
             self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = self.counters.dead_lettered_by_reason.get(why as usize) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
