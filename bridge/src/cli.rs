@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sha2::Digest as _;
 
 use crate::config::{CONFIG_ENV, VigilConfig};
 use crate::crypto::{KeySource, MasterKey};
@@ -412,7 +413,9 @@ async fn inspect(args: StoreArgs, events: bool) -> anyhow::Result<()> {
                             "seq": e.seq, "priority": ev.priority, "id": ev.id.to_string(),
                             "kind": ev.kind.as_str(), "device": ev.device, "device_seq": ev.device_seq,
                             "topic": ev.topic, "received_at": ev.received_at.to_rfc3339(),
-                            "sha256": ev.sha256_hex(), "payload_bytes": ev.payload.len(),
+                            "sha256": ev.sha256_hex(),
+                            "payload_sha256": crate::event::hex(&sha2::Sha256::digest(&ev.payload)),
+                            "payload_bytes": ev.payload.len(),
                             "payload": String::from_utf8_lossy(&ev.payload),
                         })
                     );

@@ -61,6 +61,11 @@ pub struct StoreConfig {
     pub queue_depth: usize,
     /// fjall block cache (bytes).
     pub cache_bytes: u64,
+    /// **Deliberately broken, debug builds only.** Acknowledge appends once
+    /// written to the OS, before the fsync, so the power-cut test can show it
+    /// catches the loss (its negative control). A release build refuses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub testing_only_ack_before_fsync: bool,
 }
 
 impl Default for StoreConfig {
@@ -75,6 +80,7 @@ impl Default for StoreConfig {
             max_batch: o.max_batch,
             queue_depth: o.queue_depth,
             cache_bytes: o.cache_bytes,
+            testing_only_ack_before_fsync: false,
         }
     }
 }
@@ -90,6 +96,9 @@ impl StoreConfig {
         o.max_batch = self.max_batch;
         o.queue_depth = self.queue_depth;
         o.cache_bytes = self.cache_bytes;
+        if self.testing_only_ack_before_fsync {
+            o.durability = crate::store::Durability::UnsafeBuffered;
+        }
         o
     }
 }
@@ -269,6 +278,24 @@ impl VigilConfig {
                  use e.g. 2ms"
                     .into(),
             );
+        }
+        // The deliberately broken settings of the negative-control tests
+        // exist only in debug (test) builds.
+        if !cfg!(debug_assertions) {
+            if s.testing_only_ack_before_fsync {
+                p.push(
+                    "store.testing_only_ack_before_fsync exists only in debug builds, for the \
+                     power-cut test's negative control; remove it"
+                        .into(),
+                );
+            }
+            if self.forward.testing_only_delete_on_send {
+                p.push(
+                    "forward.testing_only_delete_on_send exists only in debug builds, for the \
+                     oracle's negative control; remove it"
+                        .into(),
+                );
+            }
         }
         let g = &self.gate;
         if g.tcp_listen.is_none() && g.tls.is_none() {

@@ -48,6 +48,13 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let options = config.store.options();
+    if config.store.testing_only_ack_before_fsync {
+        tracing::error!(
+            "store.testing_only_ack_before_fsync is ON: devices get PUBACK before the fsync. \
+             THIS VIGIL LOSES ACKNOWLEDGED DATA ON A POWER CUT. It exists only for the \
+             power-cut test's negative control"
+        );
+    }
     let store = tokio::task::spawn_blocking(move || Store::open(options, &key))
         .await
         .map_err(|e| StoreError::Persist(format!("the store open task failed: {e}")))??;

@@ -253,9 +253,14 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     for n in 1..=config.count {
         let id = format!("{}-{n}", config.prefix);
+        // Seeded by the id, so no two devices (even across runs with other
+        // prefixes) send the same waveform: payload hashes identify messages.
+        let seed = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
         tasks.spawn(device(
             id,
-            n as u64,
+            seed,
             config.clone(),
             ledger.clone(),
             stop.clone(),

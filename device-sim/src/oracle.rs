@@ -38,6 +38,9 @@ pub struct Report {
     /// Sent without an acknowledgement, and not received either (the device
     /// knows it was not accepted; not a loss).
     pub unacknowledged: u64,
+    /// Sent without an acknowledgement but received all the same (Vigil
+    /// stored it and was stopped before its PUBACK left). Allowed.
+    pub recovered: u64,
     /// Device sequence numbers missing below the highest received.
     pub sequence_gaps: u64,
     /// Gap notices received.
@@ -47,6 +50,15 @@ pub struct Report {
 }
 
 impl Report {
+    /// The fault tier's one-line summary:
+    /// `fault=<name> lost=<n> recovered=<n> unexpected=<n> duplicated=<n>`.
+    pub fn fault_line(&self, name: &str) -> String {
+        format!(
+            "fault={name} lost={} recovered={} unexpected={} duplicated={}",
+            self.lost, self.recovered, self.unexpected, self.duplicated
+        )
+    }
+
     /// Nothing lost and nothing unexpected.
     pub fn passed(&self) -> bool {
         self.lost == 0 && self.unexpected == 0
@@ -61,6 +73,7 @@ impl std::fmt::Display for Report {
         writeln!(f, "lost          {}", self.lost)?;
         writeln!(f, "unexpected    {}", self.unexpected)?;
         writeln!(f, "duplicated    {}", self.duplicated)?;
+        writeln!(f, "recovered     {}", self.recovered)?;
         writeln!(f, "reordered     {}", self.reordered)?;
         writeln!(f, "seq gaps      {}", self.sequence_gaps)?;
         writeln!(f, "gap notices   {}", self.gap_notices)?;
@@ -118,6 +131,9 @@ pub fn judge(sent: &[Sent], arrived: &[Arrived]) -> Report {
     }
     for s in sent {
         if seen.contains(s.sha256.as_str()) {
+            if !s.acked {
+                r.recovered += 1;
+            }
             continue;
         }
         if s.acked {

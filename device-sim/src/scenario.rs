@@ -285,6 +285,9 @@ pub struct Outcome {
     pub drain_time: Option<Duration>,
     /// Vigil's peak resident set size (KiB) over the run, sampled.
     pub peak_rss_kib: u64,
+    /// For each restart of Vigil after the first start: time from spawning
+    /// it to its device listener accepting connections.
+    pub restarts: Vec<Duration>,
 }
 
 impl std::fmt::Display for Outcome {
@@ -294,6 +297,17 @@ impl std::fmt::Display for Outcome {
         match self.drain_time {
             Some(d) => writeln!(f, "drain time    {:.2} s", d.as_secs_f64())?,
             None => writeln!(f, "drain time    timed out")?,
+        }
+        if !self.restarts.is_empty() {
+            let mut ms: Vec<u128> = self.restarts.iter().map(Duration::as_millis).collect();
+            ms.sort_unstable();
+            writeln!(
+                f,
+                "restarts      {} (to accepting devices: median {} ms, max {} ms)",
+                ms.len(),
+                ms.get(ms.len() / 2).copied().unwrap_or(0),
+                ms.last().copied().unwrap_or(0)
+            )?;
         }
         write!(f, "peak RSS      {} KiB (vigil)", self.peak_rss_kib)
     }
@@ -307,6 +321,8 @@ struct Vigil {
     gate: SocketAddr,
     child: Option<Child>,
     pid: Arc<AtomicU32>,
+    /// Start-up times, in order.
+    starts: Vec<Duration>,
 }
 
 impl Vigil {
@@ -326,13 +342,15 @@ impl Vigil {
             .map_err(|e| ScenarioError::Setup(format!("{}: {e}", self.bin.display())))?;
         self.pid.store(child.id(), Ordering::Relaxed);
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let spawned = Instant::now();
+        let deadline = spawned + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(self.gate).await.is_err() {
             if Instant::now() > deadline {
                 return Err(ScenarioError::Setup("vigil did not start listening".into()));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        self.starts.push(spawned.elapsed());
         Ok(())
     }
 
@@ -475,6 +493,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
         gate,
         child: None,
         pid: pid.clone(),
+        starts: Vec::new(),
     };
     vigil.start().await?;
     opts.milestone(|| format!("vigil is up: devices on {gate}, cloud via the fault proxy"));
@@ -601,6 +620,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
         report,
         drain_time,
         peak_rss_kib: peak.load(Ordering::Relaxed),
+        restarts: vigil.starts.iter().skip(1).copied().collect(),
     })
 }
 

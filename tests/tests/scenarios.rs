@@ -37,11 +37,14 @@ fn scenario_file(name: &str) -> PathBuf {
 }
 
 async fn run(name: &str) -> Outcome {
+    run_scenario(&Scenario::load(&scenario_file(name)).unwrap()).await
+}
+
+async fn run_scenario(scenario: &Scenario) -> Outcome {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let scenario = Scenario::load(&scenario_file(name)).unwrap();
     let outcome = vigil_sim::scenario::run(
-        &scenario,
+        scenario,
         &RunOptions {
             vigil: binary("vigil", "vigil"),
             workdir: dir.path().to_path_buf(),
@@ -54,6 +57,8 @@ async fn run(name: &str) -> Outcome {
     .await
     .unwrap();
     eprintln!("{outcome}");
+    // The fault tier's summary line, on stdout for CI logs.
+    println!("{}", outcome.report.fault_line(&scenario.name));
     outcome
 }
 
@@ -93,6 +98,41 @@ async fn cloud_broker_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_during_outage_loses_nothing() {
     assert_clean(&run("crash-during-outage").await);
+}
+
+/// Crash: Vigil is SIGKILLed 20 times at random moments while the monitors
+/// publish and the cloud link is up, so kills land during ingest and during
+/// forwarding; each time it is restarted 50 to 350 ms later. Everything it
+/// acknowledged must reach the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sigkills_during_ingest_and_forwarding_lose_nothing() {
+    let mut seed = u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut text = String::from(
+        "name = \"sigkill\"\ndevices = 10\nrate = 5.0\nduration = \"28s\"\ndrain_timeout = \"60s\"\n",
+    );
+    let mut at = 1_000;
+    for _ in 0..20 {
+        at += 700 + next(500);
+        let back = at + 50 + next(300);
+        text.push_str(&format!(
+            "[[faults]]\nat = \"{at}ms\"\naction = \"kill-vigil\"\n\
+             [[faults]]\nat = \"{back}ms\"\naction = \"start-vigil\"\n"
+        ));
+        at = back;
+    }
+    let scenario = Scenario::from_toml(&text, Path::new("sigkill timeline")).unwrap();
+    let o = run_scenario(&scenario).await;
+    assert_eq!(o.restarts.len(), 20, "{o}");
+    assert!(o.report.passed(), "{o}");
+    assert_eq!(o.report.sequence_gaps, 0, "{o}");
+    assert!(o.report.acknowledged > 1000, "{o}");
+    assert!(o.drain_time.is_some(), "{o}");
 }
 
 /// The oracle has teeth: with the test-only setting that deletes each

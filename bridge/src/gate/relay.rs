@@ -653,9 +653,18 @@ async fn broker_reader(
                         qos2: k == kind::PUBREC,
                         held,
                     },
-                    // An acknowledgement of a publish the gate did not hold:
-                    // rumqttd's own outgoing flow. Pass it on.
-                    None => Out::Frame(frame.bytes),
+                    // rumqttd acknowledging a publish the gate never
+                    // submitted to the store: passing it on could tell a
+                    // device "on disk" about something that is not. Fail
+                    // closed: drop it (the device resends what it lacks).
+                    None => {
+                        tracing::warn!(
+                            pkid,
+                            "the embedded broker acknowledged a publish the gate did not hold; \
+                             not passed to the device"
+                        );
+                        continue;
+                    }
                 }
             }
             kind::PUBCOMP => {
