@@ -165,10 +165,12 @@ pub fn main() -> ExitCode {
     // ERROR ("router-drop", "no-connection"): noise to an operator, since
     // the gate reports what matters itself (refusals, protocol errors, a
     // broker that does not start). `VIGIL_LOG=info,rumqttd=warn` shows it.
-    // The demo's cloud is one more in-process rumqttd.
+    // fjall's own error lines repeat what the store reports (once, as one
+    // FATAL line naming the data directory); `VIGIL_LOG=info,fjall=warn`
+    // shows them. The demo's cloud is one more in-process rumqttd.
     let default_filter = match cli.command {
         Command::Demo => "warn,rumqttd=off",
-        _ => "info,rumqttd=off,fjall=warn,lsm_tree=warn",
+        _ => "info,rumqttd=off,fjall=off,lsm_tree=off",
     };
     init_logging(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

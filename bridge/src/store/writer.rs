@@ -983,8 +983,9 @@ impl Writer {
             };
             tracing::error!(
                 error = %reason,
-                "FATAL: the store could not persist a batch; no further message will be acknowledged. \
-                 Vigil must restart to recover"
+                dir = %self.shared.dir.display(),
+                "FATAL: the store could not persist a batch (write or fsync failed); no further \
+                 message will be acknowledged. Check the disk, then restart Vigil to recover"
             );
             self.fatal = Some(reason.clone());
             self.shared.fatal.send_replace(Some(reason));

@@ -1,3 +1,6 @@
+//! Disk faults against the real `vigil` binary: power cuts and fsync
+//! failures.
+//!
 //! Power cuts: Vigil's data directory on ext4 on a loop device, cut with
 //! `xfs_io -x -c shutdown` (the kernel drops the page cache and the
 //! uncommitted journal, as a power cut does) while simulated monitors
@@ -12,6 +15,10 @@
 //!
 //! Needs root (loop mounts) and `xfs_io` (Debian's xfsprogs, which `.ci/run`
 //! installs); skips with a message otherwise.
+//!
+//! fsync failure: strace makes one of Vigil's fdatasyncs return EIO while
+//! monitors publish. Vigil must acknowledge nothing after it, log one FATAL
+//! line, exit non-zero by itself, and keep everything it acknowledged before.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
@@ -163,6 +170,17 @@ async fn start_vigil(
     gate: SocketAddr,
     unsafe_ack: bool,
 ) -> (Vigil, Duration) {
+    start_vigil_with(work, store, gate, unsafe_ack, &[]).await
+}
+
+/// As [`start_vigil`], run under `strace <strace_args>` when they are given.
+async fn start_vigil_with(
+    work: &Path,
+    store: &Path,
+    gate: SocketAddr,
+    unsafe_ack: bool,
+    strace_args: &[&str],
+) -> (Vigil, Duration) {
     let config = work.join("vigil.toml");
     std::fs::write(
         &config,
@@ -189,6 +207,11 @@ async fn start_vigil(
     let started = Instant::now();
     // Debugging aid: POWER_CUT_STRACE=<dir> runs Vigil under strace.
     let mut command = match std::env::var("POWER_CUT_STRACE") {
+        _ if !strace_args.is_empty() => {
+            let mut c = Command::new("strace");
+            c.args(strace_args).arg(env!("CARGO_BIN_EXE_vigil"));
+            c
+        }
         Ok(dir) => {
             let mut c = Command::new("strace");
             c.args([
@@ -211,7 +234,7 @@ async fn start_vigil(
         .args(["run", "--config"])
         .arg(&config)
         .env("VIGIL_STORAGE_KEY", KEY_B64)
-        .env("VIGIL_LOG", "error")
+        .env_remove("VIGIL_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -404,4 +427,111 @@ async fn power_cuts_lose_nothing_acknowledged_and_the_negative_control_loses() {
         "acknowledging before the fsync lost nothing in {} power cuts: the test has no teeth",
         broken.rounds
     );
+}
+
+/// How many acknowledged messages an fsync failure may not lose: all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
+    if !have("strace", "-V") {
+        println!("SKIP fsync-failure test: needs strace (apt-get install strace)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    let gate = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // The 60th fdatasync fails: well into the traffic (opening the store
+    // uses fsync, not fdatasync).
+    let (mut vigil, _) = start_vigil_with(
+        work.path(),
+        &store,
+        gate,
+        false,
+        &[
+            "-f",
+            "-q",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=fdatasync",
+            "-e",
+            "inject=fdatasync:error=EIO:when=60",
+        ],
+    )
+    .await;
+    let stop = CancellationToken::new();
+    let devices = tokio::spawn(devices::run(
+        DevicesConfig {
+            gate,
+            count: 10,
+            rate: 20.0,
+            prefix: "bed".into(),
+            protocol: DeviceProtocol::Mixed,
+        },
+        None,
+        stop.clone(),
+        Duration::from_secs(2),
+    ));
+    // Vigil must stop by itself.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = vigil.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vigil kept running after its fsync failed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop.cancel();
+    let sent = devices.await.unwrap().unwrap();
+    drop(vigil);
+    assert!(
+        !status.success(),
+        "a fatal store error must exit non-zero: {status:?}"
+    );
+    let log = std::fs::read_to_string(work.path().join("vigil.log")).unwrap();
+    let fatal: Vec<&str> = log.lines().filter(|l| l.contains("FATAL")).collect();
+    assert_eq!(
+        fatal.len(),
+        1,
+        "one FATAL line, not {}:\n{log}",
+        fatal.len()
+    );
+    assert!(fatal[0].contains("could not persist"), "{}", fatal[0]);
+
+    let present = stored(&store);
+    let acked: Vec<&vigil_sim::ledger::Sent> = sent.iter().filter(|s| s.acked).collect();
+    let lost = acked
+        .iter()
+        .filter(|s| !present.contains_key(&s.sha256))
+        .count();
+    let sent_shas: HashSet<&str> = sent.iter().map(|s| s.sha256.as_str()).collect();
+    let acked_shas: HashSet<&str> = acked.iter().map(|s| s.sha256.as_str()).collect();
+    println!(
+        "fault=fsync-eio lost={lost} recovered={} unexpected={} duplicated={}",
+        present
+            .keys()
+            .filter(|k| !acked_shas.contains(k.as_str()))
+            .count(),
+        present
+            .keys()
+            .filter(|k| !sent_shas.contains(k.as_str()))
+            .count(),
+        present.values().map(|n| n - 1).sum::<u64>()
+    );
+    println!(
+        "  {} sent, {} acknowledged before the failure, vigil exited with {status}",
+        sent.len(),
+        acked.len()
+    );
+    assert!(acked.len() > 20, "the failure came too early to mean much");
+    assert_eq!(
+        lost, 0,
+        "acknowledged messages missing after the fsync failure"
+    );
+    // And the store opens again: a restart recovers.
+    let (vigil, took) = start_vigil(work.path(), &store, gate, false).await;
+    println!("  restart after the failure: {took:?}");
+    drop(vigil);
 }
