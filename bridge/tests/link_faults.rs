@@ -136,7 +136,11 @@ impl Rig {
         let vigil = Vigil(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(self.gate).await.is_err() {
-            assert!(Instant::now() < deadline, "vigil did not start: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "vigil did not start: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         vigil
@@ -257,5 +261,76 @@ async fn a_clock_at_1970_is_explained_buffering_continues_and_delivery_resumes()
     );
     assert!(report.passed(), "{report}");
     assert!(report.acknowledged > 50, "{report}");
+    drop(vigil);
+}
+
+/// A cloud connection that goes half-open while messages flow (every byte
+/// now stalls in both directions, as after an iptables DROP): Vigil notices
+/// within 1.5 keep-alives, says so, and after the link heals delivers
+/// everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_cloud_connection_is_detected_within_one_and_a_half_keep_alives() {
+    use vigil_sim::proxy::{Mode, Proxy};
+    let (rig, listeners) = Rig::new().await;
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), listeners.v5)
+        .await
+        .unwrap();
+    let keep_alive = Duration::from_secs(5);
+    let config = rig.config(
+        proxy.addr().port(),
+        "keep_alive = \"5s\"\nack_timeout = \"60s\"",
+    );
+    let vigil = rig.start(&config, &[]).await;
+    let (stop, devices) = rig.devices("halfopen");
+    // Online with traffic flowing.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = rig.status().await;
+        if s.as_ref()
+            .is_some_and(|s| s.link.to_string() != "offline" && s.counter("acknowledged") > 20)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never online: {}", rig.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.set(Mode::Blackhole);
+    let cut = Instant::now();
+    let detected = loop {
+        if rig
+            .status()
+            .await
+            .is_some_and(|s| s.link.to_string() == "offline")
+        {
+            break cut.elapsed();
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(60),
+            "the half-open connection was never detected"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set(Mode::Pass);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let sent = devices.await.unwrap();
+    let report = rig.judge(&sent, Duration::from_secs(30)).await;
+    println!("{}", report.fault_line("half-open"));
+    println!(
+        "  detected after {detected:.2?} with keep-alive {keep_alive:?} (limit 1.5 keep-alives = {:?})",
+        keep_alive * 3 / 2
+    );
+    assert!(report.passed(), "{report}");
+    assert!(
+        rig.log().contains("half-open"),
+        "the log says what happened:\n{}",
+        rig.log()
+    );
+    // 1.5 keep-alives, plus what reading /status every 25 ms can add.
+    assert!(
+        detected <= keep_alive * 3 / 2 + Duration::from_millis(250),
+        "detected after {detected:?}"
+    );
     drop(vigil);
 }

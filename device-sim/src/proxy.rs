@@ -282,20 +282,31 @@ async fn relay<C: Link, S: Link>(
     let mut down = Vec::new(); // server -> client
     let mut a = vec![0u8; 16 * 1024];
     let mut b = vec![0u8; 16 * 1024];
+    // A side that closed while the link was a blackhole: like a dropped
+    // FIN, the other side hears nothing until the mode changes (then both
+    // close), so a half-open connection stays half-open.
+    let mut silenced = false;
     loop {
+        let blackhole = *modes.borrow() == Mode::Blackhole;
         tokio::select! {
             _ = stop.cancelled() => return,
             // Past HELD bytes waiting in one direction (a blackhole), that
             // side is not read: TCP flow control holds the sender back.
-            r = client.read(&mut a), if up.len() < HELD => match r {
+            r = client.read(&mut a), if up.len() < HELD && !silenced => match r {
+                Ok(0) | Err(_) if blackhole => silenced = true,
                 Ok(0) | Err(_) => return,
                 Ok(n) => up.extend_from_slice(&a[..n]),
             },
-            r = server.read(&mut b), if down.len() < HELD => match r {
+            r = server.read(&mut b), if down.len() < HELD && !silenced => match r {
+                Ok(0) | Err(_) if blackhole => silenced = true,
                 Ok(0) | Err(_) => return,
                 Ok(n) => down.extend_from_slice(&b[..n]),
             },
-            changed = modes.changed() => if changed.is_err() { return },
+            changed = modes.changed() => {
+                if changed.is_err() || (silenced && *modes.borrow() != Mode::Blackhole) {
+                    return;
+                }
+            }
         }
         // Apply the mode to what has arrived, unit by unit.
         for upward in [true, false] {

@@ -155,9 +155,13 @@ impl ForwardConfig {
                 self.max_packet_size
             ));
         }
-        if self.keep_alive < Duration::from_secs(1) || self.keep_alive > Duration::from_secs(65535)
+        // rumqttc panics below 5 s on MQTT 5 (and MQTT counts whole seconds).
+        if self.keep_alive < Duration::from_secs(5) || self.keep_alive > Duration::from_secs(65535)
         {
-            p.push("forward.keep_alive must be between 1s and 65535s".into());
+            p.push(format!(
+                "forward.keep_alive is {:?}; it must be between 5s and 65535s (e.g. 30s)",
+                self.keep_alive
+            ));
         }
         if self.connect_timeout < Duration::from_secs(1) {
             p.push("forward.connect_timeout must be at least 1s".into());
@@ -208,5 +212,23 @@ mod tests {
         assert_eq!(p.len(), 5, "{p:#?}");
         assert!(p.iter().any(|m| m.contains("forward.topic_prefix")));
         assert!(p.iter().any(|m| m.contains("forward.tls.key")));
+    }
+
+    /// rumqttc's MQTT 5 client panics on a keep-alive under 5 s: the
+    /// configuration refuses it with a message instead.
+    #[test]
+    fn a_keep_alive_rumqttc_would_panic_on_is_refused() {
+        for secs in [0, 1, 4] {
+            let c = ForwardConfig {
+                keep_alive: Duration::from_secs(secs),
+                ..ForwardConfig::default()
+            };
+            let p = c.problems();
+            assert!(
+                p.iter()
+                    .any(|m| m.contains("forward.keep_alive") && m.contains("5s")),
+                "{p:?}"
+            );
+        }
     }
 }

@@ -318,6 +318,14 @@ impl Driver {
         let mut connected = false;
         let mut progressed = false;
         let mut last_progress = Instant::now();
+        // Half-open detection: the last packet heard from the cloud, and
+        // whether a PINGREQ is unanswered. With anything outstanding, 1.5
+        // keep-alives of silence mean the connection is dead even though TCP
+        // has not noticed (rumqttc alone takes up to two keep-alives idle,
+        // and never notices while publishes keep its own timer busy).
+        let silence_limit = self.config.keep_alive.max(Duration::from_secs(5)) * 3 / 2;
+        let mut last_heard = Instant::now();
+        let mut ping_outstanding = false;
         loop {
             if connected {
                 let before = self.session.in_flight();
@@ -337,6 +345,7 @@ impl Driver {
             let hungry = connected && self.wants_more();
             let waiting = connected && self.session.in_flight() > 0;
             let deadline = last_progress + self.config.ack_timeout;
+            let listening = connected && (ping_outstanding || self.session.in_flight() > 0);
             // poll() is raced against shutdown, the ack timeout (after both
             // this event loop is dropped) and the append signal while the
             // window has room. rumqttc keeps its state across a cancelled
@@ -350,6 +359,23 @@ impl Driver {
                 _ = self.cancel.cancelled() => return Ok(Ended::Shutdown),
                 r = events.poll() => r,
                 _ = self.appends.changed(), if hungry => continue,
+                _ = tokio::time::sleep_until(last_heard + silence_limit), if listening => {
+                    return Ok(Ended::Failed {
+                        failure: Failure {
+                            text: format!(
+                                "the cloud sent nothing for {silence_limit:?} (1.5 keep-alives) \
+                                 with {} messages in flight{}: the connection is half-open; \
+                                 reconnecting",
+                                self.session.in_flight(),
+                                if ping_outstanding { " and a ping unanswered" } else { "" }
+                            ),
+                            debug: String::new(),
+                            timeout: true,
+                        },
+                        blame_head: false,
+                        progressed,
+                    });
+                }
                 _ = tokio::time::sleep_until(deadline), if waiting => {
                     return Ok(Ended::Failed {
                         failure: Failure {
@@ -381,6 +407,7 @@ impl Driver {
                 }) => {
                     connected = true;
                     last_progress = Instant::now();
+                    last_heard = Instant::now();
                     self.session.connected(receive_max);
                     // Every lane is read again from its cursor.
                     self.exhausted.fill(None);
@@ -410,6 +437,7 @@ impl Driver {
                 }
                 Ok(Happened::PubAck { pkid, reason }) => {
                     last_progress = Instant::now();
+                    last_heard = Instant::now();
                     self.counters.last_ack_micros.store(
                         u64::try_from(crate::event::Timestamp::now().0).unwrap_or(0),
                         Ordering::Relaxed,
@@ -432,6 +460,14 @@ impl Driver {
                             tracing::debug!(pkid, "PUBACK for a packet id not in flight");
                         }
                     }
+                }
+                // rumqttc pings one keep-alive after the last packet it
+                // sent; the PINGRESP then has half a keep-alive before the
+                // silence limit, counted from the last packet heard.
+                Ok(Happened::PingSent) => ping_outstanding = true,
+                Ok(Happened::Heard) => {
+                    last_heard = Instant::now();
+                    ping_outstanding = false;
                 }
                 Ok(Happened::Other) => {}
             }

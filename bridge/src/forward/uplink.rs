@@ -35,7 +35,11 @@ pub enum Happened {
         /// MQTT 5 reason code (`None` on 3.1.1).
         reason: Option<u8>,
     },
-    /// Anything else (pings, collisions, ...).
+    /// A PINGREQ went out.
+    PingSent,
+    /// Any other packet from the cloud (a PINGRESP, ...): the link is alive.
+    Heard,
+    /// Anything else (other outgoing packets, ...).
     Other,
 }
 
@@ -87,7 +91,8 @@ pub fn connect(config: &ForwardConfig, tls: Arc<rustls::ClientConfig>) -> (Publi
     let cap = usize::from(window) + 8;
     let transport = rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls));
     let timeout_secs = config.connect_timeout.as_secs().max(1);
-    let keep_alive = config.keep_alive.max(Duration::from_secs(1));
+    // Validated to 5 s or more; rumqttc's MQTT 5 client panics below that.
+    let keep_alive = config.keep_alive.max(Duration::from_secs(5));
     // Incoming packets are only acks and pings.
     let incoming_limit = 64 * 1024;
     // Publishes go out at once: with Nagle on, a small write waits for the
@@ -157,6 +162,8 @@ impl Events {
                         reason: None,
                     }),
                     Event::Outgoing(Outgoing::Publish(pkid)) => Ok(Happened::Published(pkid)),
+                    Event::Outgoing(Outgoing::PingReq) => Ok(Happened::PingSent),
+                    Event::Incoming(_) => Ok(Happened::Heard),
                     _ => Ok(Happened::Other),
                 }
             }
@@ -177,6 +184,8 @@ impl Events {
                         reason: Some(reason_code(a.reason)),
                     }),
                     Event::Outgoing(Outgoing::Publish(pkid)) => Ok(Happened::Published(pkid)),
+                    Event::Outgoing(Outgoing::PingReq) => Ok(Happened::PingSent),
+                    Event::Incoming(_) => Ok(Happened::Heard),
                     _ => Ok(Happened::Other),
                 }
             }
