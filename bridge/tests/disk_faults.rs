@@ -154,6 +154,13 @@ impl Drop for Vigil {
 
 static STRACE_N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Writes straight to the process's stderr, past the test harness's output
+/// capture, so CI logs carry the `fault=` lines of passing tests too.
+fn show(text: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -391,17 +398,17 @@ fn report(name: &str, t: &Tally) {
             _ => "-".into(),
         }
     };
-    println!(
+    show(&format!(
         "fault={name} lost={} recovered={} unexpected={} duplicated={}",
         t.lost, t.recovered, t.unexpected, t.duplicated
-    );
-    println!(
+    ));
+    show(&format!(
         "  rounds {}, acknowledged {}, restart on the recovered store: {}, cut to remount: {}",
         t.rounds,
         t.acked,
         ms(&t.restart),
         ms(&t.remount)
-    );
+    ));
 }
 
 /// Both halves in one test: they share the machine's loop devices and two
@@ -409,7 +416,7 @@ fn report(name: &str, t: &Tally) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_lose_nothing_acknowledged_and_the_negative_control_loses() {
     if let Some(why) = cannot_run() {
-        println!("SKIP power-cut test: {why}");
+        show(&format!("SKIP power-cut test: {why}"));
         return;
     }
     let real = power_cuts(10, false, false).await;
@@ -433,7 +440,7 @@ async fn power_cuts_lose_nothing_acknowledged_and_the_negative_control_loses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
     if !have("strace", "-V") {
-        println!("SKIP fsync-failure test: needs strace (apt-get install strace)");
+        show("SKIP fsync-failure test: needs strace (apt-get install strace)");
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -508,7 +515,7 @@ async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
         .count();
     let sent_shas: HashSet<&str> = sent.iter().map(|s| s.sha256.as_str()).collect();
     let acked_shas: HashSet<&str> = acked.iter().map(|s| s.sha256.as_str()).collect();
-    println!(
+    show(&format!(
         "fault=fsync-eio lost={lost} recovered={} unexpected={} duplicated={}",
         present
             .keys()
@@ -519,12 +526,12 @@ async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
             .filter(|k| !sent_shas.contains(k.as_str()))
             .count(),
         present.values().map(|n| n - 1).sum::<u64>()
-    );
-    println!(
+    ));
+    show(&format!(
         "  {} sent, {} acknowledged before the failure, vigil exited with {status}",
         sent.len(),
         acked.len()
-    );
+    ));
     assert!(acked.len() > 20, "the failure came too early to mean much");
     assert_eq!(
         lost, 0,

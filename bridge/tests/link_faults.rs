@@ -26,6 +26,13 @@ use vigil_sim::pki::{self, DevPki};
 
 const KEY_B64: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
 
+/// Writes straight to the process's stderr, past the test harness's output
+/// capture, so CI logs carry the `fault=` lines of passing tests too.
+fn show(text: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -220,7 +227,7 @@ fn libfaketime() -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_at_1970_is_explained_buffering_continues_and_delivery_resumes() {
     let Some(lib) = libfaketime() else {
-        println!("SKIP clock-fault test: needs libfaketime (apt-get install faketime)");
+        show("SKIP clock-fault test: needs libfaketime (apt-get install faketime)");
         return;
     };
     let lib = lib.display().to_string();
@@ -254,11 +261,11 @@ async fn a_clock_at_1970_is_explained_buffering_continues_and_delivery_resumes()
     // The clock is fixed: the same store, delivered.
     let vigil = rig.start(&config, &[]).await;
     let report = rig.judge(&sent, Duration::from_secs(30)).await;
-    println!("{}", report.fault_line("clock-1970"));
-    println!(
+    show(&report.fault_line("clock-1970"));
+    show(&format!(
         "  {} acknowledged while the clock said 1970, {} queued after 3 s",
         report.acknowledged, queued
-    );
+    ));
     assert!(report.passed(), "{report}");
     assert!(report.acknowledged > 50, "{report}");
     drop(vigil);
@@ -316,11 +323,11 @@ async fn a_half_open_cloud_connection_is_detected_within_one_and_a_half_keep_ali
     stop.cancel();
     let sent = devices.await.unwrap();
     let report = rig.judge(&sent, Duration::from_secs(30)).await;
-    println!("{}", report.fault_line("half-open"));
-    println!(
+    show(&report.fault_line("half-open"));
+    show(&format!(
         "  detected after {detected:.2?} with keep-alive {keep_alive:?} (limit 1.5 keep-alives = {:?})",
         keep_alive * 3 / 2
-    );
+    ));
     assert!(report.passed(), "{report}");
     assert!(
         rig.log().contains("half-open"),

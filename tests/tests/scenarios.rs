@@ -30,6 +30,13 @@ fn binary(name: &str, package: &str) -> PathBuf {
     bin
 }
 
+/// Writes straight to the process's stderr, past the test harness's output
+/// capture, so CI logs carry the `fault=` lines of passing tests too.
+fn show(text: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 fn scenario_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../device-sim/scenarios")
@@ -58,7 +65,7 @@ async fn run_scenario(scenario: &Scenario) -> Outcome {
     .unwrap();
     eprintln!("{outcome}");
     // The fault tier's summary line, on stdout for CI logs.
-    println!("{}", outcome.report.fault_line(&scenario.name));
+    show(&outcome.report.fault_line(&scenario.name));
     outcome
 }
 
