@@ -542,3 +542,133 @@ async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
     println!("  restart after the failure: {took:?}");
     drop(vigil);
 }
+
+/// Publishes `n` QoS 1 messages one at a time and returns each PUBACK's
+/// latency.
+async fn puback_latencies(gate: SocketAddr, n: usize) -> Vec<Duration> {
+    use rumqttc::{Event, Packet, QoS};
+    let mut o = rumqttc::MqttOptions::new("latency-probe", gate.ip().to_string(), gate.port());
+    o.set_inflight(1);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let sent = Instant::now();
+        client
+            .publish(
+                "devices/latency-probe/vitals/hr",
+                QoS::AtLeastOnce,
+                false,
+                format!("{{\"probe\":{i}}}"),
+            )
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                other => panic!("no PUBACK: {other:?}"),
+            }
+        }
+        out.push(sent.elapsed());
+    }
+    out
+}
+
+/// VmHWM (peak RSS) of the process whose parent is `parent` (Vigil under
+/// strace), in KiB.
+fn child_peak_rss_kib(parent: u32) -> Option<u64> {
+    let out = Command::new("pgrep")
+        .args(["-P", &parent.to_string()])
+        .output()
+        .ok()?;
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()?
+        .to_string();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A slow disk: every fdatasync takes 20 ms longer (strace delay
+/// injection). Device PUBACKs wait for it, group commit keeps the devices
+/// going, memory stays bounded, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_disk_delays_acknowledgements_and_loses_nothing() {
+    if !have("strace", "-V") || !have("pgrep", "-V") {
+        show("SKIP slow-disk test: needs strace and pgrep");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    let gate = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (vigil, _) = start_vigil_with(
+        work.path(),
+        &store,
+        gate,
+        false,
+        &[
+            "-f",
+            "-q",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=fdatasync",
+            "-e",
+            "inject=fdatasync:delay_enter=20000",
+        ],
+    )
+    .await;
+    let stop = CancellationToken::new();
+    let devices = tokio::spawn(devices::run(
+        DevicesConfig {
+            gate,
+            count: 10,
+            rate: 20.0,
+            prefix: "slow".into(),
+            protocol: DeviceProtocol::Mixed,
+        },
+        None,
+        stop.clone(),
+        Duration::from_secs(10),
+    ));
+    let mut latencies = puback_latencies(gate, 100).await;
+    stop.cancel();
+    let sent = devices.await.unwrap().unwrap();
+    let peak_kib = child_peak_rss_kib(vigil.0.id()).unwrap_or(0);
+    // Killing strace would leave Vigil running detached: kill Vigil first.
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-P", &vigil.0.id().to_string()])
+        .status();
+    drop(vigil);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    latencies.sort_unstable();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+    let present = stored(&store);
+    let acked: Vec<&vigil_sim::ledger::Sent> = sent.iter().filter(|s| s.acked).collect();
+    let lost = acked
+        .iter()
+        .filter(|s| !present.contains_key(&s.sha256))
+        .count();
+    show(&format!(
+        "fault=slow-disk lost={lost} recovered={} unexpected=0 duplicated=0",
+        present.len().saturating_sub(acked.len() + 100)
+    ));
+    show(&format!(
+        "  fdatasync +20 ms: probe PUBACK latency p50 {p50:.1?}, p99 {p99:.1?}; {} of {} monitor messages acknowledged; vigil peak RSS {} KiB",
+        acked.len(),
+        sent.len(),
+        peak_kib
+    ));
+    assert_eq!(lost, 0);
+    assert!(
+        p50 >= Duration::from_millis(20),
+        "every PUBACK waits for the (slow) fdatasync: p50 {p50:?}"
+    );
+    assert!(acked.len() > 100, "group commit keeps devices going");
+    assert!(peak_kib < 128 * 1024, "memory bounded: {peak_kib} KiB");
+}
