@@ -21,46 +21,14 @@ fn child_cloud() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The `vigil` child, killed if the test panics (so no orphan outlives it).
-struct VigilChild(std::process::Child);
-
-impl std::ops::Deref for VigilChild {
-    type Target = std::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for VigilChild {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for VigilChild {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::process::{KEY_B64, VigilChild, free_port};
 
 fn start_vigil(config: &std::path::Path) -> VigilChild {
     VigilChild(
         Command::new(env!("CARGO_BIN_EXE_vigil"))
             .args(["run", "--config"])
             .arg(config)
-            .env(
-                "VIGIL_STORAGE_KEY",
-                "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=",
-            )
+            .env("VIGIL_STORAGE_KEY", KEY_B64)
             .env("VIGIL_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -21,17 +21,19 @@
 //! line, exit non-zero by itself, and keep everything it acknowledged before.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
-use vigil_sim::devices::{self, DeviceProtocol, DevicesConfig};
+use common::process::{KEY_B64, VigilChild as Vigil, free_port, monitors, show};
 
-/// The base64 of 32 bytes of 0x42.
-const KEY_B64: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+/// The tests here load the machine's two cores (and share loop devices):
+/// one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn have(cmd: &str, arg: &str) -> bool {
     Command::new(cmd)
@@ -143,31 +145,7 @@ impl Drop for Ext4 {
     }
 }
 
-struct Vigil(Child);
-
-impl Drop for Vigil {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 static STRACE_N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Writes straight to the process's stderr, past the test harness's output
-/// capture, so CI logs carry the `fault=` lines of passing tests too.
-fn show(text: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr().lock(), "{text}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Starts `vigil run` on `store` with an unreachable cloud (everything
 /// stays stored); returns it and how long it took to accept devices.
@@ -315,19 +293,13 @@ async fn power_cuts(rounds: usize, unsafe_ack: bool, stop_at_loss: bool) -> Tall
         if round > 0 {
             tally.restart.push(took);
         }
-        let stop = CancellationToken::new();
-        let devices = tokio::spawn(devices::run(
-            DevicesConfig {
-                gate,
-                count: 10,
-                rate: 40.0,
-                prefix: format!("r{round}-bed"),
-                protocol: DeviceProtocol::Mixed,
-            },
-            None,
-            stop.clone(),
+        let (stop, devices) = monitors(
+            gate,
+            &format!("r{round}-bed"),
+            10,
+            40.0,
             Duration::from_secs(2),
-        ));
+        );
         // Cut at a different moment each round: 300 to 1500 ms into ingest.
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -343,7 +315,7 @@ async fn power_cuts(rounds: usize, unsafe_ack: bool, stop_at_loss: bool) -> Tall
         let cut = Instant::now();
         drop(vigil);
         stop.cancel();
-        let round_sent = devices.await.unwrap().unwrap();
+        let round_sent = devices.await.unwrap();
         fs.umount();
         fs.mount();
         tally.remount.push(cut.elapsed());
@@ -415,6 +387,7 @@ fn report(name: &str, t: &Tally) {
 /// cores, and the negative control is only meaningful beside the real run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_lose_nothing_acknowledged_and_the_negative_control_loses() {
+    let _one = ONE_AT_A_TIME.lock().await;
     if let Some(why) = cannot_run() {
         show(&format!("SKIP power-cut test: {why}"));
         return;
@@ -439,6 +412,7 @@ async fn power_cuts_lose_nothing_acknowledged_and_the_negative_control_loses() {
 /// How many acknowledged messages an fsync failure may not lose: all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
+    let _one = ONE_AT_A_TIME.lock().await;
     if !have("strace", "-V") {
         show("SKIP fsync-failure test: needs strace (apt-get install strace)");
         return;
@@ -465,19 +439,7 @@ async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
         ],
     )
     .await;
-    let stop = CancellationToken::new();
-    let devices = tokio::spawn(devices::run(
-        DevicesConfig {
-            gate,
-            count: 10,
-            rate: 20.0,
-            prefix: "bed".into(),
-            protocol: DeviceProtocol::Mixed,
-        },
-        None,
-        stop.clone(),
-        Duration::from_secs(2),
-    ));
+    let (stop, devices) = monitors(gate, "bed", 10, 20.0, Duration::from_secs(2));
     // Vigil must stop by itself.
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -491,7 +453,7 @@ async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     stop.cancel();
-    let sent = devices.await.unwrap().unwrap();
+    let sent = devices.await.unwrap();
     drop(vigil);
     assert!(
         !status.success(),
@@ -598,6 +560,7 @@ fn child_peak_rss_kib(parent: u32) -> Option<u64> {
 /// going, memory stays bounded, and nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_disk_delays_acknowledgements_and_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
     if !have("strace", "-V") || !have("pgrep", "-V") {
         show("SKIP slow-disk test: needs strace and pgrep");
         return;
@@ -622,22 +585,10 @@ async fn a_slow_disk_delays_acknowledgements_and_loses_nothing() {
         ],
     )
     .await;
-    let stop = CancellationToken::new();
-    let devices = tokio::spawn(devices::run(
-        DevicesConfig {
-            gate,
-            count: 10,
-            rate: 20.0,
-            prefix: "slow".into(),
-            protocol: DeviceProtocol::Mixed,
-        },
-        None,
-        stop.clone(),
-        Duration::from_secs(10),
-    ));
+    let (stop, devices) = monitors(gate, "slow", 10, 20.0, Duration::from_secs(10));
     let mut latencies = puback_latencies(gate, 100).await;
     stop.cancel();
-    let sent = devices.await.unwrap().unwrap();
+    let sent = devices.await.unwrap();
     let peak_kib = child_peak_rss_kib(vigil.0.id()).unwrap_or(0);
     // Killing strace would leave Vigil running detached: kill Vigil first.
     let _ = Command::new("pkill")
@@ -682,6 +633,7 @@ async fn a_slow_disk_delays_acknowledgements_and_loses_nothing() {
 /// acknowledged is lost.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_vigil_and_loses_nothing_acknowledged() {
+    let _one = ONE_AT_A_TIME.lock().await;
     if !is_root() {
         show("SKIP disk-full test: needs root to mount a tmpfs");
         return;
@@ -710,19 +662,7 @@ async fn a_full_disk_stops_vigil_and_loses_nothing_acknowledged() {
     let store = mnt.join("store");
     let gate = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (mut vigil, _) = start_vigil(work.path(), &store, gate, false).await;
-    let stop = CancellationToken::new();
-    let devices = tokio::spawn(devices::run(
-        DevicesConfig {
-            gate,
-            count: 10,
-            rate: 30.0,
-            prefix: "full".into(),
-            protocol: DeviceProtocol::Mixed,
-        },
-        None,
-        stop.clone(),
-        Duration::from_secs(2),
-    ));
+    let (stop, devices) = monitors(gate, "full", 10, 30.0, Duration::from_secs(2));
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = vigil.0.try_wait().unwrap() {
@@ -732,7 +672,7 @@ async fn a_full_disk_stops_vigil_and_loses_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     stop.cancel();
-    let sent = devices.await.unwrap().unwrap();
+    let sent = devices.await.unwrap();
     drop(vigil);
     assert!(!status.success());
     let log = std::fs::read_to_string(work.path().join("vigil.log")).unwrap();

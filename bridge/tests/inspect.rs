@@ -9,8 +9,7 @@ use std::process::Command;
 
 use common::{ingest, open};
 
-/// The base64 of `common::KEY`.
-const KEY_B64: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+use common::process::KEY_B64;
 
 /// `vigil <command...> <dir> <rest...>`.
 fn vigil_with(command: &[&str], dir: &Path, rest: &[&str]) -> (bool, String, String) {

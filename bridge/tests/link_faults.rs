@@ -12,60 +12,24 @@
 //! Each prints a `fault=` line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use vigil_sim::cloud::{self, Subscriber};
-use vigil_sim::devices::{self, DeviceProtocol, DevicesConfig};
 use vigil_sim::ledger::Sent;
 use vigil_sim::pki::{self, DevPki};
 
-const KEY_B64: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+use common::process::{KEY_B64, VigilChild as Vigil, free_port, monitors, show};
 
-/// Writes straight to the process's stderr, past the test harness's output
-/// capture, so CI logs carry the `fault=` lines of passing tests too.
-fn show(text: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr().lock(), "{text}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Vigil(Child);
-
-impl Drop for Vigil {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Vigil {
-    /// SIGTERM, then wait for the exit.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "vigil did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
+/// The tests here load the machine's two cores (and share loop devices):
+/// one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The pieces every test here uses.
 struct Rig {
@@ -159,23 +123,7 @@ impl Rig {
 
     /// Monitors publishing until the returned token is cancelled.
     fn devices(&self, prefix: &str) -> (CancellationToken, tokio::task::JoinHandle<Vec<Sent>>) {
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(devices::run(
-            DevicesConfig {
-                gate: self.gate,
-                count: 5,
-                rate: 10.0,
-                prefix: prefix.into(),
-                protocol: DeviceProtocol::Mixed,
-            },
-            None,
-            stop.clone(),
-            Duration::from_secs(5),
-        ));
-        (
-            stop,
-            tokio::spawn(async move { task.await.unwrap().unwrap() }),
-        )
+        monitors(self.gate, prefix, 5, 10.0, Duration::from_secs(5))
     }
 
     async fn status(&self) -> Option<vigil::operator::Status> {
@@ -226,6 +174,7 @@ fn libfaketime() -> Option<PathBuf> {
 /// the right time everything it took reaches the cloud.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_at_1970_is_explained_buffering_continues_and_delivery_resumes() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(lib) = libfaketime() else {
         show("SKIP clock-fault test: needs libfaketime (apt-get install faketime)");
         return;
@@ -277,6 +226,7 @@ async fn a_clock_at_1970_is_explained_buffering_continues_and_delivery_resumes()
 /// everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_cloud_connection_is_detected_within_one_and_a_half_keep_alives() {
+    let _one = ONE_AT_A_TIME.lock().await;
     use vigil_sim::proxy::{Mode, Proxy};
     let (rig, listeners) = Rig::new().await;
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), listeners.v5)

@@ -111,13 +111,7 @@ pub fn start_broker(dir: &Path) -> (SocketAddr, SocketAddr) {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use super::process::free_port;
 
 /// The cloud broker in a child process (this test binary re-run with
 /// `--exact child_cloud --ignored`).
