@@ -288,20 +288,59 @@ async fn open_store(args: StoreArgs) -> anyhow::Result<Store> {
     Ok(tokio::task::spawn_blocking(move || Store::open(options, &key)).await??)
 }
 
-async fn dead_letter(action: DeadLetterAction) -> anyhow::Result<()> {
-    /// Every dead letter's number, in order.
-    async fn all_numbers(store: &Store) -> anyhow::Result<Vec<u64>> {
-        let mut numbers = Vec::new();
-        let mut after = None;
-        loop {
-            let page = store.dead_letters(after, 1000).await?;
-            let Some(last) = page.last().map(|d| d.seq) else {
-                return Ok(numbers);
-            };
-            numbers.extend(page.iter().map(|d| d.seq));
-            after = Some(last);
+/// Every dead letter's number, in order.
+async fn all_numbers(store: &Store) -> anyhow::Result<Vec<u64>> {
+    let mut numbers = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.dead_letters(after, 1000).await?;
+        let Some(last) = page.last().map(|d| d.seq) else {
+            return Ok(numbers);
+        };
+        numbers.extend(page.iter().map(|d| d.seq));
+        after = Some(last);
+    }
+}
+
+/// Requeues (or with `purge`, deletes) the numbered dead letters, or all.
+async fn change_dead_letters(
+    args: StoreArgs,
+    numbers: Vec<u64>,
+    all: bool,
+    purge: bool,
+) -> anyhow::Result<()> {
+    let store = open_store(args).await?;
+    let numbers = if all {
+        all_numbers(&store).await?
+    } else {
+        numbers
+    };
+    let mut missing = Vec::new();
+    for n in numbers {
+        let done = if purge {
+            store
+                .purge_dead_letter(n)
+                .await?
+                .then(|| format!("dead letter {n} purged"))
+        } else {
+            store
+                .requeue(n)
+                .await?
+                .map(|seq| format!("dead letter {n} requeued (lane seq {seq})"))
+        };
+        match done {
+            Some(line) => println!("{line}"),
+            None => missing.push(n),
         }
     }
+    store.close().await?;
+    if !missing.is_empty() {
+        anyhow::bail!("no dead letter numbered {missing:?}; see `vigil dead-letter list`");
+    }
+    Ok(())
+}
+
+async fn dead_letter(action: DeadLetterAction) -> anyhow::Result<()> {
     match action {
         DeadLetterAction::List { store } => {
             let store = open_store(store).await?;
@@ -338,49 +377,12 @@ async fn dead_letter(action: DeadLetterAction) -> anyhow::Result<()> {
             store,
             numbers,
             all,
-        } => {
-            let store = open_store(store).await?;
-            let numbers = if all {
-                all_numbers(&store).await?
-            } else {
-                numbers
-            };
-            let mut missing = Vec::new();
-            for n in &numbers {
-                match store.requeue(*n).await? {
-                    Some(seq) => println!("dead letter {n} requeued (lane seq {seq})"),
-                    None => missing.push(*n),
-                }
-            }
-            store.close().await?;
-            if !missing.is_empty() {
-                anyhow::bail!("no dead letter numbered {missing:?}; see `vigil dead-letter list`");
-            }
-        }
+        } => change_dead_letters(store, numbers, all, false).await?,
         DeadLetterAction::Purge {
             store,
             numbers,
             all,
-        } => {
-            let store = open_store(store).await?;
-            let numbers = if all {
-                all_numbers(&store).await?
-            } else {
-                numbers
-            };
-            let mut missing = Vec::new();
-            for n in &numbers {
-                if store.purge_dead_letter(*n).await? {
-                    println!("dead letter {n} purged");
-                } else {
-                    missing.push(*n);
-                }
-            }
-            store.close().await?;
-            if !missing.is_empty() {
-                anyhow::bail!("no dead letter numbered {missing:?}; see `vigil dead-letter list`");
-            }
-        }
+        } => change_dead_letters(store, numbers, all, true).await?,
     }
     Ok(())
 }
