@@ -158,13 +158,14 @@ async fn start_vigil(
     start_vigil_with(work, store, gate, unsafe_ack, &[]).await
 }
 
-/// As [`start_vigil`], run under `strace <strace_args>` when they are given.
+/// As [`start_vigil`], run under `wrapper` (a program and its arguments,
+/// e.g. strace's) when one is given.
 async fn start_vigil_with(
     work: &Path,
     store: &Path,
     gate: SocketAddr,
     unsafe_ack: bool,
-    strace_args: &[&str],
+    wrapper: &[&str],
 ) -> (Vigil, Duration) {
     let config = work.join("vigil.toml");
     std::fs::write(
@@ -192,9 +193,9 @@ async fn start_vigil_with(
     let started = Instant::now();
     // Debugging aid: POWER_CUT_STRACE=<dir> runs Vigil under strace.
     let mut command = match std::env::var("POWER_CUT_STRACE") {
-        _ if !strace_args.is_empty() => {
-            let mut c = Command::new("strace");
-            c.args(strace_args).arg(env!("CARGO_BIN_EXE_vigil"));
+        _ if !wrapper.is_empty() => {
+            let mut c = Command::new(wrapper[0]);
+            c.args(&wrapper[1..]).arg(env!("CARGO_BIN_EXE_vigil"));
             c
         }
         Ok(dir) => {
@@ -428,6 +429,7 @@ async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
         gate,
         false,
         &[
+            "strace",
             "-f",
             "-q",
             "-o",
@@ -574,6 +576,7 @@ async fn a_slow_disk_delays_acknowledgements_and_loses_nothing() {
         gate,
         false,
         &[
+            "strace",
             "-f",
             "-q",
             "-o",
@@ -698,4 +701,115 @@ async fn a_full_disk_stops_vigil_and_loses_nothing_acknowledged() {
     ));
     assert!(acked.len() > 1000, "{} acknowledged", acked.len());
     assert_eq!(lost, 0);
+}
+
+/// VmRSS of `pid` in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A long outage compressed in time, Vigil in a 64 MiB memory cgroup: the
+/// backlog grows on disk, not in memory. RSS is sampled as it grows and must
+/// stay flat; Vigil must not be OOM-killed; nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_in_a_64_mib_cgroup_keeps_memory_flat() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(memory) = cgroup_v1_memory() else {
+        show("SKIP cgroup outage test: needs root and a cgroup v1 memory hierarchy");
+        return;
+    };
+    let cg = memory.join(format!("vigil-test-{}", std::process::id()));
+    std::fs::create_dir_all(&cg).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _remove = Remove(cg.clone());
+    std::fs::write(cg.join("memory.limit_in_bytes"), (64u64 << 20).to_string()).unwrap();
+    // Into the cgroup, and with /status on (environment overrides the file).
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let enter = format!(
+        "echo $$ > {}/cgroup.procs && VIGIL__HTTP__ENABLED=true VIGIL__HTTP__LISTEN={http} \
+         exec \"$0\" \"$@\"",
+        cg.display()
+    );
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    let gate = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (mut vigil, _) =
+        start_vigil_with(work.path(), &store, gate, false, &["sh", "-c", &enter]).await;
+    let pid = vigil.0.id();
+    let (stop, devices) = monitors(gate, "ward", 10, 200.0, Duration::from_secs(5));
+    // RSS when the backlog passes each milestone (the memtables fill first,
+    // then memory must stay where it is while the backlog keeps growing).
+    let milestones = [10_000u64, 30_000, 50_000, 70_000, 90_000];
+    let mut samples: Vec<(u64, u64)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while samples.len() < milestones.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(status) = vigil::operator::fetch_status(http, Duration::from_secs(2)).await else {
+            continue;
+        };
+        let queued: u64 = status.backlog.iter().map(|l| l.messages).sum();
+        if queued >= milestones[samples.len()] {
+            samples.push((queued, rss_kib(pid).unwrap_or(0)));
+        }
+    }
+    stop.cancel();
+    let sent = devices.await.unwrap();
+    let alive = vigil.0.try_wait().unwrap().is_none();
+    let peak = std::fs::read_to_string(cg.join("memory.max_usage_in_bytes"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    drop(vigil);
+    let acked: Vec<&vigil_sim::ledger::Sent> = sent.iter().filter(|s| s.acked).collect();
+    let present = stored(&store);
+    let lost = acked
+        .iter()
+        .filter(|s| !present.contains_key(&s.sha256))
+        .count();
+    show(&format!(
+        "fault=outage-64mib-cgroup lost={lost} recovered={} unexpected=0 duplicated=0",
+        present.len().saturating_sub(acked.len())
+    ));
+    show(&format!(
+        "  {} acknowledged; vigil RSS (KiB) as the backlog grew, (queued, KiB): {samples:?}; cgroup peak (incl. page cache) {} MiB",
+        acked.len(),
+        peak >> 20
+    ));
+    assert!(alive, "vigil was killed (OOM?) in its 64 MiB cgroup");
+    assert_eq!(lost, 0);
+    assert_eq!(
+        samples.len(),
+        milestones.len(),
+        "the backlog never reached 90,000"
+    );
+    // From 50,000 to 90,000 queued (+80 %), RSS stays within 4 MiB.
+    let at_50k = samples[2].1;
+    let at_90k = samples[4].1;
+    assert!(
+        at_90k <= at_50k + 4 * 1024,
+        "RSS grew with the backlog: {samples:?}"
+    );
+}
+
+/// The cgroup v1 memory hierarchy, when this process may use it.
+fn cgroup_v1_memory() -> Option<PathBuf> {
+    if !is_root() {
+        return None;
+    }
+    let out = Command::new("findmnt")
+        .args(["-n", "-o", "TARGET", "-t", "cgroup", "-O", "memory"])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    path.join("memory.limit_in_bytes").exists().then_some(path)
 }
