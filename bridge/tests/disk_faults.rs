@@ -410,6 +410,62 @@ async fn power_cuts_lose_nothing_acknowledged_and_the_negative_control_loses() {
     );
 }
 
+/// Compares the monitors' ledger (plus `also_sent`: payload hashes of other
+/// messages the test published) with the store, prints the `fault=` line
+/// and returns (acknowledged, lost).
+fn judge_store(
+    name: &str,
+    sent: &[vigil_sim::ledger::Sent],
+    also_sent: &[String],
+    store: &Path,
+) -> (usize, usize) {
+    let present = stored(store);
+    let acked: HashSet<&str> = sent
+        .iter()
+        .filter(|s| s.acked)
+        .map(|s| s.sha256.as_str())
+        .chain(also_sent.iter().map(String::as_str))
+        .collect();
+    let all: HashSet<&str> = sent
+        .iter()
+        .map(|s| s.sha256.as_str())
+        .chain(also_sent.iter().map(String::as_str))
+        .collect();
+    let lost = acked.iter().filter(|a| !present.contains_key(**a)).count();
+    show(&format!(
+        "fault={name} lost={lost} recovered={} unexpected={} duplicated={}",
+        present
+            .keys()
+            .filter(|k| !acked.contains(k.as_str()))
+            .count(),
+        present.keys().filter(|k| !all.contains(k.as_str())).count(),
+        present.values().map(|n| n - 1).sum::<u64>()
+    ));
+    (acked.len() - also_sent.len(), lost)
+}
+
+/// `vigil run` under strace with one fault injected into fdatasync.
+async fn start_vigil_with_fdatasync(
+    work: &Path,
+    store: &Path,
+    gate: SocketAddr,
+    inject: &str,
+) -> Vigil {
+    let inject = format!("inject=fdatasync:{inject}");
+    let args = [
+        "strace",
+        "-f",
+        "-q",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=fdatasync",
+        "-e",
+        inject.as_str(),
+    ];
+    start_vigil_with(work, store, gate, false, &args).await.0
+}
+
 /// How many acknowledged messages an fsync failure may not lose: all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
@@ -423,24 +479,8 @@ async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
     let gate = SocketAddr::from(([127, 0, 0, 1], free_port()));
     // The 60th fdatasync fails: well into the traffic (opening the store
     // uses fsync, not fdatasync).
-    let (mut vigil, _) = start_vigil_with(
-        work.path(),
-        &store,
-        gate,
-        false,
-        &[
-            "strace",
-            "-f",
-            "-q",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=fdatasync",
-            "-e",
-            "inject=fdatasync:error=EIO:when=60",
-        ],
-    )
-    .await;
+    let mut vigil =
+        start_vigil_with_fdatasync(work.path(), &store, gate, "error=EIO:when=60").await;
     let (stop, devices) = monitors(gate, "bed", 10, 20.0, Duration::from_secs(2));
     // Vigil must stop by itself.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -471,32 +511,12 @@ async fn an_fsync_failure_is_fatal_and_loses_nothing_acknowledged() {
     );
     assert!(fatal[0].contains("could not persist"), "{}", fatal[0]);
 
-    let present = stored(&store);
-    let acked: Vec<&vigil_sim::ledger::Sent> = sent.iter().filter(|s| s.acked).collect();
-    let lost = acked
-        .iter()
-        .filter(|s| !present.contains_key(&s.sha256))
-        .count();
-    let sent_shas: HashSet<&str> = sent.iter().map(|s| s.sha256.as_str()).collect();
-    let acked_shas: HashSet<&str> = acked.iter().map(|s| s.sha256.as_str()).collect();
+    let (acked, lost) = judge_store("fsync-eio", &sent, &[], &store);
     show(&format!(
-        "fault=fsync-eio lost={lost} recovered={} unexpected={} duplicated={}",
-        present
-            .keys()
-            .filter(|k| !acked_shas.contains(k.as_str()))
-            .count(),
-        present
-            .keys()
-            .filter(|k| !sent_shas.contains(k.as_str()))
-            .count(),
-        present.values().map(|n| n - 1).sum::<u64>()
+        "  {} sent, {acked} acknowledged before the failure, vigil exited with {status}",
+        sent.len()
     ));
-    show(&format!(
-        "  {} sent, {} acknowledged before the failure, vigil exited with {status}",
-        sent.len(),
-        acked.len()
-    ));
-    assert!(acked.len() > 20, "the failure came too early to mean much");
+    assert!(acked > 20, "the failure came too early to mean much");
     assert_eq!(
         lost, 0,
         "acknowledged messages missing after the fsync failure"
@@ -570,24 +590,7 @@ async fn a_slow_disk_delays_acknowledgements_and_loses_nothing() {
     let work = tempfile::tempdir().unwrap();
     let store = work.path().join("store");
     let gate = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let (vigil, _) = start_vigil_with(
-        work.path(),
-        &store,
-        gate,
-        false,
-        &[
-            "strace",
-            "-f",
-            "-q",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=fdatasync",
-            "-e",
-            "inject=fdatasync:delay_enter=20000",
-        ],
-    )
-    .await;
+    let vigil = start_vigil_with_fdatasync(work.path(), &store, gate, "delay_enter=20000").await;
     let (stop, devices) = monitors(gate, "slow", 10, 20.0, Duration::from_secs(10));
     let mut latencies = puback_latencies(gate, 100).await;
     stop.cancel();
@@ -602,28 +605,23 @@ async fn a_slow_disk_delays_acknowledgements_and_loses_nothing() {
     latencies.sort_unstable();
     let p50 = latencies[latencies.len() / 2];
     let p99 = latencies[latencies.len() * 99 / 100];
-    let present = stored(&store);
-    let acked: Vec<&vigil_sim::ledger::Sent> = sent.iter().filter(|s| s.acked).collect();
-    let lost = acked
-        .iter()
-        .filter(|s| !present.contains_key(&s.sha256))
-        .count();
+    let probes: Vec<String> = (0..100)
+        .map(|i| {
+            use sha2::Digest as _;
+            vigil::event::hex(&sha2::Sha256::digest(format!("{{\"probe\":{i}}}")))
+        })
+        .collect();
+    let (acked, lost) = judge_store("slow-disk", &sent, &probes, &store);
     show(&format!(
-        "fault=slow-disk lost={lost} recovered={} unexpected=0 duplicated=0",
-        present.len().saturating_sub(acked.len() + 100)
-    ));
-    show(&format!(
-        "  fdatasync +20 ms: probe PUBACK latency p50 {p50:.1?}, p99 {p99:.1?}; {} of {} monitor messages acknowledged; vigil peak RSS {} KiB",
-        acked.len(),
+        "  fdatasync +20 ms: probe PUBACK latency p50 {p50:.1?}, p99 {p99:.1?}; {acked} of {} monitor messages acknowledged; vigil peak RSS {peak_kib} KiB",
         sent.len(),
-        peak_kib
     ));
     assert_eq!(lost, 0);
     assert!(
         p50 >= Duration::from_millis(20),
         "every PUBACK waits for the (slow) fdatasync: p50 {p50:?}"
     );
-    assert!(acked.len() > 100, "group commit keeps devices going");
+    assert!(acked > 100, "group commit keeps devices going");
     assert!(peak_kib < 128 * 1024, "memory bounded: {peak_kib} KiB");
 }
 
@@ -684,22 +682,12 @@ async fn a_full_disk_stops_vigil_and_loses_nothing_acknowledged() {
         1,
         "{log}"
     );
-    let present = stored(&store);
-    let acked: Vec<&vigil_sim::ledger::Sent> = sent.iter().filter(|s| s.acked).collect();
-    let lost = acked
-        .iter()
-        .filter(|s| !present.contains_key(&s.sha256))
-        .count();
+    let (acked, lost) = judge_store("disk-full", &sent, &[], &store);
     show(&format!(
-        "fault=disk-full lost={lost} recovered={} unexpected=0 duplicated=0",
-        present.len().saturating_sub(acked.len())
-    ));
-    show(&format!(
-        "  3 MiB tmpfs: {} of {} acknowledged before the disk filled; vigil then exited with {status}",
-        acked.len(),
+        "  3 MiB tmpfs: {acked} of {} acknowledged before the disk filled; vigil then exited with {status}",
         sent.len()
     ));
-    assert!(acked.len() > 1000, "{} acknowledged", acked.len());
+    assert!(acked > 1000, "{acked} acknowledged");
     assert_eq!(lost, 0);
 }
 
@@ -770,19 +758,9 @@ async fn a_long_outage_in_a_64_mib_cgroup_keeps_memory_flat() {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
     drop(vigil);
-    let acked: Vec<&vigil_sim::ledger::Sent> = sent.iter().filter(|s| s.acked).collect();
-    let present = stored(&store);
-    let lost = acked
-        .iter()
-        .filter(|s| !present.contains_key(&s.sha256))
-        .count();
+    let (acked, lost) = judge_store("outage-64mib-cgroup", &sent, &[], &store);
     show(&format!(
-        "fault=outage-64mib-cgroup lost={lost} recovered={} unexpected=0 duplicated=0",
-        present.len().saturating_sub(acked.len())
-    ));
-    show(&format!(
-        "  {} acknowledged; vigil RSS (KiB) as the backlog grew, (queued, KiB): {samples:?}; cgroup peak (incl. page cache) {} MiB",
-        acked.len(),
+        "  {acked} acknowledged; vigil RSS (KiB) as the backlog grew, (queued, KiB): {samples:?}; cgroup peak (incl. page cache) {} MiB",
         peak >> 20
     ));
     assert!(alive, "vigil was killed (OOM?) in its 64 MiB cgroup");
