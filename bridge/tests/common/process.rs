@@ -46,6 +46,10 @@ impl std::ops::DerefMut for VigilChild {
 
 impl Drop for VigilChild {
     fn drop(&mut self) {
+        // A wrapper's child (Vigil under strace) would outlive the wrapper.
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-P", &self.0.id().to_string()])
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
