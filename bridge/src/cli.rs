@@ -101,6 +101,17 @@ pub struct StoreArgs {
     pub priorities: u8,
 }
 
+/// Which dead letters a `requeue` or `purge` acts on.
+#[derive(Debug, clap::Args)]
+pub struct Selection {
+    /// Dead-letter numbers (from `list`).
+    #[arg(required_unless_present = "all")]
+    pub numbers: Vec<u64>,
+    /// Every dead letter.
+    #[arg(long)]
+    pub all: bool,
+}
+
 /// `vigil dead-letter ...`.
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterAction {
@@ -116,24 +127,18 @@ pub enum DeadLetterAction {
         /// The store.
         #[command(flatten)]
         store: StoreArgs,
-        /// Dead-letter numbers (from `list`).
-        #[arg(required_unless_present = "all")]
-        numbers: Vec<u64>,
-        /// Every dead letter.
-        #[arg(long)]
-        all: bool,
+        /// Which dead letters.
+        #[command(flatten)]
+        which: Selection,
     },
     /// Deletes dead letters for good.
     Purge {
         /// The store.
         #[command(flatten)]
         store: StoreArgs,
-        /// Dead-letter numbers (from `list`).
-        #[arg(required_unless_present = "all")]
-        numbers: Vec<u64>,
-        /// Every dead letter.
-        #[arg(long)]
-        all: bool,
+        /// Which dead letters.
+        #[command(flatten)]
+        which: Selection,
     },
 }
 
@@ -303,17 +308,12 @@ async fn all_numbers(store: &Store) -> anyhow::Result<Vec<u64>> {
 }
 
 /// Requeues (or with `purge`, deletes) the numbered dead letters, or all.
-async fn change_dead_letters(
-    args: StoreArgs,
-    numbers: Vec<u64>,
-    all: bool,
-    purge: bool,
-) -> anyhow::Result<()> {
+async fn change_dead_letters(args: StoreArgs, which: Selection, purge: bool) -> anyhow::Result<()> {
     let store = open_store(args).await?;
-    let numbers = if all {
+    let numbers = if which.all {
         all_numbers(&store).await?
     } else {
-        numbers
+        which.numbers
     };
     let mut missing = Vec::new();
     for n in numbers {
@@ -373,16 +373,10 @@ async fn dead_letter(action: DeadLetterAction) -> anyhow::Result<()> {
             println!("{total} dead letters");
             store.close().await?;
         }
-        DeadLetterAction::Requeue {
-            store,
-            numbers,
-            all,
-        } => change_dead_letters(store, numbers, all, false).await?,
-        DeadLetterAction::Purge {
-            store,
-            numbers,
-            all,
-        } => change_dead_letters(store, numbers, all, true).await?,
+        DeadLetterAction::Requeue { store, which } => {
+            change_dead_letters(store, which, false).await?
+        }
+        DeadLetterAction::Purge { store, which } => change_dead_letters(store, which, true).await?,
     }
     Ok(())
 }

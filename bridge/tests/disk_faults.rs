@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{KEY_B64, VigilChild as Vigil, free_port, monitors, show};
+use common::process::{KEY_B64, VigilChild as Vigil, free_port, monitors, show, spawn_vigil};
 
 /// The tests here load the machine's two cores (and share loop devices):
 /// one at a time.
@@ -185,14 +185,8 @@ async fn start_vigil_with(
         ),
     )
     .unwrap();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(work.join("vigil.log"))
-        .unwrap();
-    let started = Instant::now();
     // Debugging aid: POWER_CUT_STRACE=<dir> runs Vigil under strace.
-    let mut command = match std::env::var("POWER_CUT_STRACE") {
+    let command = match std::env::var("POWER_CUT_STRACE") {
         _ if !wrapper.is_empty() => {
             let mut c = Command::new(wrapper[0]);
             c.args(&wrapper[1..]).arg(env!("CARGO_BIN_EXE_vigil"));
@@ -216,26 +210,7 @@ async fn start_vigil_with(
         }
         Err(_) => Command::new(env!("CARGO_BIN_EXE_vigil")),
     };
-    let child = command
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("VIGIL_STORAGE_KEY", KEY_B64)
-        .env_remove("VIGIL_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let vigil = Vigil(child);
-    while tokio::net::TcpStream::connect(gate).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "vigil did not start on the recovered store; see {}",
-            work.join("vigil.log").display()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    (vigil, started.elapsed())
+    spawn_vigil(command, &config, &work.join("vigil.log"), gate).await
 }
 
 /// Payload SHA-256 of every event in the store, with its count.

@@ -159,3 +159,19 @@ fn inspect_refuses_a_directory_that_is_not_a_store() {
         "nothing was created"
     );
 }
+
+/// The offline commands refuse a store a running Vigil holds (fjall's lock),
+/// instead of reading or changing it underneath.
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_commands_refuse_a_store_in_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let store = open(&dir);
+    store.append(ingest("bed-1", 1, 10)).await.unwrap();
+    for command in [&["inspect"][..], &["dead-letter", "list"][..]] {
+        let (ok, _, err) = vigil(command, &dir);
+        assert!(!ok, "{command:?} on a store in use");
+        assert!(err.contains("in use"), "{command:?}: {err}");
+    }
+    store.close().await.unwrap();
+}

@@ -17,7 +17,7 @@ mod common;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ use vigil_sim::cloud::{self, Subscriber};
 use vigil_sim::ledger::Sent;
 use vigil_sim::pki::{self, DevPki};
 
-use common::process::{KEY_B64, VigilChild as Vigil, free_port, monitors, show};
+use common::process::{VigilChild as Vigil, free_port, monitors, show, spawn_vigil};
 
 /// The tests here load the machine's two cores (and share loop devices):
 /// one at a time.
@@ -87,34 +87,13 @@ impl Rig {
     /// Starts `vigil run` with extra environment (e.g. libfaketime's), its
     /// log in `vigil.log`; waits until devices can connect.
     async fn start(&self, config: &Path, env: &[(&str, &str)]) -> Vigil {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.work.join("vigil.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
+        command
             .envs(env.iter().copied())
-            .args(["run", "--config"])
-            .arg(config)
-            .env("VIGIL_STORAGE_KEY", KEY_B64)
-            .env_remove("VIGIL_LOG")
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let vigil = Vigil(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(self.gate).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "vigil did not start: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        vigil
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        spawn_vigil(command, config, &self.work.join("vigil.log"), self.gate)
+            .await
+            .0
     }
 
     fn log(&self) -> String {
@@ -132,8 +111,8 @@ impl Rig {
             .ok()
     }
 
-    /// Waits until every acknowledged message of `sent` has arrived; returns
-    /// the fault line's figures (lost, recovered, unexpected, duplicated).
+    /// Waits (at most `limit`) until every acknowledged message of `sent`
+    /// has arrived, then returns the oracle's report.
     async fn judge(&self, sent: &[Sent], limit: Duration) -> vigil_sim::oracle::Report {
         let want: HashSet<&str> = sent
             .iter()

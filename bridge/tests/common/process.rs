@@ -102,3 +102,42 @@ impl VigilChild {
         }
     }
 }
+
+/// Starts `command` (the `vigil` binary, or a wrapper whose last argument is
+/// it) as `run --config <config>` with the test key and its log appended to
+/// `log`; waits until the device listener `gate` accepts connections and
+/// returns the child with how long that took.
+pub async fn spawn_vigil(
+    mut command: std::process::Command,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    gate: SocketAddr,
+) -> (VigilChild, Duration) {
+    use std::process::Stdio;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let child = command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("VIGIL_STORAGE_KEY", KEY_B64)
+        .env_remove("VIGIL_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let vigil = VigilChild(child);
+    while tokio::net::TcpStream::connect(gate).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "vigil did not start listening on {gate}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (vigil, started.elapsed())
+}
