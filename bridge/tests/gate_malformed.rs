@@ -220,3 +220,50 @@ async fn silent_connections_and_connection_floods_are_bounded() {
     dev.connected().await;
     assert_eq!(GateCounters::get(&t.gate.counters().connect_timeouts), 3);
 }
+
+/// rumqttd 0.20 keeps a will handle per client id and unwraps a send to it
+/// while holding a mutex (bytebeamio/rumqtt#1062): when two CONNECTs with one
+/// client id race inside rumqttd, or a connection ends before rumqttd has
+/// written its CONNACK, a dead handle stays behind; the next CONNECT with that
+/// id panics rumqttd's connection task, and every later CONNECT on that
+/// listener panics on the poisoned mutex: no device could connect again. A
+/// device that reconnects while its old connection is still open (flaky Wi-Fi)
+/// or hangs up right after CONNECT must not be able to do that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_races_and_hang_ups_cannot_stop_the_gate_accepting_devices() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let addr = t.addr();
+    for round in 0..200 {
+        let racers = (0..6).map(|_| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(&connect_v4("flaky", 30)).await.unwrap();
+                let mut ack = [0u8; 4];
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut ack)).await;
+            })
+        });
+        for r in racers.collect::<Vec<_>>() {
+            r.await.unwrap();
+        }
+        // And one that hangs up before any answer.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&connect_v4("flaky", 30)).await.unwrap();
+        drop(s);
+        if round % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for id in ["flaky", "well-behaved"] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&connect_v4(id, 30)).await.unwrap();
+        let mut ack = [0u8; 4];
+        let got = tokio::time::timeout(WAIT, s.read_exact(&mut ack)).await;
+        assert!(
+            matches!(got, Ok(Ok(_))) && ack == CONNACK_OK,
+            "{id}: no CONNACK after the reconnect races: {got:?} {ack:02x?}"
+        );
+    }
+    let mut dev = g::v4_device(g::v4_options(addr, "after-races"));
+    dev.connected().await;
+}

@@ -7,10 +7,17 @@
 //! be enabled here: the console, Prometheus, TLS, auth, bridges, clustering,
 //! websockets.
 //!
-//! rumqttd's router runs on its own thread. The listeners run as tasks on
-//! Vigil's runtime (`rumqttd::Server`), so stopping the gate aborts them.
-//! rumqttd has no shutdown for the router thread (rumqtt#771); it parks until
-//! the process exits.
+//! rumqttd's router runs on its own thread. Each listener (`rumqttd::Server`)
+//! runs on its own thread too, on a single-threaded runtime, as rumqttd's own
+//! `Broker::start` does, and for two reasons: rumqttd blocks its thread while
+//! the router registers a connection (a synchronous channel receive inside an
+//! async function), which must not stall Vigil's runtime; and with its
+//! connection tasks on two threads, two CONNECTs with one client id can race
+//! inside rumqttd, leave a dead will handle behind, and panic every later
+//! CONNECT on that listener (bytebeamio/rumqtt#1062). Stopping the gate
+//! cancels the listener runtimes, which drops their connections. rumqttd has
+//! no shutdown for the router thread (rumqtt#771); it parks until the process
+//! exits.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +27,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::GateError;
 
@@ -178,7 +185,7 @@ impl BrokerFile {
 pub struct EmbeddedBroker {
     v4: SocketAddr,
     v5: SocketAddr,
-    listeners: Vec<JoinHandle<()>>,
+    listeners: Vec<Listener>,
 }
 
 impl EmbeddedBroker {
@@ -231,7 +238,7 @@ impl EmbeddedBroker {
             };
             let name = section.name.clone();
             let tx = router_tx.clone();
-            let task = if level == 4 {
+            let listener = if level == 4 {
                 spawn_listener(
                     name,
                     rumqttd::Server::new(settings, tx, rumqttd::protocol::v4::V4),
@@ -242,7 +249,7 @@ impl EmbeddedBroker {
                     rumqttd::Server::new(settings, tx, rumqttd::protocol::v5::V5),
                 )
             };
-            listeners.push(task);
+            listeners.push(listener.map_err(start_err)?);
             addrs.push((listen, level, section.name.clone()));
         }
         let broker = Self {
@@ -272,10 +279,10 @@ impl EmbeddedBroker {
         self.v5
     }
 
-    /// Stops both listeners; their connections end as the gate closes them.
+    /// Stops both listeners and drops their connections.
     pub fn stop(&self) {
         for l in &self.listeners {
-            l.abort();
+            l.cancel.cancel();
         }
     }
 }
@@ -286,16 +293,42 @@ impl Drop for EmbeddedBroker {
     }
 }
 
-/// Runs one rumqttd listener as a task on the current runtime.
-fn spawn_listener<P>(name: String, mut server: rumqttd::Server<P>) -> JoinHandle<()>
+/// One rumqttd listener on its own thread.
+#[derive(Debug)]
+struct Listener {
+    cancel: CancellationToken,
+}
+
+/// Runs one rumqttd listener on a thread of its own, on a single-threaded
+/// runtime that ends (dropping its connections) when the listener is stopped.
+fn spawn_listener<P>(name: String, mut server: rumqttd::Server<P>) -> Result<Listener, String>
 where
     P: rumqttd::protocol::Protocol + Clone + Send + Sync + 'static,
 {
-    tokio::spawn(async move {
-        if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-            tracing::error!(listener = %name, error = %e, "embedded broker listener stopped");
-        }
-    })
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("no runtime for listener {name}: {e}"))?;
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    let thread_name = format!("broker-{name}");
+    let what = format!("no thread for listener {name}");
+    std::thread::Builder::new()
+        .name(thread_name)
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    outcome = server.start(rumqttd::LinkType::Remote) => {
+                        if let Err(e) = outcome {
+                            tracing::error!(listener = %name, error = %e, "embedded broker listener stopped");
+                        }
+                    }
+                    _ = stop.cancelled() => {}
+                }
+            });
+        })
+        .map_err(|e| format!("{what}: {e}"))?;
+    Ok(Listener { cancel })
 }
 
 /// Port 0 becomes a free port now (rumqttd cannot report the port it bound).

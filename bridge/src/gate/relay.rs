@@ -45,6 +45,8 @@ use crate::store::{PendingAppend, StoreError};
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Time allowed to reach the embedded broker.
 const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for the embedded broker's CONNACK.
+const BROKER_CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep-alive sent to rumqttd for a device that asked for none.
 const NO_KEEP_ALIVE: u16 = u16::MAX;
 
@@ -170,16 +172,59 @@ where
     };
     let _ = broker.set_nodelay(true);
     let (broker_rd, mut broker_wr) = broker.into_split();
-    if let Err(e) = broker_wr.write_all(&hello.rewritten).await {
-        tracing::error!(device = %hello.client_id, error = %e, "cannot write to the embedded broker");
-        return;
-    }
+    let max = ctx.config.max_packet_size.saturating_mul(2) + 4096;
+    let mut broker_rd = FrameReader::new(broker_rd, max, ctx.config.frame_timeout);
+    // CONNECT and CONNACK with rumqttd before anything else, and never a hang-up
+    // in between, whatever the device does meanwhile: rumqttd 0.20 leaves a
+    // dead will handle behind for a connection that ends before its CONNACK is
+    // written, and the next CONNECT with that client id then panics and
+    // poisons the listener for every device (bytebeamio/rumqtt#1062).
+    let connack = match broker_handshake(&hello, &mut broker_wr, &mut broker_rd).await {
+        Ok(connack) => connack,
+        Err(error) => {
+            ctx.counters.inc(&ctx.counters.broker_unavailable);
+            tracing::error!(device = %hello.client_id, %broker_addr, %error, "the embedded broker did not accept the device's CONNECT; refusing the device");
+            let code = match hello.protocol {
+                Protocol::V5 => reason::SERVER_UNAVAILABLE,
+                _ => 3,
+            };
+            let _ = wr
+                .write_all(&frame::connack_refusal(hello.protocol, code))
+                .await;
+            return;
+        }
+    };
+    let connack = match hello.protocol {
+        Protocol::V5 => connack_v5(&ctx, connack),
+        _ => connack.bytes,
+    };
     reader.set_idle(
         (hello.keep_alive > 0).then(|| Duration::from_secs(u64::from(hello.keep_alive)) * 3 / 2),
     );
     tracing::debug!(device = %hello.client_id, %peer, protocol = ?hello.protocol, "device connected");
     ctx.counters.inc(&ctx.counters.sessions);
-    relay(ctx, hello, reader, wr, broker_rd, broker_wr).await;
+    relay(ctx, hello, reader, wr, connack, broker_rd, broker_wr).await;
+}
+
+/// Sends the device's CONNECT to rumqttd and reads its CONNACK.
+async fn broker_handshake(
+    hello: &Hello,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    rd: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+) -> Result<Frame, String> {
+    wr.write_all(&hello.rewritten)
+        .await
+        .map_err(|e| format!("cannot write the CONNECT: {e}"))?;
+    match tokio::time::timeout(BROKER_CONNACK_TIMEOUT, rd.next()).await {
+        Err(_) => Err(format!("no CONNACK within {BROKER_CONNACK_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(format!("bad answer to the CONNECT: {e}")),
+        Ok(Ok(None)) => Err("closed the connection without a CONNACK".into()),
+        Ok(Ok(Some(f))) if f.kind() == kind::CONNACK => Ok(f),
+        Ok(Ok(Some(f))) => Err(format!(
+            "answered the CONNECT with packet type {}",
+            f.kind()
+        )),
+    }
 }
 
 /// Reads and checks the CONNECT. `Err(Some(bytes))`: send this refusal and
@@ -320,7 +365,8 @@ async fn relay<R, W>(
     hello: Hello,
     reader: FrameReader<R>,
     device_wr: W,
-    broker_rd: tokio::net::tcp::OwnedReadHalf,
+    connack: Bytes,
+    broker_rd: FrameReader<tokio::net::tcp::OwnedReadHalf>,
     broker_wr: tokio::net::tcp::OwnedWriteHalf,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -333,6 +379,8 @@ async fn relay<R, W>(
         mpsc::channel::<Out>(usize::from(ctx.config.max_inflight.max(1)) + 64);
     let device = Arc::<str>::from(hello.client_id.as_str());
     let protocol = hello.protocol;
+    // The CONNACK goes first; the queue has room for it.
+    let _ = to_device.try_send(Out::Frame(connack));
 
     let mut device_reader = tokio::spawn(device_reader(
         ctx.clone(),
@@ -345,13 +393,7 @@ async fn relay<R, W>(
         inflight,
     ));
     let broker_writer = tokio::spawn(broker_writer(broker_wr, to_broker_rx));
-    let broker_reader = tokio::spawn(broker_reader(
-        ctx.clone(),
-        protocol,
-        broker_rd,
-        to_device,
-        shared.clone(),
-    ));
+    let broker_reader = tokio::spawn(broker_reader(broker_rd, to_device, shared.clone()));
     let mut device_writer = tokio::spawn(device_writer(
         ctx.clone(),
         device.clone(),
@@ -617,14 +659,10 @@ async fn broker_writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Re
 
 /// Broker to device: finds the acknowledgements to hold.
 async fn broker_reader(
-    ctx: Arc<Context>,
-    protocol: Protocol,
-    rd: tokio::net::tcp::OwnedReadHalf,
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
     to_device: mpsc::Sender<Out>,
     shared: Arc<Shared>,
 ) {
-    let max = ctx.config.max_packet_size.saturating_mul(2) + 4096;
-    let mut reader = FrameReader::new(rd, max, ctx.config.frame_timeout);
     loop {
         let frame = match reader.next().await {
             Ok(Some(f)) => f,
@@ -635,7 +673,9 @@ async fn broker_reader(
             }
         };
         let out = match frame.kind() {
-            kind::CONNACK if protocol == Protocol::V5 => Out::Frame(connack_v5(&ctx, frame)),
+            // A second CONNACK is a protocol error on rumqttd's side; the
+            // device already has the first.
+            kind::CONNACK => continue,
             k @ (kind::PUBACK | kind::PUBREC) => {
                 let pkid = frame.ack_pkid().unwrap_or(0);
                 let held = {
