@@ -330,6 +330,10 @@ fn snapshot(o: &Observed) -> Status {
         ("refused_auth", get(&o.gate.refused_auth)),
         ("device_connections_open", get(&o.gate.open)),
         ("device_protocol_errors", get(&o.gate.protocol_errors)),
+        (
+            "refused_broker_unavailable",
+            get(&o.gate.broker_unavailable),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -507,6 +511,10 @@ pub fn render_metrics(o: &Observed) -> String {
         (
             "refused_auth",
             "Device connections refused for credentials or certificate",
+        ),
+        (
+            "refused_broker_unavailable",
+            "Device connections refused because the embedded broker did not accept their CONNECT",
         ),
     ] {
         counter(
