@@ -43,9 +43,14 @@ struct Rig {
 
 impl Rig {
     async fn new() -> (Self, cloud::Listeners) {
+        Self::with_certificates_valid_for(None).await
+    }
+
+    /// A rig whose certificates (not the CA) are valid for `days` from today.
+    async fn with_certificates_valid_for(days: Option<u32>) -> (Self, cloud::Listeners) {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().to_path_buf();
-        let pki = pki::loopback(&work.join("pki")).unwrap();
+        let pki = pki::loopback_valid_for(&work.join("pki"), days).unwrap();
         let listeners = cloud::start_broker(&pki).unwrap();
         let subscriber = Subscriber::start(&pki, listeners.v4, "vigil", None).unwrap();
         assert!(subscriber.subscribed(Duration::from_secs(20)).await);
@@ -153,45 +158,74 @@ fn libfaketime() -> Option<PathBuf> {
 /// the right time everything it took reaches the cloud.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_at_1970_is_explained_buffering_continues_and_delivery_resumes() {
+    wrong_clock(
+        "clock-1970",
+        "@1970-01-02 00:00:00",
+        None,
+        &["clock", "1970"],
+    )
+    .await;
+}
+
+/// A gateway clock two years ahead, with certificates valid for a year (as
+/// real ones are): Vigil's own certificate looks expired, the error says so
+/// with the date the clock shows, buffering continues, and with the right
+/// time everything is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_two_years_ahead_is_explained_buffering_continues_and_delivery_resumes() {
+    wrong_clock(
+        "clock-plus-2-years",
+        "+730d",
+        Some(365),
+        &["expired", "clock"],
+    )
+    .await;
+}
+
+/// Runs Vigil under libfaketime's `faketime` setting with certificates valid
+/// for `days`, checks the log names each of `explained`, then restarts it
+/// with the right time and judges the delivery.
+async fn wrong_clock(name: &str, faketime: &str, days: Option<u32>, explained: &[&str]) {
     let _one = ONE_AT_A_TIME.lock().await;
     let Some(lib) = libfaketime() else {
-        show("SKIP clock-fault test: needs libfaketime (apt-get install faketime)");
+        show(&format!(
+            "SKIP {name} test: needs libfaketime (apt-get install faketime)"
+        ));
         return;
     };
     let lib = lib.display().to_string();
-    let (rig, listeners) = Rig::new().await;
+    let (rig, listeners) = Rig::with_certificates_valid_for(days).await;
     let config = rig.config(listeners.v5.port(), "");
     let vigil = rig
-        .start(
-            &config,
-            &[("LD_PRELOAD", &lib), ("FAKETIME", "@1970-01-02 00:00:00")],
-        )
+        .start(&config, &[("LD_PRELOAD", &lib), ("FAKETIME", faketime)])
         .await;
-    let (stop, devices) = rig.devices("clock");
+    let (stop, devices) = rig.devices(name);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let status = rig.status().await.expect("status while the clock is wrong");
     let queued: u64 = status.backlog.iter().map(|l| l.messages).sum();
     assert_ne!(status.link.to_string(), "online", "{status}");
     assert!(queued > 50, "buffering continues: {status}");
     let log = rig.log();
-    assert!(
-        log.contains("clock"),
-        "the certificate error names the clock:\n{log}"
-    );
+    for word in explained {
+        assert!(
+            log.contains(word),
+            "the certificate error explains the clock ({word:?}):\n{log}"
+        );
+    }
     stop.cancel();
     let sent = devices.await.unwrap();
     assert!(vigil.stop().success());
     assert!(
         rig.subscriber.arrived().is_empty(),
-        "nothing can have reached the cloud over TLS with a 1970 clock"
+        "nothing can have reached the cloud over TLS with a wrong clock"
     );
 
     // The clock is fixed: the same store, delivered.
     let vigil = rig.start(&config, &[]).await;
     let report = rig.judge(&sent, Duration::from_secs(30)).await;
-    show(&report.fault_line("clock-1970"));
+    show(&report.fault_line(name));
     show(&format!(
-        "  {} acknowledged while the clock said 1970, {} queued after 3 s",
+        "  {} acknowledged while the clock was wrong ({faketime}), {} queued after 3 s",
         report.acknowledged, queued
     ));
     assert!(report.passed(), "{report}");

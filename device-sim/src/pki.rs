@@ -52,6 +52,17 @@ pub enum Role {
 /// `<stem>.key` signed by that CA. The first name is the common name; all of
 /// them are subject alternative names (IP addresses are recognised).
 pub fn create(dir: &Path, leaves: &[(&str, Role, &[&str])]) -> Result<DevPki, PkiError> {
+    create_valid_for(dir, leaves, None)
+}
+
+/// Like [`create`], but when `days` is given the leaf certificates are valid
+/// from yesterday until `days` days from today (UTC dates) instead of rcgen's
+/// 1975 to 4096: for clock-fault tests. The CA keeps the long validity.
+pub fn create_valid_for(
+    dir: &Path,
+    leaves: &[(&str, Role, &[&str])],
+    days: Option<u32>,
+) -> Result<DevPki, PkiError> {
     std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
         path: dir.to_path_buf(),
         source,
@@ -82,6 +93,13 @@ pub fn create(dir: &Path, leaves: &[(&str, Role, &[&str])]) -> Result<DevPki, Pk
             p.distinguished_name.push(rcgen::DnType::CommonName, *cn);
         }
         p.use_authority_key_identifier_extension = true;
+        if let Some(days) = days {
+            let today = days_since_epoch();
+            let (y, m, d) = ymd(today - 1);
+            p.not_before = rcgen::date_time_ymd(y, m, d);
+            let (y, m, d) = ymd(today + i64::from(days));
+            p.not_after = rcgen::date_time_ymd(y, m, d);
+        }
         p.extended_key_usages.push(match role {
             Role::Server => rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             Role::Client => rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -96,10 +114,43 @@ pub fn create(dir: &Path, leaves: &[(&str, Role, &[&str])]) -> Result<DevPki, Pk
     })
 }
 
+/// Days since 1970-01-01, UTC, by the system clock.
+fn days_since_epoch() -> i64 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    i64::try_from(secs / 86_400).unwrap_or(0)
+}
+
+/// The UTC date `days` after 1970-01-01 (Howard Hinnant's civil-from-days).
+fn ymd(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        i32::try_from(year).unwrap_or(1970),
+        u8::try_from(month).unwrap_or(1),
+        u8::try_from(day).unwrap_or(1),
+    )
+}
+
 /// The set a loopback scenario uses: `cloud` (server for localhost and
 /// 127.0.0.1), `vigil`, `subscriber` and `device` (clients).
 pub fn loopback(dir: &Path) -> Result<DevPki, PkiError> {
-    create(
+    loopback_valid_for(dir, None)
+}
+
+/// [`loopback`] with leaf certificates valid for `days` from today (see
+/// [`create_valid_for`]).
+pub fn loopback_valid_for(dir: &Path, days: Option<u32>) -> Result<DevPki, PkiError> {
+    create_valid_for(
         dir,
         &[
             ("cloud", Role::Server, &["localhost", "127.0.0.1"]),
@@ -107,6 +158,7 @@ pub fn loopback(dir: &Path) -> Result<DevPki, PkiError> {
             ("subscriber", Role::Client, &["subscriber"]),
             ("device", Role::Client, &["device"]),
         ],
+        days,
     )
 }
 
@@ -129,6 +181,15 @@ fn write(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn civil_dates() {
+        let d = super::ymd;
+        assert_eq!(d(0), (1970, 1, 1));
+        assert_eq!(d(59), (1970, 3, 1));
+        assert_eq!(d(11_016), (2000, 2, 29));
+        assert_eq!(d(20_786), (2026, 11, 29));
+    }
+
     use super::*;
 
     #[test]

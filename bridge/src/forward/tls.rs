@@ -67,14 +67,16 @@ fn check_validity(chain: &[CertificateDer<'_>], path: &std::path::Path) -> Resul
     let validity = cert.validity();
     if validity.not_after < now {
         return Err(bad(format!(
-            "Vigil's client certificate expired on {}; install a renewed certificate \
+            "Vigil's client certificate expired on {} and the gateway's clock says {now}: \
+             if the clock is wrong, fix it; otherwise install a renewed certificate \
              (it is picked up on the next connection attempt)",
             validity.not_after
         )));
     }
     if validity.not_before > now {
         return Err(bad(format!(
-            "Vigil's client certificate is not valid before {}; check the gateway's clock",
+            "Vigil's client certificate is not valid before {} and the gateway's clock \
+             says {now}; check the gateway's clock",
             validity.not_before
         )));
     }
