@@ -125,6 +125,42 @@ enum Command {
         #[arg(long, hide = true)]
         forward_setting: Vec<String>,
     },
+    /// Measures Vigil's performance targets in one run, everything on
+    /// loopback, and prints one table: end-to-end throughput, durable ingest
+    /// (and against a bare rumqttd), drain of a 1M backlog, latency, RSS,
+    /// disk per message, start-up to forwarding. Exits 1 if a row could not
+    /// be measured or a message was lost; never for a missed target.
+    Bench {
+        /// Multiplies every message count (0.02 for a quick run).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Work directory, kept (default: a temporary one, removed unless
+        /// something failed). Vigil's output goes to vigil.log there.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The vigil binary (default: next to this one).
+        #[arg(long)]
+        vigil: Option<PathBuf>,
+        /// Also measure RSS with 10,000,000 messages queued (× scale; about
+        /// 7 GB of disk at scale 1).
+        #[arg(long)]
+        ten_million: bool,
+        /// Also run rows 1 and 2 through a Mosquitto bridge (needs
+        /// `mosquitto` on PATH) and print the two side by side.
+        #[arg(long)]
+        mosquitto: bool,
+    },
+}
+
+/// The `vigil` binary next to this one (`--vigil` overrides it).
+fn vigil_next_to_me(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(v) => Ok(v),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("vigil"))
+            .ok_or_else(|| anyhow::anyhow!("cannot find the vigil binary; pass --vigil")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -358,13 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             forward_setting,
         } => {
             let scenario = vigil_sim::scenario::Scenario::load(&file)?;
-            let vigil = match vigil {
-                Some(v) => v,
-                None => std::env::current_exe()?
-                    .parent()
-                    .map(|d| d.join("vigil"))
-                    .ok_or_else(|| anyhow::anyhow!("cannot find the vigil binary; pass --vigil"))?,
-            };
+            let vigil = vigil_next_to_me(vigil)?;
             let temp;
             let workdir = match workdir {
                 Some(w) => w,
@@ -387,6 +417,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ))?;
             println!("{outcome}");
             Ok(if outcome.report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Bench {
+            scale,
+            out,
+            vigil,
+            ten_million,
+            mosquitto,
+        } => {
+            let opts = vigil_sim::bench::BenchOptions {
+                scale,
+                out,
+                vigil: vigil_next_to_me(vigil)?,
+                ten_million,
+                mosquitto,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(vigil_sim::bench::run(&opts))?;
+            println!("{report}");
+            Ok(if report.complete() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -1,0 +1,75 @@
+//! `vigil-sim bench` at a tiny scale against the debug `vigil` binary: every
+//! row of the table has a figure, and nothing was lost on the way. No timing
+//! is asserted. vigil-sim does not depend on vigil, so the binary is looked
+//! up in the workspace's target directory; without it the test says so and
+//! passes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use vigil_sim::bench::{BenchOptions, run};
+
+fn debug_vigil() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("debug/vigil")
+}
+
+#[test]
+fn a_tiny_bench_fills_every_row_and_loses_nothing() {
+    let vigil = debug_vigil();
+    if !vigil.is_file() {
+        eprintln!(
+            "SKIP: no {} (cargo build -p vigil first); the bench test needs the real binary",
+            vigil.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let opts = BenchOptions {
+        scale: 0.002,
+        out: Some(dir.path().to_path_buf()),
+        vigil,
+        ten_million: false,
+        mosquitto: false,
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let report = runtime.block_on(run(&opts)).unwrap();
+    let text = report.to_string();
+    println!("{text}");
+
+    for row in 1..=7u8 {
+        let lines: Vec<_> = report.lines.iter().filter(|l| l.row == row).collect();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.measured && l.vigil.chars().any(|c| c.is_ascii_digit())),
+            "row {row} has no figure: {lines:?}"
+        );
+        for l in lines {
+            assert!(
+                l.measured || l.vigil == "not run (--ten-million)",
+                "row {row}: {}",
+                l.vigil
+            );
+            assert!(
+                text.lines()
+                    .any(|t| t.starts_with(&format!("{row}  ")) && t.contains(&l.vigil)),
+                "row {row} is not printed as a table line:\n{text}"
+            );
+        }
+    }
+    // Warm-up, row 1, two latency loads, the fill (as stored) and the drain.
+    assert_eq!(report.deliveries.len(), 6, "{:?}", report.deliveries);
+    for d in &report.deliveries {
+        assert!(
+            d.unique >= d.want && d.ok(),
+            "{}: {} of {} counted ({d:?})",
+            d.phase,
+            d.unique,
+            d.want
+        );
+    }
+    assert!(report.complete());
+}
