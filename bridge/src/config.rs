@@ -61,6 +61,10 @@ pub struct StoreConfig {
     pub queue_depth: usize,
     /// fjall block cache (bytes).
     pub cache_bytes: u64,
+    /// Free space to keep on the data directory's file system; new device
+    /// messages that would go below it are refused (not acknowledged) until
+    /// space comes back. 0 turns the check off.
+    pub min_free_bytes: u64,
     /// **Deliberately broken, debug builds only.** Acknowledge appends once
     /// written to the OS, before the fsync, so the power-cut test can show it
     /// catches the loss (its negative control). A release build refuses it.
@@ -80,6 +84,7 @@ impl Default for StoreConfig {
             max_batch: o.max_batch,
             queue_depth: o.queue_depth,
             cache_bytes: o.cache_bytes,
+            min_free_bytes: o.min_free_bytes,
             testing_only_ack_before_fsync: false,
         }
     }
@@ -96,6 +101,7 @@ impl StoreConfig {
         o.max_batch = self.max_batch;
         o.queue_depth = self.queue_depth;
         o.cache_bytes = self.cache_bytes;
+        o.min_free_bytes = self.min_free_bytes;
         if self.testing_only_ack_before_fsync {
             o.durability = crate::store::Durability::UnsafeBuffered;
         }

@@ -334,6 +334,8 @@ fn snapshot(o: &Observed) -> Status {
             "refused_broker_unavailable",
             get(&o.gate.broker_unavailable),
         ),
+        ("refused_disk_low", get(&o.store.metrics().refused_disk_low)),
+        ("reclaims", get(&o.store.metrics().reclaims)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -511,6 +513,14 @@ pub fn render_metrics(o: &Observed) -> String {
         (
             "refused_auth",
             "Device connections refused for credentials or certificate",
+        ),
+        (
+            "refused_disk_low",
+            "Device messages refused because the disk was nearly full (store.min_free_bytes)",
+        ),
+        (
+            "reclaims",
+            "Disk space reclaims (memtables flushed and lanes compacted after a drain or on a low disk)",
         ),
         (
             "refused_broker_unavailable",

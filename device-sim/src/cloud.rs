@@ -187,6 +187,11 @@ impl Subscriber {
         ));
         o.set_max_packet_size(8 * 1024 * 1024, 64 * 1024);
         o.set_keep_alive(Duration::from_secs(5));
+        // A persistent session: if this connection drops (a loaded machine,
+        // a restarted test step), the cloud broker keeps what Vigil sends
+        // meanwhile instead of acknowledging it to Vigil and dropping it,
+        // which the oracle would count against Vigil as lost.
+        o.set_clean_session(false);
         let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
@@ -220,7 +225,13 @@ impl Subscriber {
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => {
+                    Err(e) => {
+                        if *tx.borrow() {
+                            eprintln!(
+                                "vigil-sim: the verifying subscriber lost its connection ({e}); \
+                                 reconnecting to its persistent session"
+                            );
+                        }
                         tx.send_replace(false);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }

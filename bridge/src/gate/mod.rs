@@ -130,6 +130,9 @@ pub struct GateCounters {
     pub unmatched_topics: AtomicU64,
     /// Devices refused because the embedded broker could not be reached.
     pub broker_unavailable: AtomicU64,
+    /// Device messages refused because the disk was nearly full
+    /// (`store.min_free_bytes`).
+    pub refused_disk_low: AtomicU64,
 }
 
 impl GateCounters {
@@ -153,9 +156,29 @@ struct Context {
     broker_v5: SocketAddr,
     counters: Arc<GateCounters>,
     cancel: CancellationToken,
+    /// When a refusal was last logged (seconds since the gate started), so a
+    /// full store or disk logs a line every [`REFUSAL_LOG_EVERY`], not one
+    /// per message.
+    refusal_logged: AtomicU64,
+    started: std::time::Instant,
 }
 
+/// Least time between two log lines about refused messages.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
 impl Context {
+    /// Whether a refusal may be logged now (true at most once per
+    /// [`REFUSAL_LOG_EVERY`]).
+    fn log_refusal_now(&self) -> bool {
+        let now = self.started.elapsed().as_secs() + REFUSAL_LOG_EVERY.as_secs();
+        let last = self.refusal_logged.load(Ordering::Relaxed);
+        now >= last + REFUSAL_LOG_EVERY.as_secs()
+            && self
+                .refusal_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     fn count_commit(&self, device: &str, outcome: &Result<Appended, StoreError>) {
         match outcome {
             Ok(_) => self.counters.inc(&self.counters.stored),
@@ -166,13 +189,29 @@ impl Context {
                 ..
             }) => {
                 self.counters.inc(&self.counters.refused_full);
-                tracing::warn!(
-                    device,
-                    priority,
-                    needed,
-                    quota,
-                    "store full of messages that cannot be evicted: refused a device message (not acknowledged)"
-                );
+                if self.log_refusal_now() {
+                    tracing::warn!(
+                        device,
+                        priority,
+                        needed,
+                        quota,
+                        refused_so_far = GateCounters::get(&self.counters.refused_full),
+                        "store full of messages that cannot be evicted: refusing device messages \
+                         (not acknowledged; devices keep them); logged at most every 10 s"
+                    );
+                }
+            }
+            Err(e @ StoreError::DiskLow { .. }) => {
+                self.counters.inc(&self.counters.refused_disk_low);
+                if self.log_refusal_now() {
+                    tracing::warn!(
+                        device,
+                        error = %e,
+                        refused_so_far = GateCounters::get(&self.counters.refused_disk_low),
+                        "refusing device messages (not acknowledged; devices keep them); logged \
+                         at most every 10 s"
+                    );
+                }
             }
             Err(e) => {
                 self.counters.inc(&self.counters.store_failures);
@@ -272,6 +311,8 @@ impl Gate {
             broker_v5: broker.v5_addr(),
             counters: counters.clone(),
             cancel: cancel.clone(),
+            refusal_logged: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             config,
         });
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));

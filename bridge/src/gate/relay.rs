@@ -804,7 +804,9 @@ async fn device_writer<W: AsyncWrite + Unpin>(
                     ctx.count_commit(&device, &outcome);
                     match outcome {
                         Ok(_) => buf.extend_from_slice(&frame),
-                        Err(StoreError::Full { .. }) if protocol == Protocol::V5 => {
+                        Err(StoreError::Full { .. } | StoreError::DiskLow { .. })
+                            if protocol == Protocol::V5 =>
+                        {
                             buf.extend_from_slice(&frame::ack(
                                 pkid,
                                 qos2,
@@ -817,7 +819,7 @@ async fn device_writer<W: AsyncWrite + Unpin>(
                                 }
                             }
                         }
-                        Err(StoreError::Full { .. }) => {
+                        Err(StoreError::Full { .. } | StoreError::DiskLow { .. }) => {
                             // MQTT 3.1.1 has no negative acknowledgement:
                             // disconnect, so the client resends on reconnect.
                             let _ = wr.write_all(&buf).await;

@@ -70,6 +70,11 @@
 //! notices stay bounded by devices × lanes however long an outage lasts. Gap
 //! notices may take lane 0 past the quota by their own size.
 //!
+//! The quota counts logical bytes; the file system can fill first (a small
+//! disk, other programs). [`space`] keeps `min_free_bytes` free: an append
+//! that would go below it is refused with [`StoreError::DiskLow`] (the device
+//! keeps the reading), and space is reclaimed as the cloud acknowledges.
+//!
 //! # Corruption
 //!
 //! A value that fails to authenticate or decode is moved, as found, to
@@ -79,6 +84,7 @@
 mod identity;
 pub mod record;
 mod scan;
+mod space;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -108,6 +114,10 @@ pub struct StoreMetrics {
     /// Duration of each durable commit (the write batch and its fsync), in
     /// seconds: 100 µs to about 3 s in powers of two.
     pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Device messages refused because the disk was nearly full.
+    pub refused_disk_low: std::sync::atomic::AtomicU64,
+    /// Reclaims done (memtables flushed and lanes compacted to give space back).
+    pub reclaims: std::sync::atomic::AtomicU64,
 }
 
 impl StoreMetrics {
@@ -119,6 +129,8 @@ impl StoreMetrics {
             commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
             ),
+            refused_disk_low: std::sync::atomic::AtomicU64::new(0),
+            reclaims: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -199,6 +211,25 @@ pub enum StoreError {
         used: u64,
         /// Bytes the message was allowed to evict.
         evictable: u64,
+    },
+    /// The file system holding the store has less free space than the
+    /// reserve (`store.min_free_bytes`) would keep after this append. Nothing
+    /// was written; the device keeps the message. Accepting resumes as the
+    /// cloud acknowledges and space is reclaimed, or when space is freed.
+    #[error(
+        "disk nearly full: {free} bytes free on the file system of {dir}, and a {needed}-byte \
+         message would leave less than the {reserve}-byte reserve (store.min_free_bytes); \
+         new messages are refused until the cloud acknowledges the backlog or space is freed"
+    )]
+    DiskLow {
+        /// The data directory.
+        dir: PathBuf,
+        /// Bytes free before this append (statvfs, minus this batch's writes).
+        free: u64,
+        /// Bytes the message needed.
+        needed: u64,
+        /// The configured reserve.
+        reserve: u64,
     },
     /// A priority outside the configured range.
     #[error("priority {priority} is out of range: the store has priorities 0..={}", priorities - 1)]
@@ -305,6 +336,12 @@ pub struct StoreOptions {
     pub queue_depth: usize,
     /// fjall block cache. Default 16 MiB.
     pub cache_bytes: u64,
+    /// Free space to keep on the data directory's file system: appends that
+    /// would go below it are refused ([`StoreError::DiskLow`]). It must cover
+    /// what giving space back takes (tombstones, a memtable flush, a
+    /// compaction's output, fjall's journal). 0 turns the check off. Default
+    /// 128 MiB.
+    pub min_free_bytes: u64,
     /// See [`Durability`]. Default [`Durability::SyncData`].
     pub durability: Durability,
 }
@@ -322,6 +359,7 @@ impl StoreOptions {
             max_batch: 1024,
             queue_depth: 4096,
             cache_bytes: 16 << 20,
+            min_free_bytes: 128 << 20,
             durability: Durability::SyncData,
         }
     }

@@ -191,6 +191,8 @@ struct Batch {
     scan_from: Vec<Option<u64>>,
     /// Device messages appended per lane (counted once committed).
     ingested: Vec<u64>,
+    /// Bytes of the values put in this batch (for the free-space reserve).
+    put_bytes: u64,
 }
 
 impl Batch {
@@ -208,6 +210,7 @@ impl Batch {
             evictions: BTreeMap::new(),
             scan_from: vec![None; lanes],
             ingested: vec![0; lanes],
+            put_bytes: 0,
         }
     }
 
@@ -221,6 +224,7 @@ impl Batch {
     }
 
     fn put(&mut self, area: Area, seq: u64, value: Vec<u8>) {
+        self.put_bytes += size_of(value.len());
         self.ops.push(Op::Put(area, seq, value));
         self.dirty = true;
         self.sync = true;
@@ -244,7 +248,24 @@ pub(super) struct Writer {
     devices: HashMap<String, u64>,
     gaps: HashMap<(u8, String), Option<GapState>>,
     fatal: Option<String>,
+    /// `store.min_free_bytes`; 0: no check.
+    min_free: u64,
+    /// Free bytes on the file system when this batch began (None: unknown or
+    /// no check).
+    free: Option<u64>,
+    /// Bytes appended since the last reclaim was asked for.
+    appended_since_reclaim: u64,
+    /// When a reclaim was last asked for.
+    last_reclaim: Option<Instant>,
+    /// Records were deleted since the last reclaim was asked for.
+    deleted_since_reclaim: bool,
+    reclaimer: super::space::Reclaimer,
 }
+
+/// A drain after this many appended bytes triggers a reclaim.
+const RECLAIM_AFTER_BYTES: u64 = 64 << 20;
+/// Least time between reclaims asked for because the disk is low.
+const RECLAIM_INTERVAL: Duration = Duration::from_secs(2);
 
 fn dev_key(device: &str) -> Vec<u8> {
     [b"dev/".as_slice(), device.as_bytes()].concat()
@@ -260,6 +281,7 @@ fn size_of(value_len: usize) -> u64 {
 
 impl Writer {
     pub(super) fn new(shared: Arc<Shared>, options: &StoreOptions, state: StoreStats) -> Self {
+        let reclaimer = super::space::Reclaimer::start(Arc::downgrade(&shared));
         Self {
             shared,
             state,
@@ -271,12 +293,21 @@ impl Writer {
             devices: HashMap::new(),
             gaps: HashMap::new(),
             fatal: None,
+            min_free: options.min_free_bytes,
+            free: None,
+            appended_since_reclaim: 0,
+            last_reclaim: None,
+            deleted_since_reclaim: false,
+            reclaimer,
         }
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(first) = rx.blocking_recv() {
             let started = Instant::now();
+            self.free = (self.min_free > 0)
+                .then(|| super::space::free_bytes(&self.shared.dir))
+                .flatten();
             let mut batch = Batch::new(self.state.lanes.len());
             let mut closing = None;
             let mut next = Some(first);
@@ -507,6 +538,24 @@ impl Writer {
                     }
                 };
             let stored_bytes = size_of(value.len());
+            if let Some(free) = self.free.map(|f| f.saturating_sub(batch.put_bytes))
+                && free < self.min_free.saturating_add(stored_bytes)
+            {
+                self.shared
+                    .metrics
+                    .refused_disk_low
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let e = StoreError::DiskLow {
+                    dir: self.shared.dir.clone(),
+                    free,
+                    needed: stored_bytes,
+                    reserve: self.min_free,
+                };
+                batch.replies.push(Box::new(move |err| {
+                    let _ = done.send(Err(err.map_or(e, copy_error)));
+                }));
+                return;
+            }
             match self.make_room(priority, stored_bytes, batch, allow_flush) {
                 Ok(evicted) => {
                     self.take_device_seq(&event.device, device_seq, batch);
@@ -518,6 +567,7 @@ impl Writer {
                         Some(event.received_at),
                     );
                     self.state.counters.appended += 1;
+                    self.appended_since_reclaim += stored_bytes;
                     if let Some(n) = batch.ingested.get_mut(usize::from(priority)) {
                         *n += 1;
                     }
@@ -995,6 +1045,7 @@ impl Writer {
             }
             return;
         }
+        let deleted = !batch.heads.is_empty();
         for lane in std::mem::take(&mut batch.heads) {
             if let Err(e) = scan::refresh_head(&self.shared, &mut self.state, lane) {
                 tracing::warn!(priority = lane, error = %e, "could not find the lane's new head");
@@ -1009,11 +1060,47 @@ impl Writer {
         for reply in batch.replies {
             reply(None);
         }
+        self.deleted_since_reclaim |= deleted;
+        if deleted || self.disk_low() {
+            self.maybe_reclaim();
+        }
         if self.devices.len() > CACHE_LIMIT {
             self.devices.clear();
         }
         if self.gaps.len() > CACHE_LIMIT {
             self.gaps.clear();
+        }
+    }
+
+    /// Whether free space is under twice the reserve.
+    fn disk_low(&self) -> bool {
+        self.free
+            .is_some_and(|f| f < self.min_free.saturating_mul(2))
+    }
+
+    /// Asks for a reclaim when the lanes have drained after
+    /// [`RECLAIM_AFTER_BYTES`] of appends, or, at most every
+    /// [`RECLAIM_INTERVAL`], when the disk is low, records were deleted since
+    /// the last one, and the backlog has shrunk to half the reserve (a flush
+    /// and a compaction write what is still live before the old files go, so
+    /// that must fit well inside the reserve). Called after deletions and,
+    /// while the disk is low, after every batch (refused devices keep
+    /// knocking, so the writer keeps waking up).
+    fn maybe_reclaim(&mut self) {
+        let empty = self.state.lanes.iter().all(|l| l.messages == 0);
+        let drained = empty && self.appended_since_reclaim >= RECLAIM_AFTER_BYTES;
+        let due = self
+            .last_reclaim
+            .is_none_or(|t| t.elapsed() >= RECLAIM_INTERVAL);
+        let shrinking = self.disk_low()
+            && due
+            && self.deleted_since_reclaim
+            && self.state.used_bytes() <= self.min_free / 2;
+        if drained || shrinking {
+            self.appended_since_reclaim = 0;
+            self.deleted_since_reclaim = false;
+            self.last_reclaim = Some(Instant::now());
+            self.reclaimer.request();
         }
     }
 

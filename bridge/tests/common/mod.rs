@@ -89,3 +89,4 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, [u8; 32])> {
 pub mod cloud;
 pub mod gate;
 pub mod process;
+pub mod rig;
