@@ -797,6 +797,16 @@ impl Store {
             self.quarantine(writer::Area::Lane(priority), bad.seq, bad.reason)
                 .await?;
         }
+        for (seq, reason) in scanned.unreadable {
+            let area = writer::Area::Lane(priority);
+            self.call(|done| writer::Command::QuarantineUnreadable {
+                area,
+                seq,
+                reason,
+                done,
+            })
+            .await?;
+        }
         Ok(scanned.events)
     }
 
@@ -844,6 +854,19 @@ impl Store {
             report.checked += outline.checked;
             for bad in outline.corrupt {
                 if self.quarantine(area, bad.seq, bad.reason).await? {
+                    report.quarantined += 1;
+                }
+            }
+            for (seq, reason) in outline.unreadable {
+                let moved = self
+                    .call(|done| writer::Command::QuarantineUnreadable {
+                        area,
+                        seq,
+                        reason,
+                        done,
+                    })
+                    .await?;
+                if moved {
                     report.quarantined += 1;
                 }
             }

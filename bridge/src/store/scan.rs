@@ -2,7 +2,11 @@
 //!
 //! Reads run on the caller's thread (the async API wraps them in
 //! `spawn_blocking`) and never write: a corrupt record is reported to the caller,
-//! which asks the writer to quarantine it.
+//! which asks the writer to quarantine it. Damage below the record layer (a
+//! table block whose checksum fails, so fjall cannot even return the keys in
+//! it) ends the scan and is reported as the seq where the unreadable region
+//! begins; the writer then finds and quarantines the seqs it cannot read, so
+//! one bad block costs the records in it, not the lane.
 
 use fjall::Keyspace;
 
@@ -32,6 +36,30 @@ pub struct Scanned<T> {
     pub events: Vec<Stored<T>>,
     /// Records that did not.
     pub corrupt: Vec<Corrupt>,
+    /// Seqs fjall cannot read at all (a damaged table block), with why.
+    pub unreadable: Vec<(u64, String)>,
+}
+
+/// Most keys one read probes one by one past a damaged block.
+const MAX_PROBES_PER_READ: u64 = 4096;
+
+/// Whether an engine error means damaged data (a checksum or format failure
+/// in a table or block), as opposed to an I/O error or a closed store.
+pub(super) fn is_damage(e: &fjall::Error) -> bool {
+    use fjall::LsmError as L;
+    matches!(
+        e,
+        fjall::Error::Storage(
+            L::ChecksumMismatch { .. }
+                | L::Decompress(_)
+                | L::InvalidTag(_)
+                | L::InvalidTrailer
+                | L::InvalidHeader(_)
+                | L::Utf8(_)
+        ) | fjall::Error::Decompress(_)
+            | fjall::Error::InvalidTrailer
+            | fjall::Error::InvalidTag(_)
+    )
 }
 
 /// What a lane scan found.
@@ -41,6 +69,7 @@ pub type ScannedLane = Scanned<Event>;
 pub(super) struct Outline {
     pub(super) checked: u64,
     pub(super) corrupt: Vec<Corrupt>,
+    pub(super) unreadable: Vec<(u64, String)>,
     pub(super) last: Option<u64>,
 }
 
@@ -51,10 +80,12 @@ impl<T> Scanned<T> {
             .iter()
             .map(|e| e.seq)
             .chain(self.corrupt.iter().map(|c| c.seq))
+            .chain(self.unreadable.iter().map(|u| u.0))
             .max();
         Outline {
-            checked: (self.events.len() + self.corrupt.len()) as u64,
+            checked: (self.events.len() + self.corrupt.len() + self.unreadable.len()) as u64,
             corrupt: self.corrupt,
+            unreadable: self.unreadable,
             last,
         }
     }
@@ -79,19 +110,35 @@ fn scan<T: serde::de::DeserializeOwned>(
     let mut out = Scanned {
         events: Vec::with_capacity(limit.min(1024)),
         corrupt: Vec::new(),
+        unreadable: Vec::new(),
     };
+    let mut next = record::seq_of(&start).unwrap_or(0);
     for guard in ks.range(start..) {
         if out.events.len() >= limit || out.corrupt.len() >= MAX_CORRUPT_PER_READ {
             break;
         }
-        let (k, v) = guard
-            .into_inner()
-            .map_err(|e| StoreError::engine(&shared.dir, e))?;
+        let (k, v) = match guard.into_inner() {
+            Ok(kv) => kv,
+            Err(e) if is_damage(&e) => {
+                // The range cannot go on through this block; point reads may
+                // still reach keys in and after it. Read on one key at a time.
+                tracing::warn!(
+                    keyspace,
+                    from = next,
+                    error = ?e,
+                    "damaged table block in the store; reading on key by key"
+                );
+                probe(shared, ks, keyspace, body_format, next, limit, &mut out)?;
+                break;
+            }
+            Err(e) => return Err(StoreError::engine(&shared.dir, e)),
+        };
         let seq = match record::seq_of(&k) {
             Ok(seq) => seq,
             // A key we never write: leave it alone, it cannot be addressed by seq.
             Err(_) => continue,
         };
+        next = seq.saturating_add(1);
         match shared.seal_for(keyspace, seq).open::<T>(body_format, &v) {
             Ok(body) => out.events.push(Stored {
                 seq,
@@ -105,6 +152,46 @@ fn scan<T: serde::de::DeserializeOwned>(
         }
     }
     Ok(out)
+}
+
+/// Reads keys `from`, `from + 1`, ... one at a time (after a range failed on
+/// a damaged block), until `limit` events, the store's next seq, or
+/// [`MAX_PROBES_PER_READ`]. Keys fjall cannot read are reported as unreadable.
+fn probe<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    ks: &Keyspace,
+    keyspace: &str,
+    body_format: u8,
+    from: u64,
+    limit: usize,
+    out: &mut Scanned<T>,
+) -> Result<(), StoreError> {
+    let end = shared
+        .stats()
+        .next_seq
+        .min(from.saturating_add(MAX_PROBES_PER_READ));
+    for seq in from..end {
+        if out.events.len() >= limit || out.corrupt.len() >= MAX_CORRUPT_PER_READ {
+            break;
+        }
+        match ks.get(record::key(seq)) {
+            Ok(None) => {}
+            Ok(Some(v)) => match shared.seal_for(keyspace, seq).open::<T>(body_format, &v) {
+                Ok(body) => out.events.push(Stored {
+                    seq,
+                    stored_bytes: (KEY_LEN + v.len()) as u64,
+                    body,
+                }),
+                Err(e) => out.corrupt.push(Corrupt {
+                    seq,
+                    reason: e.to_string(),
+                }),
+            },
+            Err(e) if is_damage(&e) => out.unreadable.push((seq, format!("{e:?}"))),
+            Err(e) => return Err(StoreError::engine(&shared.dir, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Scans a lane from its cursor (or after `after`).

@@ -72,6 +72,14 @@ pub(super) enum Command {
         reason: String,
         done: Reply<bool>,
     },
+    /// Quarantines a record fjall cannot read (a damaged table block) if it
+    /// still cannot; replies whether it did.
+    QuarantineUnreadable {
+        area: Area,
+        seq: u64,
+        reason: String,
+        done: Reply<bool>,
+    },
     Close {
         done: Reply<()>,
     },
@@ -88,6 +96,7 @@ impl Command {
             Command::Purge { done, .. } | Command::Quarantine { done, .. } => {
                 drop(done.send(Err(err)))
             }
+            Command::QuarantineUnreadable { done, .. } => drop(done.send(Err(err))),
             Command::Close { done } => drop(done.send(Err(err))),
         }
     }
@@ -393,6 +402,15 @@ impl Writer {
                 reason,
                 done,
             } => match self.quarantine_if_bad(area, seq, reason, batch) {
+                Ok(moved) => batch.replies.push(defer(done, moved)),
+                Err(e) => drop(done.send(Err(e))),
+            },
+            Command::QuarantineUnreadable {
+                area,
+                seq,
+                reason,
+                done,
+            } => match self.quarantine_unreadable(area, seq, &reason, batch) {
                 Ok(moved) => batch.replies.push(defer(done, moved)),
                 Err(e) => drop(done.send(Err(e))),
             },
@@ -881,6 +899,68 @@ impl Writer {
             self.stage_quarantine(area, seq, value, reason, batch);
         }
         Ok(still_bad)
+    }
+
+    /// Quarantines `seq` if fjall still cannot read it as damaged.
+    fn quarantine_unreadable(
+        &mut self,
+        area: Area,
+        seq: u64,
+        reason: &str,
+        batch: &mut Batch,
+    ) -> Result<bool, StoreError> {
+        if batch.deleted.contains(&(area, seq)) {
+            return Ok(false);
+        }
+        let got = self.keyspace(area)?.get(record::key(seq));
+        match got {
+            Ok(_) => Ok(false),
+            Err(e) if super::scan::is_damage(&e) => {
+                self.stage_unreadable(area, seq, reason, batch);
+                Ok(true)
+            }
+            Err(e) => Err(self.engine(e)),
+        }
+    }
+
+    /// Quarantines a record fjall cannot read: a quarantine entry with the
+    /// reason and no bytes, and a tombstone over the damaged key so reads go
+    /// past it. Its size is not known; the lane's average is taken off.
+    fn stage_unreadable(&mut self, from: Area, seq: u64, reason: &str, batch: &mut Batch) {
+        let average = match from {
+            Area::Lane(p) => self
+                .state
+                .lanes
+                .get(usize::from(p))
+                .map_or(0, |l| l.bytes / l.messages.max(1)),
+            Area::DeadLetter => {
+                self.state.dead_letter.bytes / self.state.dead_letter.messages.max(1)
+            }
+            Area::Quarantine => 0,
+        };
+        let keyspace = self.area_name(from);
+        tracing::error!(
+            keyspace = %keyspace,
+            seq,
+            reason = %reason,
+            "stored record cannot be read (damaged table block); quarantined without its bytes"
+        );
+        let entry = QuarantineEntry {
+            keyspace,
+            seq,
+            reason: format!("unreadable: {reason}"),
+            quarantined_at: Timestamp::now(),
+            raw: Vec::new(),
+        };
+        let Ok(encoded) = record::encode_quarantine(&entry) else {
+            return;
+        };
+        let qseq = self.take_seq();
+        batch.delete(from, seq);
+        self.figures_sub(from, average);
+        self.figures_add(Area::Quarantine, qseq, size_of(encoded.len()), None);
+        batch.put(Area::Quarantine, qseq, encoded);
+        self.state.counters.quarantined += 1;
     }
 
     fn stage_quarantine(
