@@ -268,3 +268,92 @@ async fn sigterm_during_traffic_stops_cleanly_and_loses_nothing_acknowledged() {
         .unwrap();
     assert!(exit.success());
 }
+
+/// Fault catalogue B5: the sockets a running `vigil run` listens on, read
+/// from /proc (no tools needed): the configured device listener and
+/// operator endpoint, and the embedded broker's listeners, which must be on
+/// loopback. Nothing on a wildcard address that was not configured, no
+/// rumqttd console.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vigil_listens_only_where_configured_and_its_broker_only_on_loopback() {
+    let (rig, listeners) = common::rig::Rig::new().await;
+    let config = rig.config(listeners.v5.port(), "");
+    let vigil = rig.start(&config, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rig.status().await.is_none() {
+        assert!(Instant::now() < deadline, "no /status: {}", rig.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = vigil.0.id();
+    let listening = listening_sockets(pid);
+    assert!(
+        !listening.is_empty(),
+        "no listening sockets found for {pid}"
+    );
+    let mut broker = 0;
+    for addr in &listening {
+        if *addr == rig.gate || *addr == rig.http {
+            continue;
+        }
+        assert!(
+            addr.ip().is_loopback(),
+            "vigil listens on {addr}, which is neither configured nor loopback: {listening:?}"
+        );
+        broker += 1;
+    }
+    assert_eq!(
+        broker, 2,
+        "the embedded broker's two loopback listeners (MQTT 3.1.1 and 5): {listening:?}"
+    );
+    assert!(
+        listening.contains(&rig.gate) && listening.contains(&rig.http),
+        "{listening:?} gate {} http {}",
+        rig.gate,
+        rig.http
+    );
+    drop(vigil);
+}
+
+/// TCP sockets in LISTEN state owned by `pid`, from /proc.
+fn listening_sockets(pid: u32) -> Vec<std::net::SocketAddr> {
+    let mut inodes = HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        if let Ok(target) = std::fs::read_link(fd.unwrap().path()) {
+            let t = target.display().to_string();
+            if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                inodes.insert(inode.to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
+                continue;
+            }
+            let (ip, port) = f[1].split_once(':').unwrap();
+            let port = u16::from_str_radix(port, 16).unwrap();
+            let ip: std::net::IpAddr = if v6 {
+                let b: Vec<u8> = (0..16)
+                    .map(|i| u8::from_str_radix(&ip[2 * i..2 * i + 2], 16).unwrap())
+                    .collect();
+                let mut a = [0u8; 16];
+                for w in 0..4 {
+                    for j in 0..4 {
+                        a[w * 4 + j] = b[w * 4 + 3 - j];
+                    }
+                }
+                std::net::Ipv6Addr::from(a).into()
+            } else {
+                let n = u32::from_str_radix(ip, 16).unwrap();
+                std::net::Ipv4Addr::from(n.swap_bytes()).into()
+            };
+            out.push(std::net::SocketAddr::new(ip, port));
+        }
+    }
+    out
+}

@@ -507,3 +507,43 @@ async fn a_full_store_refuses_with_0x97_on_v5_and_no_puback_on_v4() {
     );
     assert!(GateCounters::get(&t.gate.counters().refused_full) >= 2);
 }
+
+/// Fault catalogue B4: a second CONNECT with a connected device's client id.
+/// The policy is MQTT's: the newer connection takes the session over and the
+/// broker closes the older one. The gate counts and logs each takeover (a
+/// device stealing another's id shows up), what the older connection had
+/// acknowledged is stored, and the newer one works.
+#[tokio::test]
+async fn a_second_connection_with_a_connected_client_id_takes_over_and_is_counted() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let mut first = g::v4_device(g::v4_options(t.addr(), "bed-9"));
+    first.connected().await;
+    first
+        .client
+        .publish("devices/bed-9/vitals/hr", QoS::AtLeastOnce, false, "70")
+        .await
+        .unwrap();
+    first.puback(WAIT).await.unwrap();
+
+    let mut second = g::v4_device(g::v4_options(t.addr(), "bed-9"));
+    second.connected().await;
+    // The older connection is closed by the broker.
+    let ended = first.until(WAIT, |_| None::<()>).await;
+    assert!(
+        ended.is_err() && ended != Err("timeout".into()),
+        "{ended:?}"
+    );
+    second
+        .client
+        .publish("devices/bed-9/vitals/hr", QoS::AtLeastOnce, false, "71")
+        .await
+        .unwrap();
+    second.puback(WAIT).await.unwrap();
+    assert_eq!(GateCounters::get(&t.gate.counters().takeovers), 1);
+    let payloads: Vec<Vec<u8>> = stored(&t.store).into_iter().map(|s| s.3).collect();
+    assert_eq!(payloads, vec![b"70".to_vec(), b"71".to_vec()]);
+    // A third device with another id is not affected.
+    let mut other = g::v4_device(g::v4_options(t.addr(), "bed-10"));
+    other.connected().await;
+    assert_eq!(GateCounters::get(&t.gate.counters().takeovers), 1);
+}

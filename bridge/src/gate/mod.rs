@@ -133,6 +133,9 @@ pub struct GateCounters {
     /// Device messages refused because the disk was nearly full
     /// (`store.min_free_bytes`).
     pub refused_disk_low: AtomicU64,
+    /// Connections with a client id that was already connected: the broker
+    /// closes the older one (MQTT session takeover).
+    pub takeovers: AtomicU64,
 }
 
 impl GateCounters {
@@ -161,12 +164,65 @@ struct Context {
     /// per message.
     refusal_logged: AtomicU64,
     started: std::time::Instant,
+    /// Connections per client id (bounded by `max_connections`), to tell a
+    /// session takeover when it happens.
+    live: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// Counts one live connection of a client id until dropped.
+struct LiveSession<'a> {
+    ctx: &'a Context,
+    client_id: String,
+}
+
+impl Drop for LiveSession<'_> {
+    fn drop(&mut self) {
+        let mut live = self
+            .ctx
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = live.get_mut(&self.client_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                live.remove(&self.client_id);
+            }
+        }
+    }
 }
 
 /// Least time between two log lines about refused messages.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Context {
+    /// Registers a connection of `client_id`; when the id is already
+    /// connected, counts and logs the takeover (the broker then closes the
+    /// older connection, as MQTT requires). A device that keeps taking over
+    /// another's id shows up here.
+    fn live_session(&self, client_id: &str, peer: SocketAddr) -> LiveSession<'_> {
+        let already = {
+            let mut live = self
+                .live
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = live.entry(client_id.to_string()).or_insert(0);
+            *n += 1;
+            *n > 1
+        };
+        if already && !client_id.is_empty() {
+            self.counters.inc(&self.counters.takeovers);
+            tracing::info!(
+                device = client_id,
+                %peer,
+                "a client id that is already connected connected again; the older connection is closed (session takeover)"
+            );
+        }
+        LiveSession {
+            ctx: self,
+            client_id: client_id.to_string(),
+        }
+    }
+
     /// Whether a refusal may be logged now (true at most once per
     /// [`REFUSAL_LOG_EVERY`]).
     fn log_refusal_now(&self) -> bool {
@@ -313,6 +369,7 @@ impl Gate {
             cancel: cancel.clone(),
             refusal_logged: AtomicU64::new(0),
             started: std::time::Instant::now(),
+            live: std::sync::Mutex::new(std::collections::HashMap::new()),
             config,
         });
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));

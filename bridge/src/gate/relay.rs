@@ -203,7 +203,17 @@ where
     );
     tracing::debug!(device = %hello.client_id, %peer, protocol = ?hello.protocol, "device connected");
     ctx.counters.inc(&ctx.counters.sessions);
-    relay(ctx, hello, reader, wr, connack, broker_rd, broker_wr).await;
+    let _live = ctx.live_session(&hello.client_id, peer);
+    relay(
+        ctx.clone(),
+        hello,
+        reader,
+        wr,
+        connack,
+        broker_rd,
+        broker_wr,
+    )
+    .await;
 }
 
 /// Sends the device's CONNECT to rumqttd and reads its CONNACK.
