@@ -434,6 +434,35 @@ async fn certificate_failures_are_explained_while_vigil_keeps_buffering() {
         .await
         .unwrap();
 
+    // C4: the cloud presents a client certificate (wrong extended key usage).
+    let eku_dir = c::cloud_dir(&rig.pki, "eku-cloud");
+    let (cert, key) = rig.pki.leaf("127.0.0.1", false);
+    std::fs::write(eku_dir.join("server.pem"), cert).unwrap();
+    common::gate::write_private(&eku_dir.join("server.key"), &key);
+    let eku = Cloud::start(&eku_dir);
+    let mut eku_config = good.clone();
+    eku_config.port = eku.v5.port();
+    fails_with(&rig, eku_config, "not a TLS server certificate")
+        .await
+        .stop()
+        .await
+        .unwrap();
+
+    // C7: the cloud's certificate comes from an intermediate CA the cloud
+    // does not send.
+    let chain_dir = c::cloud_dir(&rig.pki, "chain-cloud");
+    let (leaf, _intermediate, key) = rig.pki.leaf_via_intermediate("127.0.0.1");
+    std::fs::write(chain_dir.join("server.pem"), leaf).unwrap();
+    common::gate::write_private(&chain_dir.join("server.key"), &key);
+    let chain = Cloud::start(&chain_dir);
+    let mut chain_config = good.clone();
+    chain_config.port = chain.v5.port();
+    fails_with(&rig, chain_config, "intermediate certificates")
+        .await
+        .stop()
+        .await
+        .unwrap();
+
     // A key file others can read is refused.
     let mut open_key = good.clone();
     std::fs::copy(rig.pki.path("vigil.key"), rig.pki.path("open.key")).unwrap();

@@ -394,6 +394,15 @@ async fn tls_client_certificates_are_checked() {
     let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
     assert!(!err.is_empty());
 
+    // Right CA and CN, but the certificate expired: refused at the handshake.
+    let mut dev = g::v4_device(tls_options(
+        addr,
+        "bed-9",
+        pki.client(Some(pki.expired_leaf("bed-9", false))),
+    ));
+    let err = dev.until(WAIT, |_| None::<()>).await.unwrap_err();
+    assert!(!err.is_empty());
+
     // Right CA, wrong CN: CONNACK "not authorized".
     let mut dev = g::v4_device(tls_options(
         addr,
@@ -404,7 +413,7 @@ async fn tls_client_certificates_are_checked() {
     assert!(err.contains("NotAuthorized"), "{err}");
     assert_eq!(stored(&t.store).len(), 1, "nothing from refused devices");
     let c = t.gate.counters();
-    assert!(GateCounters::get(&c.tls_failures) >= 2);
+    assert!(GateCounters::get(&c.tls_failures) >= 3);
     assert_eq!(GateCounters::get(&c.refused_auth), 1);
 }
 

@@ -151,7 +151,14 @@ pub fn explain(detail: &str, debug: &str) -> String {
         ),
         (
             "UnknownIssuer",
-            "the cloud's certificate is not signed by a CA in forward.tls.ca (wrong CA bundle?)",
+            "the cloud's certificate is not signed by a CA in forward.tls.ca (wrong CA bundle? \
+             or the cloud does not send its intermediate certificates: add them to \
+             forward.tls.ca, or fix the cloud's chain)",
+        ),
+        (
+            "InvalidPurpose",
+            "the cloud's certificate is not a TLS server certificate (its extended key usage \
+             lacks serverAuth): the cloud must present a server certificate",
         ),
         (
             "BadSignature",

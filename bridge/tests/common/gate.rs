@@ -239,6 +239,31 @@ impl Pki {
         self.leaf_with(name, server, |_| {})
     }
 
+    /// A server certificate for `name` signed by an intermediate CA (itself
+    /// signed by this CA): `(leaf, intermediate, key)` as PEM.
+    pub fn leaf_via_intermediate(&self, name: &str) -> (String, String, String) {
+        let mut ica = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ica.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ica.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        ica.distinguished_name
+            .push(rcgen::DnType::CommonName, "Vigil test intermediate CA");
+        ica.use_authority_key_identifier_extension = true;
+        let ica_key = rcgen::KeyPair::generate().unwrap();
+        let ica_pem = ica.signed_by(&ica_key, &self.issuer).unwrap().pem();
+        let intermediate = rcgen::Issuer::new(ica, ica_key);
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.use_authority_key_identifier_extension = true;
+        p.extended_key_usages
+            .push(rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &intermediate).unwrap();
+        (cert.pem(), ica_pem, key.serialize_pem())
+    }
+
     /// Like [`Pki::leaf`], but valid only in 2020: long expired.
     pub fn expired_leaf(&self, name: &str, server: bool) -> (String, String) {
         self.leaf_with(name, server, |p| {
