@@ -5,9 +5,9 @@
 //! - a gateway clock at 1970 (`faketime`): a clear certificate error naming
 //!   the clock, buffering continues, and delivery resumes once Vigil runs
 //!   with the right time;
-//! - a half-open cloud connection (the link stalls after connecting, as an
-//!   iptables DROP would make it): detected within 1.5 keep-alives, and
-//!   nothing lost.
+//! - a half-open cloud connection (the link stalls after connecting: the
+//!   fault proxy's blackhole, and iptables DROP rules when root): detected
+//!   within 1.5 keep-alives, and nothing lost.
 //!
 //! Each prints a `fault=` line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -116,11 +116,104 @@ async fn wrong_clock(name: &str, faketime: &str, days: Option<u32>, explained: &
 }
 
 /// A cloud connection that goes half-open while messages flow (every byte
-/// now stalls in both directions, as after an iptables DROP): Vigil notices
-/// within 1.5 keep-alives, says so, and after the link heals delivers
-/// everything.
+/// now stalls in both directions; here the fault proxy holds them): Vigil
+/// notices within 1.5 keep-alives, says so, and after the link heals
+/// delivers everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_cloud_connection_is_detected_within_one_and_a_half_keep_alives() {
+    half_open("half-open", Cut::Proxy).await;
+}
+
+/// The same with the kernel dropping the packets: iptables DROP rules on the
+/// cloud's port, inserted after Vigil connected (no FIN, no RST; TCP keeps
+/// retransmitting). Needs root and iptables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iptables_drop_after_connect_is_detected_within_one_and_a_half_keep_alives() {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let iptables = std::process::Command::new("iptables")
+        .args(["-L", "-n"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !root || !iptables {
+        show("SKIP iptables half-open test: needs root and iptables (apt-get install iptables)");
+        return;
+    }
+    half_open("half-open-iptables", Cut::Iptables).await;
+}
+
+/// How the link is cut.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// The fault proxy's blackhole.
+    Proxy,
+    /// iptables DROP on the cloud's port, both directions.
+    Iptables,
+}
+
+/// iptables rules dropping every packet to and from `port` on loopback;
+/// removed on drop.
+struct DropRules {
+    port: u16,
+    active: bool,
+}
+
+impl DropRules {
+    fn rules(port: u16) -> [Vec<String>; 2] {
+        let p = port.to_string();
+        [
+            [
+                "INPUT", "-i", "lo", "-p", "tcp", "--dport", &p, "-j", "DROP",
+            ]
+            .map(String::from)
+            .to_vec(),
+            [
+                "INPUT", "-i", "lo", "-p", "tcp", "--sport", &p, "-j", "DROP",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ]
+    }
+
+    /// Inserts the rules; `None` (and nothing left behind) when iptables
+    /// refuses, e.g. in a container without NET_ADMIN.
+    fn insert(port: u16) -> Option<Self> {
+        let mut rules = Self { port, active: true };
+        for rule in Self::rules(port) {
+            let ok = std::process::Command::new("iptables")
+                .arg("-I")
+                .args(&rule)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                rules.remove();
+                return None;
+            }
+        }
+        Some(rules)
+    }
+
+    fn remove(&mut self) {
+        if std::mem::take(&mut self.active) {
+            for rule in Self::rules(self.port) {
+                let _ = std::process::Command::new("iptables")
+                    .arg("-D")
+                    .args(&rule)
+                    .status();
+            }
+        }
+    }
+}
+
+impl Drop for DropRules {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+async fn half_open(name: &str, cut_with: Cut) {
     let _one = ONE_AT_A_TIME.lock().await;
     use vigil_sim::proxy::{Mode, Proxy};
     let (rig, listeners) = Rig::new().await;
@@ -133,7 +226,7 @@ async fn a_half_open_cloud_connection_is_detected_within_one_and_a_half_keep_ali
         "keep_alive = \"5s\"\nack_timeout = \"60s\"",
     );
     let vigil = rig.start(&config, &[]).await;
-    let (stop, devices) = rig.devices("halfopen");
+    let (stop, devices) = rig.devices(name);
     // Online with traffic flowing.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -146,7 +239,21 @@ async fn a_half_open_cloud_connection_is_detected_within_one_and_a_half_keep_ali
         assert!(Instant::now() < deadline, "never online: {}", rig.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    proxy.set(Mode::Blackhole);
+    // The proxy's own listening port carries Vigil's connection, so the
+    // iptables rules go on it; the proxy then sees nothing either way.
+    let mut rules = None;
+    match cut_with {
+        Cut::Proxy => proxy.set(Mode::Blackhole),
+        Cut::Iptables => match DropRules::insert(proxy.addr().port()) {
+            Some(r) => rules = Some(r),
+            None => {
+                show("SKIP iptables half-open test: iptables refused to insert a rule");
+                stop.cancel();
+                let _ = devices.await;
+                return;
+            }
+        },
+    }
     let cut = Instant::now();
     let detected = loop {
         if rig
@@ -163,12 +270,19 @@ async fn a_half_open_cloud_connection_is_detected_within_one_and_a_half_keep_ali
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    proxy.set(Mode::Pass);
+    match cut_with {
+        Cut::Proxy => proxy.set(Mode::Pass),
+        Cut::Iptables => {
+            if let Some(mut r) = rules.take() {
+                r.remove();
+            }
+        }
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
     let sent = devices.await.unwrap();
     let report = rig.judge(&sent, Duration::from_secs(30)).await;
-    show(&report.fault_line("half-open"));
+    show(&report.fault_line(name));
     show(&format!(
         "  detected after {detected:.2?} with keep-alive {keep_alive:?} (limit 1.5 keep-alives = {:?})",
         keep_alive * 3 / 2
