@@ -323,6 +323,18 @@ impl VigilConfig {
                 ));
             }
         }
+        for (i, rule) in g.subscribe.iter().enumerate() {
+            if rule.clients.is_empty() || rule.clients.iter().any(String::is_empty) {
+                p.push(format!(
+                    "gate.subscribe[{i}].clients: name at least one client id (exact, `prefix*`, or `*` for everyone)"
+                ));
+            }
+            for f in &rule.filters {
+                if let Err(e) = validate_filter(f) {
+                    p.push(format!("gate.subscribe[{i}].filters {f:?}: {e}"));
+                }
+            }
+        }
         if g.unmatched.priority >= s.priorities {
             p.push(format!(
                 "gate.unmatched.priority {} is not below store.priorities ({})",

@@ -556,3 +556,87 @@ async fn a_second_connection_with_a_connected_client_id_takes_over_and_is_counte
     other.connected().await;
     assert_eq!(GateCounters::get(&t.gate.counters().takeovers), 1);
 }
+
+/// Fault catalogue B7 (subscriptions): nobody may subscribe unless a
+/// `gate.subscribe` rule allows it, since every device's readings pass
+/// through the embedded broker. A bedside device subscribing to `#` is
+/// refused (MQTT 3.1.1 SUBACK 0x80, MQTT 5 0x87) and counted, stays
+/// connected, and receives nothing; the nurse station's allowed filter works;
+/// a filter wider than the rule is refused as a whole.
+#[tokio::test]
+async fn subscriptions_need_a_rule_and_wider_filters_are_refused() {
+    use vigil::gate::config::SubscribeRule;
+    let t = g::start(
+        |_| {},
+        |c| {
+            c.subscribe = vec![SubscribeRule {
+                clients: vec!["nurse-station".into()],
+                filters: vec!["devices/+/vitals/#".into()],
+            }];
+        },
+    )
+    .await;
+    // A bedside device tries to read everything: refused, still connected.
+    let mut snoop = g::v4_device(g::v4_options(t.addr(), "bed-1"));
+    snoop.connected().await;
+    snoop.client.subscribe("#", QoS::AtLeastOnce).await.unwrap();
+    let codes = snoop
+        .until(WAIT, |e| match e {
+            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)) => Some(a.return_codes.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
+    // MQTT 5: "not authorized".
+    let mut snoop5 = g::v5_device(g::v5_options(t.addr(), "bed-2"));
+    snoop5.connack().await;
+    snoop5
+        .client
+        .subscribe("devices/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let codes = snoop5
+        .until(WAIT, |e| match e {
+            rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::SubAck(a)) => {
+                Some(a.return_codes.clone())
+            }
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        codes,
+        vec![rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::NotAuthorized]
+    );
+    // The nurse station: its filter works, a wider one is refused.
+    let mut station = g::v4_device(g::v4_options(t.addr(), "nurse-station"));
+    station.connected().await;
+    station
+        .subscribed("devices/+/vitals/#", QoS::AtLeastOnce)
+        .await;
+    station
+        .client
+        .subscribe("devices/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let codes = station
+        .until(WAIT, |e| match e {
+            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)) => Some(a.return_codes.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
+    // A reading reaches the station and not the snooping device.
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-3"));
+    dev.connected().await;
+    dev.client
+        .publish("devices/bed-3/vitals/hr", QoS::AtLeastOnce, false, "64")
+        .await
+        .unwrap();
+    dev.puback(WAIT).await.unwrap();
+    assert_eq!(&station.publish(WAIT).await.unwrap().payload[..], b"64");
+    assert!(snoop.publish(Duration::from_millis(500)).await.is_err());
+    assert_eq!(GateCounters::get(&t.gate.counters().refused_subscribe), 3);
+}

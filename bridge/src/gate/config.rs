@@ -55,6 +55,20 @@ pub struct GateConfig {
     pub rules: Vec<TopicRule>,
     /// Kind and priority of a message no rule matches (counted).
     pub unmatched: Unmatched,
+    /// Who may subscribe to what on the embedded broker; nobody unless a
+    /// rule allows it (see [`super::acl`]).
+    pub subscribe: Vec<SubscribeRule>,
+}
+
+/// Client ids (exact, `prefix*`, or `*`) and the topic filters they may
+/// subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeRule {
+    /// Client ids this rule is for.
+    pub clients: Vec<String>,
+    /// Filters they may subscribe to (and anything narrower).
+    pub filters: Vec<String>,
 }
 
 impl Default for GateConfig {
@@ -74,6 +88,7 @@ impl Default for GateConfig {
             auth: AuthConfig::default(),
             rules: TopicRule::defaults(),
             unmatched: Unmatched::default(),
+            subscribe: Vec::new(),
         }
     }
 }

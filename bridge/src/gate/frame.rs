@@ -30,6 +30,8 @@ pub mod kind {
     pub const PUBREC: u8 = 5;
     /// PUBCOMP
     pub const PUBCOMP: u8 = 7;
+    /// SUBSCRIBE
+    pub const SUBSCRIBE: u8 = 8;
     /// DISCONNECT
     pub const DISCONNECT: u8 = 14;
 }

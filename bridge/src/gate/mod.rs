@@ -16,6 +16,7 @@
 //! * [`frame`]: bounded MQTT framing.
 //! * [`rules`]: topic filters to kind and priority.
 //! * [`auth`]: password hashes, client certificates, CONNACK codes.
+//! * [`acl`]: who may subscribe to what on the embedded broker.
 //! * [`tls`]: the TLS listener's rustls configuration.
 //!
 //! Bounds: connections (`max_connections`), unacknowledged publishes per
@@ -23,6 +24,7 @@
 //! size (checked before reading), handshake, CONNECT and per-packet time,
 //! the relay's queues (bounded channels), topic aliases per device.
 
+pub mod acl;
 pub mod auth;
 pub mod broker;
 pub mod config;
@@ -133,6 +135,9 @@ pub struct GateCounters {
     /// Device messages refused because the disk was nearly full
     /// (`store.min_free_bytes`).
     pub refused_disk_low: AtomicU64,
+    /// SUBSCRIBE packets refused because no `gate.subscribe` rule allows
+    /// every filter in them.
+    pub refused_subscribe: AtomicU64,
     /// Connections with a client id that was already connected: the broker
     /// closes the older one (MQTT session takeover).
     pub takeovers: AtomicU64,
@@ -154,6 +159,7 @@ struct Context {
     config: GateConfig,
     store: Store,
     rules: TopicRules,
+    subscribe: acl::SubscribeAcl,
     auth: Authenticator,
     broker_v4: SocketAddr,
     broker_v5: SocketAddr,
@@ -362,6 +368,7 @@ impl Gate {
         let ctx = Arc::new(Context {
             store,
             rules,
+            subscribe: acl::SubscribeAcl::new(&config.subscribe),
             auth,
             broker_v4: broker.v4_addr(),
             broker_v5: broker.v5_addr(),

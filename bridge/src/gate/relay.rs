@@ -516,6 +516,37 @@ async fn device_reader<R: AsyncRead + Unpin>(
                     return;
                 }
             },
+            kind::SUBSCRIBE => {
+                if let Err(why) = check_packet(protocol, &frame, ctx.config.max_packet_size) {
+                    counters.inc(&counters.protocol_errors);
+                    tracing::info!(%device, "malformed SUBSCRIBE ({why}); closing the device connection");
+                    close(reason::MALFORMED);
+                    return;
+                }
+                match super::acl::subscribe_filters(protocol, &frame) {
+                    Ok((pkid, filters)) => {
+                        if let Some(denied) =
+                            filters.iter().find(|f| !ctx.subscribe.allows(&device, f))
+                        {
+                            counters.inc(&counters.refused_subscribe);
+                            tracing::warn!(%device, filter = %denied, "subscription refused: no gate.subscribe rule allows it");
+                            let refusal = super::acl::suback_refusal(protocol, pkid, filters.len());
+                            if let (Some(refusal), Some(tx)) = (refusal, to_device.upgrade())
+                                && tx.send(Out::Frame(refusal)).await.is_err()
+                            {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                    Err(why) => {
+                        counters.inc(&counters.protocol_errors);
+                        tracing::info!(%device, "bad SUBSCRIBE ({why}); closing the device connection");
+                        close(reason::MALFORMED);
+                        return;
+                    }
+                }
+            }
             kind::CONNECT => {
                 counters.inc(&counters.protocol_errors);
                 tracing::info!(%device, "second CONNECT; closing the device connection");

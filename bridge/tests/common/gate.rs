@@ -25,9 +25,16 @@ impl TestGate {
     }
 }
 
+/// A gate on a free loopback port. Subscriptions are open to everyone here
+/// (the default is nobody), so local-subscriber tests need no rules; the ACL
+/// test sets its own.
 pub fn config() -> GateConfig {
     GateConfig {
         tcp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        subscribe: vec![vigil::gate::config::SubscribeRule {
+            clients: vec!["*".into()],
+            filters: vec!["#".into()],
+        }],
         ..GateConfig::default()
     }
 }
