@@ -640,3 +640,66 @@ async fn subscriptions_need_a_rule_and_wider_filters_are_refused() {
     assert!(snoop.publish(Duration::from_millis(500)).await.is_err());
     assert_eq!(GateCounters::get(&t.gate.counters().refused_subscribe), 3);
 }
+
+/// Fault catalogue B13: retained messages are bounded in the embedded broker
+/// (topics and bytes). Past a bound a retained publish is relayed as not
+/// retained, counted, and still stored for the cloud; a will with a wildcard
+/// topic is refused.
+#[tokio::test]
+async fn retained_messages_are_capped_and_still_stored() {
+    let t = g::start(
+        |_| {},
+        |c| {
+            c.max_retained_topics = 2;
+            c.max_retained_bytes = 100;
+        },
+    )
+    .await;
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-4"));
+    dev.connected().await;
+    for (topic, payload) in [
+        ("devices/bed-4/status/a", "1".repeat(10)),
+        ("devices/bed-4/status/b", "2".repeat(10)),
+        ("devices/bed-4/status/c", "3".repeat(10)),
+        ("devices/bed-4/status/a", "4".repeat(200)),
+    ] {
+        dev.client
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .await
+            .unwrap();
+        dev.puback(WAIT).await.unwrap();
+    }
+    assert_eq!(stored(&t.store).len(), 4, "all stored for the cloud");
+    assert_eq!(GateCounters::get(&t.gate.counters().retain_capped), 2);
+    // A late subscriber gets the two retained topics, with their first values.
+    let mut late = g::v4_device(g::v4_options(t.addr(), "display-1"));
+    late.connected().await;
+    late.subscribed("devices/bed-4/status/#", QoS::AtLeastOnce)
+        .await;
+    let mut got = Vec::new();
+    while let Ok(p) = late.publish(Duration::from_millis(700)).await {
+        got.push((p.topic.clone(), p.payload.len()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("devices/bed-4/status/a".to_string(), 10),
+            ("devices/bed-4/status/b".to_string(), 10)
+        ]
+    );
+    // A will on a wildcard topic: the connection is refused.
+    let mut o = g::v4_options(t.addr(), "bed-5");
+    o.set_last_will(rumqttc::LastWill::new(
+        "devices/+/status",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let mut bad = g::v4_device(o);
+    let ended = bad.until(WAIT, |_| None::<()>).await;
+    assert!(
+        ended.is_err() && ended != Err("timeout".into()),
+        "closed, not left waiting: {ended:?}"
+    );
+}

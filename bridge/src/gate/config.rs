@@ -58,6 +58,13 @@ pub struct GateConfig {
     /// Who may subscribe to what on the embedded broker; nobody unless a
     /// rule allows it (see [`super::acl`]).
     pub subscribe: Vec<SubscribeRule>,
+    /// Topics with a retained message the embedded broker may hold; a
+    /// retained publish to a new topic past it is relayed as not retained
+    /// (still stored and forwarded), and counted.
+    pub max_retained_topics: usize,
+    /// Largest payload the embedded broker may retain (publishes and wills);
+    /// a larger one is relayed as not retained, and counted.
+    pub max_retained_bytes: usize,
 }
 
 /// Client ids (exact, `prefix*`, or `*`) and the topic filters they may
@@ -89,6 +96,8 @@ impl Default for GateConfig {
             rules: TopicRule::defaults(),
             unmatched: Unmatched::default(),
             subscribe: Vec::new(),
+            max_retained_topics: 10_000,
+            max_retained_bytes: 64 * 1024,
         }
     }
 }

@@ -135,6 +135,9 @@ pub struct GateCounters {
     /// Device messages refused because the disk was nearly full
     /// (`store.min_free_bytes`).
     pub refused_disk_low: AtomicU64,
+    /// Retained publishes and wills relayed as not retained because of
+    /// `max_retained_topics` or `max_retained_bytes`.
+    pub retain_capped: AtomicU64,
     /// SUBSCRIBE packets refused because no `gate.subscribe` rule allows
     /// every filter in them.
     pub refused_subscribe: AtomicU64,
@@ -160,6 +163,9 @@ struct Context {
     store: Store,
     rules: TopicRules,
     subscribe: acl::SubscribeAcl,
+    /// Topics holding a retained message in the embedded broker, as far as
+    /// the gate has relayed them (bounded by `max_retained_topics`).
+    retained: std::sync::Mutex<std::collections::HashSet<String>>,
     auth: Authenticator,
     broker_v4: SocketAddr,
     broker_v5: SocketAddr,
@@ -227,6 +233,30 @@ impl Context {
             ctx: self,
             client_id: client_id.to_string(),
         }
+    }
+
+    /// Whether the embedded broker may retain `payload_len` bytes on
+    /// `topic`; an empty payload clears the topic and is always allowed.
+    fn may_retain(&self, topic: &str, payload_len: usize) -> bool {
+        let mut retained = self
+            .retained
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if payload_len == 0 {
+            retained.remove(topic);
+            return true;
+        }
+        if payload_len > self.config.max_retained_bytes {
+            return false;
+        }
+        if retained.contains(topic) {
+            return true;
+        }
+        if retained.len() >= self.config.max_retained_topics {
+            return false;
+        }
+        retained.insert(topic.to_string());
+        true
     }
 
     /// Whether a refusal may be logged now (true at most once per
@@ -369,6 +399,7 @@ impl Gate {
             store,
             rules,
             subscribe: acl::SubscribeAcl::new(&config.subscribe),
+            retained: std::sync::Mutex::new(std::collections::HashSet::new()),
             auth,
             broker_v4: broker.v4_addr(),
             broker_v5: broker.v5_addr(),

@@ -271,6 +271,17 @@ async fn hello(
         }
         Protocol::V4 => match v4::Packet::read(&mut frame.to_buf(), max) {
             Ok(v4::Packet::Connect(mut c)) => {
+                if let Some(will) = c.last_will.as_mut() {
+                    if validate_topic(&will.topic).is_err() {
+                        counters.inc(&counters.protocol_errors);
+                        tracing::info!(%peer, "will topic is not a valid topic name; closing");
+                        return Err(None);
+                    }
+                    if will.retain && will.message.len() > ctx.config.max_retained_bytes {
+                        will.retain = false;
+                        counters.inc(&counters.retain_capped);
+                    }
+                }
                 let login = c.login.take().map(|l| (l.username, l.password));
                 let keep_alive = c.keep_alive;
                 if c.keep_alive == 0 {
@@ -291,7 +302,21 @@ async fn hello(
             }
         },
         Protocol::V5 => match v5::Packet::read(&mut frame.to_buf(), None) {
-            Ok(v5::Packet::Connect(mut c, will, login)) => {
+            Ok(v5::Packet::Connect(mut c, mut will, login)) => {
+                if let Some(w) = will.as_mut() {
+                    let topic_ok = std::str::from_utf8(&w.topic)
+                        .map(|t| validate_topic(t).is_ok())
+                        .unwrap_or(false);
+                    if !topic_ok {
+                        counters.inc(&counters.protocol_errors);
+                        tracing::info!(%peer, "will topic is not a valid topic name; closing");
+                        return Err(None);
+                    }
+                    if w.retain && w.message.len() > ctx.config.max_retained_bytes {
+                        w.retain = false;
+                        counters.inc(&counters.retain_capped);
+                    }
+                }
                 let keep_alive = c.keep_alive;
                 if c.keep_alive == 0 {
                     c.keep_alive = NO_KEEP_ALIVE;
@@ -453,7 +478,7 @@ async fn device_reader<R: AsyncRead + Unpin>(
         }
     };
     loop {
-        let frame = match reader.next().await {
+        let mut frame = match reader.next().await {
             Ok(Some(f)) => f,
             Ok(None) => return,
             Err(e) => {
@@ -477,6 +502,19 @@ async fn device_reader<R: AsyncRead + Unpin>(
         match frame.kind() {
             kind::PUBLISH => match publish(&ctx, &device, protocol, &frame, &mut aliases) {
                 Ok((ingest, pkid)) => {
+                    if ingest.retain && !ctx.may_retain(&ingest.topic, ingest.payload.len()) {
+                        // Stored and forwarded as sent; the local broker does
+                        // not keep it. The retain flag is bit 0 of the header.
+                        let mut bytes = BytesMut::from(&frame.bytes[..]);
+                        if let Some(first) = bytes.first_mut() {
+                            *first &= !0x01;
+                        }
+                        frame.bytes = bytes.freeze();
+                        counters.inc(&counters.retain_capped);
+                        if ctx.log_refusal_now() {
+                            tracing::warn!(%device, topic = %ingest.topic, "retained publish relayed as not retained (gate.max_retained_topics or gate.max_retained_bytes); stored and forwarded as usual; logged at most every 10 s");
+                        }
+                    }
                     let Ok(permit) = inflight.clone().acquire_owned().await else {
                         return;
                     };
