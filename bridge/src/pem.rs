@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 /// A certificate or key file that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +73,26 @@ pub fn load_key(path: &Path, setting: &'static str) -> Result<PrivateKeyDer<'sta
             format!("no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"),
         )
     })
+}
+
+/// Reads every certificate revocation list of a PEM file (`X509 CRL`
+/// blocks); a file with none is an error.
+pub fn load_crls(
+    path: &Path,
+    setting: &'static str,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, PemError> {
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| PemError::new(setting, path, format!("cannot read: {e}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PemError::new(setting, path, format!("not valid PEM: {e}")))?;
+    if crls.is_empty() {
+        return Err(PemError::new(
+            setting,
+            path,
+            "no X509 CRL block found; expected a PEM certificate revocation list",
+        ));
+    }
+    Ok(crls)
 }
 
 /// A root store of every certificate in a CA bundle.

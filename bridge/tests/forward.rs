@@ -463,6 +463,22 @@ async fn certificate_failures_are_explained_while_vigil_keeps_buffering() {
         .await
         .unwrap();
 
+    // C8: the cloud's certificate is revoked, and forward.tls.crl says so.
+    let revoked_dir = c::cloud_dir(&rig.pki, "revoked-cloud");
+    let (cert, key) = rig.pki.leaf_with_serial("127.0.0.1", true, 4242);
+    std::fs::write(revoked_dir.join("server.pem"), cert).unwrap();
+    common::gate::write_private(&revoked_dir.join("server.key"), &key);
+    let revoked = Cloud::start(&revoked_dir);
+    std::fs::write(rig.pki.path("crl.pem"), rig.pki.crl_revoking(&[4242])).unwrap();
+    let mut revoked_config = good.clone();
+    revoked_config.port = revoked.v5.port();
+    revoked_config.tls.crl = Some(rig.pki.path("crl.pem"));
+    fails_with(&rig, revoked_config, "has been revoked")
+        .await
+        .stop()
+        .await
+        .unwrap();
+
     // A key file others can read is refused.
     let mut open_key = good.clone();
     std::fs::copy(rig.pki.path("vigil.key"), rig.pki.path("open.key")).unwrap();

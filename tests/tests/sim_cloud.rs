@@ -60,6 +60,7 @@ async fn forwarded_messages_are_judged_delivered() {
             cert: Some(pki.path("vigil.pem")),
             key: Some(pki.path("vigil.key")),
             server_name: None,
+            crl: None,
         },
         ..ForwardConfig::default()
     };

@@ -64,6 +64,7 @@ async fn monitors_through_vigil_during_an_outage_lose_nothing() {
                 cert: Some(pki.path("vigil.pem")),
                 key: Some(pki.path("vigil.key")),
                 server_name: None,
+                crl: None,
             },
             ..ForwardConfig::default()
         },

@@ -108,6 +108,12 @@ pub struct UplinkTls {
     /// Name the cloud's certificate must be valid for, when it differs from
     /// `host` (e.g. connecting by IP address). Defaults to `host`.
     pub server_name: Option<String>,
+    /// Certificate revocation lists (PEM) of the cloud's CA: a revoked cloud
+    /// certificate is refused. Re-read on every attempt, like the rest. Off
+    /// unless set; then the cloud's own certificate is checked (not its
+    /// intermediates), and a certificate no list covers is accepted.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 impl Default for UplinkTls {
@@ -117,6 +123,7 @@ impl Default for UplinkTls {
             cert: Some(PathBuf::from("certs/vigil.pem")),
             key: Some(PathBuf::from("certs/vigil.key")),
             server_name: None,
+            crl: None,
         }
     }
 }

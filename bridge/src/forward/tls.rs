@@ -18,6 +18,16 @@ pub fn client_config(tls: &UplinkTls, host: &str) -> Result<Arc<rustls::ClientCo
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| PemError::new("forward.tls.ca", &tls.ca, e.to_string()))?;
+    let mut verifier = WebPkiServerVerifier::builder_with_provider(roots, provider);
+    if let Some(crl) = &tls.crl {
+        verifier = verifier
+            .with_crls(crate::pem::load_crls(crl, "forward.tls.crl")?)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let inner = verifier
+        .build()
+        .map_err(|e| PemError::new("forward.tls.ca", &tls.ca, e.to_string()))?;
     let builder = match tls.server_name.as_deref() {
         Some(name) if name != host => {
             let name = ServerName::try_from(name.to_string()).map_err(|e| {
@@ -27,14 +37,11 @@ pub fn client_config(tls: &UplinkTls, host: &str) -> Result<Arc<rustls::ClientCo
                     format!("forward.tls.server_name {name:?}: {e}"),
                 )
             })?;
-            let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|e| PemError::new("forward.tls.ca", &tls.ca, e.to_string()))?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(FixedName { inner, name }))
         }
-        _ => builder.with_root_certificates(roots),
+        _ => builder.with_webpki_verifier(inner),
     };
     let config = match (&tls.cert, &tls.key) {
         (Some(cert), Some(key)) => {
@@ -154,6 +161,10 @@ pub fn explain(detail: &str, debug: &str) -> String {
             "the cloud's certificate is not signed by a CA in forward.tls.ca (wrong CA bundle? \
              or the cloud does not send its intermediate certificates: add them to \
              forward.tls.ca, or fix the cloud's chain)",
+        ),
+        (
+            "Revoked",
+            "the cloud's certificate has been revoked (it is in forward.tls.crl)",
         ),
         (
             "InvalidPurpose",

@@ -183,6 +183,7 @@ pub fn forward_config(pki: &Pki, addr: SocketAddr, protocol: Protocol) -> Forwar
             cert: Some(pki.path("vigil.pem")),
             key: Some(pki.path("vigil.key")),
             server_name: None,
+            crl: None,
         },
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),

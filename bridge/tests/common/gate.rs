@@ -246,6 +246,36 @@ impl Pki {
         self.leaf_with(name, server, |_| {})
     }
 
+    /// A certificate (PEM) and key with CN `name` and serial number `serial`.
+    pub fn leaf_with_serial(&self, name: &str, server: bool, serial: u64) -> (String, String) {
+        self.leaf_with(name, server, |p| {
+            p.serial_number = Some(rcgen::SerialNumber::from(serial));
+        })
+    }
+
+    /// A CRL (PEM) from this CA revoking `serials`.
+    pub fn crl_revoking(&self, serials: &[u64]) -> String {
+        let now = std::time::SystemTime::now();
+        let day = std::time::Duration::from_secs(86_400);
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: (now - day).into(),
+            next_update: (now + 30 * day).into(),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*s),
+                    revocation_time: (now - day).into(),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer).unwrap().pem().unwrap()
+    }
+
     /// A server certificate for `name` signed by an intermediate CA (itself
     /// signed by this CA): `(leaf, intermediate, key)` as PEM.
     pub fn leaf_via_intermediate(&self, name: &str) -> (String, String, String) {
