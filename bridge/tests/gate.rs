@@ -703,3 +703,49 @@ async fn retained_messages_are_capped_and_still_stored() {
         "closed, not left waiting: {ended:?}"
     );
 }
+
+/// Fault catalogue B3 (topics): a device publishes under another device's
+/// `devices/<client id>/`: refused (connection closed, MQTT 5 DISCONNECT
+/// 0x87), counted, nothing stored; its own topics work.
+#[tokio::test]
+async fn a_device_cannot_publish_as_another_device() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-7"));
+    dev.connected().await;
+    dev.client
+        .publish("devices/bed-7/vitals/hr", QoS::AtLeastOnce, false, "66")
+        .await
+        .unwrap();
+    dev.puback(WAIT).await.unwrap();
+    dev.client
+        .publish("devices/bed-8/vitals/hr", QoS::AtLeastOnce, false, "99")
+        .await
+        .unwrap();
+    let ended = dev.puback(WAIT).await;
+    assert!(
+        ended.is_err() && ended != Err("timeout".into()),
+        "closed: {ended:?}"
+    );
+    let mut dev5 = g::v5_device(g::v5_options(t.addr(), "bed-9"));
+    dev5.connack().await;
+    dev5.client
+        .publish(
+            "devices/bed-8/alarms/spo2",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "x",
+        )
+        .await
+        .unwrap();
+    let ended = dev5.puback(WAIT).await;
+    assert!(
+        ended.as_ref().is_err_and(|e| e.contains("NotAuthorized")
+            || e.contains("ConnectionAborted")
+            || e.contains("closed")
+            || e.contains("Io")),
+        "{ended:?}"
+    );
+    let payloads: Vec<Vec<u8>> = stored(&t.store).into_iter().map(|s| s.3).collect();
+    assert_eq!(payloads, vec![b"66".to_vec()]);
+    assert_eq!(GateCounters::get(&t.gate.counters().refused_topic), 2);
+}

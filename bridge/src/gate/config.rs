@@ -58,6 +58,11 @@ pub struct GateConfig {
     /// Who may subscribe to what on the embedded broker; nobody unless a
     /// rule allows it (see [`super::acl`]).
     pub subscribe: Vec<SubscribeRule>,
+    /// A device may publish under `devices/` only below its own client id
+    /// (`devices/<client id>/...`): one device cannot pass its readings off
+    /// as another's. A publish under another id closes the connection (MQTT
+    /// 5: DISCONNECT 0x87 "not authorized") and is counted.
+    pub bind_topics: bool,
     /// Topics with a retained message the embedded broker may hold; a
     /// retained publish to a new topic past it is relayed as not retained
     /// (still stored and forwarded), and counted.
@@ -96,6 +101,7 @@ impl Default for GateConfig {
             rules: TopicRule::defaults(),
             unmatched: Unmatched::default(),
             subscribe: Vec::new(),
+            bind_topics: true,
             max_retained_topics: 10_000,
             max_retained_bytes: 64 * 1024,
         }

@@ -135,6 +135,9 @@ pub struct GateCounters {
     /// Device messages refused because the disk was nearly full
     /// (`store.min_free_bytes`).
     pub refused_disk_low: AtomicU64,
+    /// Publishes under another device's `devices/<client id>/` (connection
+    /// closed, nothing stored).
+    pub refused_topic: AtomicU64,
     /// Retained publishes and wills relayed as not retained because of
     /// `max_retained_topics` or `max_retained_bytes`.
     pub retain_capped: AtomicU64,

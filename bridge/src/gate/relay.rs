@@ -53,6 +53,7 @@ const NO_KEEP_ALIVE: u16 = u16::MAX;
 /// MQTT 5 reason codes the gate sends itself.
 mod reason {
     pub const MALFORMED: u8 = 0x81;
+    pub const NOT_AUTHORIZED: u8 = 0x87;
     pub const PROTOCOL_ERROR: u8 = 0x82;
     pub const SERVER_UNAVAILABLE: u8 = 0x88;
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8d;
@@ -684,6 +685,16 @@ fn publish(
         },
     };
     validate_topic(&topic).map_err(|why| (reason::TOPIC_NAME_INVALID, why.to_string()))?;
+    if ctx.config.bind_topics
+        && let Some(rest) = topic.strip_prefix("devices/")
+        && rest.split('/').next() != Some(device)
+    {
+        ctx.counters.inc(&ctx.counters.refused_topic);
+        return Err((
+            reason::NOT_AUTHORIZED,
+            format!("publishes under another device's topics ({topic}); gate.bind_topics is on"),
+        ));
+    }
     let class = ctx.rules.classify(&topic);
     if class.unmatched {
         ctx.counters.inc(&ctx.counters.unmatched_topics);
