@@ -900,23 +900,7 @@ async fn a_damaged_table_is_quarantined_and_counted_and_the_rest_delivered() {
         lane.rotate_memtable_and_wait().unwrap();
         db.persist(fjall::PersistMode::SyncAll).unwrap();
     }
-    let mut tables = Vec::new();
-    let mut stack = vec![rig.store.clone()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.parent().is_some_and(|p| p.ends_with("tables")) {
-                tables.push((std::fs::metadata(&p).unwrap().len(), p));
-            }
-        }
-    }
-    tables.sort();
-    let (len, table) = tables.last().unwrap().clone();
-    let mut bytes = std::fs::read(&table).unwrap();
-    bytes[(len / 2) as usize] ^= 0x08;
-    std::fs::write(&table, bytes).unwrap();
+    let len = common::flip_bit_in_largest_table(&rig.store, 0.5);
 
     let config = rig.config(listeners.v5.port(), "");
     let mut vigil = rig.start(&config, &[]).await;

@@ -636,23 +636,7 @@ async fn a_damaged_table_block_costs_its_records_not_the_lane() {
         db.persist(fjall::PersistMode::SyncAll).unwrap();
     }
     // The largest table is the lane's; flip a bit a third of the way in.
-    let mut tables = Vec::new();
-    let mut stack = vec![dir.path().to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.parent().is_some_and(|p| p.ends_with("tables")) {
-                tables.push((std::fs::metadata(&p).unwrap().len(), p));
-            }
-        }
-    }
-    tables.sort();
-    let (len, table) = tables.last().unwrap().clone();
-    let mut bytes = std::fs::read(&table).unwrap();
-    bytes[(len / 3) as usize] ^= 0x10;
-    std::fs::write(&table, bytes).unwrap();
+    common::flip_bit_in_largest_table(dir.path(), 1.0 / 3.0);
 
     let store = open(dir.path());
     let mut read = Vec::new();

@@ -159,16 +159,8 @@ where
                 Ok(Err(e)) => e.to_string(),
                 _ => "timed out".to_string(),
             };
-            ctx.counters.inc(&ctx.counters.broker_unavailable);
             tracing::error!(device = %hello.client_id, %broker_addr, %error, "cannot reach the embedded broker; refusing the device");
-            let code = match hello.protocol {
-                Protocol::V5 => reason::SERVER_UNAVAILABLE,
-                _ => 3,
-            };
-            let _ = wr
-                .write_all(&frame::connack_refusal(hello.protocol, code))
-                .await;
-            return;
+            return refuse_unavailable(&ctx, hello.protocol, &mut wr).await;
         }
     };
     let _ = broker.set_nodelay(true);
@@ -183,16 +175,8 @@ where
     let connack = match broker_handshake(&hello, &mut broker_wr, &mut broker_rd).await {
         Ok(connack) => connack,
         Err(error) => {
-            ctx.counters.inc(&ctx.counters.broker_unavailable);
             tracing::error!(device = %hello.client_id, %broker_addr, %error, "the embedded broker did not accept the device's CONNECT; refusing the device");
-            let code = match hello.protocol {
-                Protocol::V5 => reason::SERVER_UNAVAILABLE,
-                _ => 3,
-            };
-            let _ = wr
-                .write_all(&frame::connack_refusal(hello.protocol, code))
-                .await;
-            return;
+            return refuse_unavailable(&ctx, hello.protocol, &mut wr).await;
         }
     };
     let connack = match hello.protocol {
@@ -215,6 +199,17 @@ where
         broker_wr,
     )
     .await;
+}
+
+/// Counts a device refused because the embedded broker is unavailable and
+/// tells it so ("server unavailable": 3.1.1 code 3, MQTT 5 0x88).
+async fn refuse_unavailable<W: AsyncWrite + Unpin>(ctx: &Context, protocol: Protocol, wr: &mut W) {
+    ctx.counters.inc(&ctx.counters.broker_unavailable);
+    let code = match protocol {
+        Protocol::V5 => reason::SERVER_UNAVAILABLE,
+        _ => 3,
+    };
+    let _ = wr.write_all(&frame::connack_refusal(protocol, code)).await;
 }
 
 /// Sends the device's CONNECT to rumqttd and reads its CONNACK.

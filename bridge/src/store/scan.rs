@@ -139,19 +139,31 @@ fn scan<T: serde::de::DeserializeOwned>(
             Err(_) => continue,
         };
         next = seq.saturating_add(1);
-        match shared.seal_for(keyspace, seq).open::<T>(body_format, &v) {
-            Ok(body) => out.events.push(Stored {
-                seq,
-                stored_bytes: (KEY_LEN + v.len()) as u64,
-                body,
-            }),
-            Err(e) => out.corrupt.push(Corrupt {
-                seq,
-                reason: e.to_string(),
-            }),
-        }
+        open_into(shared, keyspace, body_format, seq, &v, &mut out);
     }
     Ok(out)
+}
+
+/// Opens one stored value into `out`: an event, or a corrupt record.
+fn open_into<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    keyspace: &str,
+    body_format: u8,
+    seq: u64,
+    value: &[u8],
+    out: &mut Scanned<T>,
+) {
+    match shared.seal_for(keyspace, seq).open::<T>(body_format, value) {
+        Ok(body) => out.events.push(Stored {
+            seq,
+            stored_bytes: (KEY_LEN + value.len()) as u64,
+            body,
+        }),
+        Err(e) => out.corrupt.push(Corrupt {
+            seq,
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// Reads keys `from`, `from + 1`, ... one at a time (after a range failed on
@@ -176,17 +188,7 @@ fn probe<T: serde::de::DeserializeOwned>(
         }
         match ks.get(record::key(seq)) {
             Ok(None) => {}
-            Ok(Some(v)) => match shared.seal_for(keyspace, seq).open::<T>(body_format, &v) {
-                Ok(body) => out.events.push(Stored {
-                    seq,
-                    stored_bytes: (KEY_LEN + v.len()) as u64,
-                    body,
-                }),
-                Err(e) => out.corrupt.push(Corrupt {
-                    seq,
-                    reason: e.to_string(),
-                }),
-            },
+            Ok(Some(v)) => open_into(shared, keyspace, body_format, seq, &v, out),
             Err(e) if is_damage(&e) => out.unreadable.push((seq, format!("{e:?}"))),
             Err(e) => return Err(StoreError::engine(&shared.dir, e)),
         }

@@ -86,6 +86,31 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, [u8; 32])> {
     out.sort();
     out
 }
+/// Flips one bit in the largest table file under `dir` (a fjall store's
+/// `tables/` files), `at` of the way in (0.0 to 1.0). Returns the table's
+/// length. Below the record layer: fjall's block checksum catches it.
+pub fn flip_bit_in_largest_table(dir: &Path, at: f64) -> u64 {
+    let mut tables = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.parent().is_some_and(|p| p.ends_with("tables")) {
+                tables.push((std::fs::metadata(&p).unwrap().len(), p));
+            }
+        }
+    }
+    tables.sort();
+    let (len, table) = tables.last().expect("a table file").clone();
+    let mut bytes = std::fs::read(&table).unwrap();
+    let i = ((len as f64 * at) as usize).min(bytes.len() - 1);
+    bytes[i] ^= 0x10;
+    std::fs::write(&table, bytes).unwrap();
+    len
+}
+
 pub mod cloud;
 pub mod gate;
 pub mod process;
