@@ -51,7 +51,7 @@ use crate::store::{Store, StoreError, StoredEvent};
 /// Most events read from the store at once (and so most read ahead per lane).
 const READ_BATCH: usize = 256;
 /// Acknowledged seqs collected before they are deleted in one store call.
-const ACK_BATCH: usize = 64;
+const ACK_BATCH: usize = 256;
 
 /// Why the forwarder cannot start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +165,7 @@ impl Forwarder {
             prefetched: vec![VecDeque::new(); usize::from(lanes)],
             acked: vec![Vec::new(); usize::from(lanes)],
             acks_pending: 0,
+            deleting: None,
             lanes,
             config,
             store,
@@ -244,6 +245,8 @@ struct Driver {
     /// Per lane: acknowledged seqs not yet deleted.
     acked: Vec<Vec<u64>>,
     acks_pending: usize,
+    /// The deletion of acknowledged messages in progress (at most one).
+    deleting: Option<JoinHandle<Result<(), StoreError>>>,
     /// Largest packet allowed on this connection.
     max_packet: usize,
     lanes: u8,
@@ -258,7 +261,7 @@ impl Driver {
                 Err(e) => break Err(e),
             };
             self.prefetched.iter_mut().for_each(VecDeque::clear);
-            if let Err(e) = self.flush_acks().await {
+            if let Err(e) = self.finish_acks().await {
                 break Err(e);
             }
             if let Err(e) = self.state.set(LinkState::Offline) {
@@ -301,7 +304,7 @@ impl Driver {
                 _ = tokio::time::sleep(delay) => {}
             }
         };
-        let flushed = self.flush_acks().await;
+        let flushed = self.finish_acks().await;
         result.and(flushed)
     }
 
@@ -598,22 +601,53 @@ impl Driver {
         Ok(())
     }
 
+    /// Starts deleting the acknowledged messages gathered so far, in the
+    /// background: the driver goes on publishing and reading PUBACKs while
+    /// the store commits. At most one such deletion runs at a time (the
+    /// previous one is awaited first), so acks are applied in order and
+    /// nothing piles up.
     async fn flush_acks(&mut self) -> Result<(), ForwardError> {
+        self.settle_acks().await?;
+        let mut batch = Vec::new();
         for lane in 0..self.lanes {
-            let Some(pending) = self.acked.get_mut(usize::from(lane)) else {
-                continue;
-            };
-            if pending.is_empty() {
-                continue;
+            if let Some(pending) = self.acked.get_mut(usize::from(lane))
+                && !pending.is_empty()
+            {
+                batch.push((lane, std::mem::take(pending)));
             }
-            let seqs = std::mem::take(pending);
-            let report = self.store.ack(lane, seqs).await?;
-            self.counters
-                .delivered
-                .fetch_add(report.deleted, Ordering::Relaxed);
         }
         self.acks_pending = 0;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let counters = self.counters.clone();
+        self.deleting = Some(tokio::spawn(async move {
+            for (lane, seqs) in batch {
+                let report = store.ack(lane, seqs).await?;
+                counters
+                    .delivered
+                    .fetch_add(report.deleted, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
         Ok(())
+    }
+
+    /// Waits for the deletion in progress, if any. Before a lane is read from
+    /// its cursor again (a new connection) every acknowledged message must be
+    /// gone from the store, or it would be sent again.
+    async fn settle_acks(&mut self) -> Result<(), ForwardError> {
+        if let Some(job) = self.deleting.take() {
+            job.await.map_err(|e| ForwardError::Task(e.to_string()))??;
+        }
+        Ok(())
+    }
+
+    /// Deletes every acknowledged message now and waits until it is done.
+    async fn finish_acks(&mut self) -> Result<(), ForwardError> {
+        self.flush_acks().await?;
+        self.settle_acks().await
     }
 
     async fn dead_letter(
