@@ -9,7 +9,14 @@
 //! lost). A connection always starts in `syncing`, because whatever was in
 //! flight must be confirmed before Vigil calls itself caught up; so
 //! offline → online is illegal. The forwarder publishes the state on a watch
-//! channel (health and metrics read it) and logs every change.
+//! channel (health and metrics read it, so they always show the current
+//! state) and logs changes: going offline or coming back, and the first time
+//! a connection catches up (syncing → online), at INFO. Under a steady load
+//! the link flips between online and syncing with nearly every message (each
+//! one makes a backlog of one until its PUBACK), so those later flips are
+//! logged at DEBUG only.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -73,6 +80,8 @@ pub struct IllegalTransition {
 #[derive(Debug)]
 pub struct StateMachine {
     tx: watch::Sender<LinkState>,
+    /// This connection has been `online` once (reset when it goes offline).
+    caught_up: AtomicBool,
 }
 
 impl Default for StateMachine {
@@ -86,6 +95,7 @@ impl StateMachine {
     pub fn new() -> Self {
         Self {
             tx: watch::Sender::new(LinkState::Offline),
+            caught_up: AtomicBool::new(false),
         }
     }
 
@@ -108,9 +118,28 @@ impl StateMachine {
         }
         if from != to {
             self.tx.send_replace(to);
-            tracing::info!(from = %from, to = %to, "cloud link state changed");
+            if self.notable(from, to) {
+                tracing::info!(from = %from, to = %to, "cloud link state changed");
+            } else {
+                tracing::debug!(from = %from, to = %to, "cloud link state changed");
+            }
         }
         Ok(())
+    }
+
+    /// Whether a change is worth an INFO line: anything to or from
+    /// `offline`, and a connection's first `online`; not the online ↔
+    /// syncing flips that follow on a connection already caught up.
+    fn notable(&self, from: LinkState, to: LinkState) -> bool {
+        match (from, to) {
+            (_, LinkState::Offline) => {
+                self.caught_up.store(false, Ordering::Relaxed);
+                true
+            }
+            (LinkState::Offline, _) => true,
+            (_, LinkState::Online) => !self.caught_up.swap(true, Ordering::Relaxed),
+            _ => false,
+        }
     }
 }
 
@@ -149,5 +178,24 @@ mod tests {
         m.set(Offline).unwrap();
         assert_eq!(m.get(), Offline);
         assert_eq!(serde_json::to_string(&Syncing).unwrap(), "\"syncing\"");
+    }
+
+    #[test]
+    fn online_syncing_flips_are_not_notable_once_caught_up() {
+        let m = StateMachine::new();
+        assert!(m.notable(Offline, Syncing), "connected");
+        assert!(m.notable(Syncing, Online), "caught up the first time");
+        for _ in 0..3 {
+            assert!(!m.notable(Online, Syncing));
+            assert!(!m.notable(Syncing, Online));
+        }
+        assert!(m.notable(Syncing, Offline), "connection lost");
+        assert!(m.notable(Offline, Syncing));
+        assert!(
+            m.notable(Syncing, Online),
+            "caught up again after a reconnect"
+        );
+        assert!(!m.notable(Online, Syncing));
+        assert!(m.notable(Online, Offline));
     }
 }

@@ -23,8 +23,9 @@
 //!    A message at the head of the window while the cloud closed
 //!    `max_head_failures` connections in a row goes to dead-letter.
 //!
-//! The link state ([`crate::state`]) is published on a watch channel and
-//! logged on every change; the last connection error, explained, on another.
+//! The link state ([`crate::state`]) is published on a watch channel and its
+//! changes logged (online ↔ syncing flips after the first catch-up at debug
+//! level only); the last connection error, explained, on another.
 
 pub mod config;
 pub mod envelope;
