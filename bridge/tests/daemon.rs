@@ -52,7 +52,7 @@ async fn publish_until_gone(port: u16, from: usize, limit: usize) -> Vec<usize> 
         if !waiting {
             client
                 .publish(
-                    "devices/bed-7/vitals/hr",
+                    format!("devices/bed-{from}/vitals/hr"),
                     QoS::AtLeastOnce,
                     false,
                     format!("{{\"n\":{next}}}"),
