@@ -507,7 +507,9 @@ impl Driver {
     /// window has room. Reads the store a batch at a time into `prefetched`
     /// and hands messages over from there one by one.
     async fn fill(&mut self, publisher: &Publisher) -> Result<(), ForwardError> {
-        let read_batch = self.session.window().clamp(1, READ_BATCH);
+        // A whole read batch even when the window is smaller: each read is a
+        // round trip to a blocking thread, and the driver waits for it.
+        let read_batch = READ_BATCH;
         for lane in 0..self.lanes {
             let slot = usize::from(lane);
             loop {
