@@ -212,8 +212,11 @@ async fn cloud_killed_and_restarted_mid_stream_loses_nothing() {
     let faults = 3;
     let mut sent = Vec::new();
     for round in 0..faults {
-        sent.extend(append(&rig.store, 400, round * 500).await);
+        // The round is appended while it is forwarded (the forwarder keeps up
+        // with one-at-a-time appends), so the cloud dies mid-stream.
         let target = rig.arrivals.lock().unwrap().unique() + 100;
+        let store = rig.store.clone();
+        let appending = tokio::spawn(async move { append(&store, 400, round * 500).await });
         c::eventually(LONG, "a part of the round to arrive", || {
             rig.arrivals.lock().unwrap().unique() >= target
         })
@@ -221,6 +224,7 @@ async fn cloud_killed_and_restarted_mid_stream_loses_nothing() {
         // Mid-stream: kill the cloud; Vigil keeps storing meanwhile.
         proxy.set(|p| p.refuse = true);
         rig.restart_cloud().await;
+        sent.extend(appending.await.unwrap());
         sent.extend(append(&rig.store, 100, round * 500 + 400).await);
         let v5 = rig.cloud().v5;
         proxy.set(|p| {

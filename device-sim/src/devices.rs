@@ -166,23 +166,6 @@ impl Loop {
             },
         }
     }
-
-    /// After an error: drop rumqttc's queued requests, stale events and
-    /// collision state, so nothing of the dead connection is replayed.
-    fn clean(&mut self) {
-        match self {
-            Loop::V4(l) => {
-                l.pending.clear();
-                l.state.events.clear();
-                l.state.collision = None;
-            }
-            Loop::V5(l) => {
-                l.pending.clear();
-                l.state.events.clear();
-                l.state.collision = None;
-            }
-        }
-    }
 }
 
 /// Priorities of Vigil's default topic rules, for the ledger.
@@ -299,7 +282,7 @@ async fn device(
     stop: CancellationToken,
     grace: Duration,
 ) {
-    let (client, mut el) = connect(&id, seed, &config);
+    let (mut client, mut el) = connect(&id, seed, &config);
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut vitals = vitals();
     let mut counter = 0u64;
@@ -355,7 +338,15 @@ async fn device(
                     for s in handed.drain(..).chain(by_pkid.drain().map(|(_, s)| s)) {
                         record(&ledger, s);
                     }
-                    el.clean();
+                    // A new client, not just a cleaned event loop: publishes
+                    // still waiting in the old client's request channel would
+                    // go out on the next connection, and the ledger, which
+                    // pairs packet ids with messages in the order they are
+                    // handed over, would credit each PUBACK to the wrong
+                    // message (seen as "lost" messages the device never sent
+                    // and "recovered" ones it did).
+                    drop(el);
+                    (client, el) = connect(&id, seed, &config);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             },
