@@ -271,8 +271,9 @@ pub(super) struct Writer {
     reclaimer: super::space::Reclaimer,
 }
 
-/// A drain after this many appended bytes triggers a reclaim.
-const RECLAIM_AFTER_BYTES: u64 = 64 << 20;
+/// A drain after this many appended bytes (counting the backlog found at
+/// open) triggers a reclaim.
+const RECLAIM_AFTER_BYTES: u64 = 16 << 20;
 /// Least time between reclaims asked for because the disk is low.
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -291,6 +292,7 @@ fn size_of(value_len: usize) -> u64 {
 impl Writer {
     pub(super) fn new(shared: Arc<Shared>, options: &StoreOptions, state: StoreStats) -> Self {
         let reclaimer = super::space::Reclaimer::start(Arc::downgrade(&shared));
+        let backlog_bytes = state.used_bytes();
         Self {
             shared,
             state,
@@ -304,7 +306,9 @@ impl Writer {
             fatal: None,
             min_free: options.min_free_bytes,
             free: None,
-            appended_since_reclaim: 0,
+            // A backlog found at open (after a restart) counts: its drain
+            // must give the space back too.
+            appended_since_reclaim: backlog_bytes,
             last_reclaim: None,
             deleted_since_reclaim: false,
             reclaimer,
