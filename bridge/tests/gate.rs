@@ -580,13 +580,7 @@ async fn subscriptions_need_a_rule_and_wider_filters_are_refused() {
     let mut snoop = g::v4_device(g::v4_options(t.addr(), "bed-1"));
     snoop.connected().await;
     snoop.client.subscribe("#", QoS::AtLeastOnce).await.unwrap();
-    let codes = snoop
-        .until(WAIT, |e| match e {
-            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)) => Some(a.return_codes.clone()),
-            _ => None,
-        })
-        .await
-        .unwrap();
+    let codes = snoop.suback().await;
     assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
     // MQTT 5: "not authorized".
     let mut snoop5 = g::v5_device(g::v5_options(t.addr(), "bed-2"));
@@ -620,13 +614,7 @@ async fn subscriptions_need_a_rule_and_wider_filters_are_refused() {
         .subscribe("devices/#", QoS::AtLeastOnce)
         .await
         .unwrap();
-    let codes = station
-        .until(WAIT, |e| match e {
-            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)) => Some(a.return_codes.clone()),
-            _ => None,
-        })
-        .await
-        .unwrap();
+    let codes = station.suback().await;
     assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
     // A reading reaches the station and not the snooping device.
     let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-3"));

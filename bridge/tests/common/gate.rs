@@ -164,6 +164,16 @@ impl V4Device {
         .expect("SUBACK");
     }
 
+    /// The return codes of the next SUBACK.
+    pub async fn suback(&mut self) -> Vec<rumqttc::SubscribeReasonCode> {
+        self.until(WAIT, |e| match e {
+            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)) => Some(a.return_codes.clone()),
+            _ => None,
+        })
+        .await
+        .expect("SUBACK")
+    }
+
     pub async fn puback(&mut self, timeout: Duration) -> Result<u16, String> {
         self.until(timeout, |e| match e {
             rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => Some(a.pkid),
