@@ -35,18 +35,27 @@ pub fn load_certs(
     path: &Path,
     setting: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, PemError> {
-    let certs = CertificateDer::pem_file_iter(path)
+    load_all(
+        path,
+        setting,
+        "no CERTIFICATE block found; expected a PEM certificate",
+    )
+}
+
+/// Every PEM block of type `T` in a file; none is an error (`none`).
+fn load_all<T: PemObject>(
+    path: &Path,
+    setting: &'static str,
+    none: &str,
+) -> Result<Vec<T>, PemError> {
+    let items = T::pem_file_iter(path)
         .map_err(|e| PemError::new(setting, path, format!("cannot read: {e}")))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PemError::new(setting, path, format!("not valid PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(PemError::new(
-            setting,
-            path,
-            "no CERTIFICATE block found; expected a PEM certificate",
-        ));
+    if items.is_empty() {
+        return Err(PemError::new(setting, path, none));
     }
-    Ok(certs)
+    Ok(items)
 }
 
 /// Reads a private key, refusing a file that group or others can read.
@@ -81,18 +90,11 @@ pub fn load_crls(
     path: &Path,
     setting: &'static str,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, PemError> {
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| PemError::new(setting, path, format!("cannot read: {e}")))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| PemError::new(setting, path, format!("not valid PEM: {e}")))?;
-    if crls.is_empty() {
-        return Err(PemError::new(
-            setting,
-            path,
-            "no X509 CRL block found; expected a PEM certificate revocation list",
-        ));
-    }
-    Ok(crls)
+    load_all(
+        path,
+        setting,
+        "no X509 CRL block found; expected a PEM certificate revocation list",
+    )
 }
 
 /// A root store of every certificate in a CA bundle.

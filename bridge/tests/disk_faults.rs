@@ -545,12 +545,7 @@ fn child_peak_rss_kib(parent: u32) -> Option<u64> {
         .split_whitespace()
         .next()?
         .to_string();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    proc_status_kib(pid.parse().ok()?, "VmHWM:")
 }
 
 /// A slow disk: every fdatasync takes 20 ms longer (strace delay
@@ -741,10 +736,15 @@ async fn a_nearly_full_disk_refuses_new_messages_and_accepts_again_after_the_dra
 
 /// RssAnon of `pid` in KiB: the heap, not the mapped binary.
 fn anon_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "RssAnon:")
+}
+
+/// A `kB` field of /proc/<pid>/status (`field` with its colon).
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }

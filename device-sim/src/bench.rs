@@ -2367,22 +2367,8 @@ async fn start_bare() -> Result<SocketAddr, BenchError> {
         v4: Some(HashMap::from([("bare-v4".to_string(), server)])),
         ..Default::default()
     };
-    std::thread::Builder::new()
-        .name("vigil-sim-bare".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            if let Err(e) = broker.start() {
-                eprintln!("vigil-sim: the bare rumqttd stopped: {e}");
-            }
-        })
-        .map_err(|e| BenchError::Bare(e.to_string()))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        if Instant::now() > deadline {
-            return Err(BenchError::Bare(format!("{listen} never accepted")));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Blocking for at most a moment, at set-up.
+    crate::cloud::run_broker(config, "bare", &[listen.port()]).map_err(BenchError::Bare)?;
     Ok(listen)
 }
 

@@ -89,28 +89,37 @@ pub fn start_broker(pki: &DevPki) -> Result<Listeners, CloudError> {
         )])),
         ..Default::default()
     };
-    std::thread::Builder::new()
-        .name("vigil-sim-cloud".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            if let Err(e) = broker.start() {
-                eprintln!("vigil-sim: the cloud broker stopped: {e}");
-            }
-        })
-        .map_err(|e| CloudError::Start(e.to_string()))?;
-    for port in [v4, v5] {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if std::time::Instant::now() > deadline {
-                return Err(CloudError::Start(format!("port {port} never accepted")));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    run_broker(config, "cloud", &[v4, v5]).map_err(CloudError::Start)?;
     Ok(Listeners {
         v4: SocketAddr::from(([127, 0, 0, 1], v4)),
         v5: SocketAddr::from(([127, 0, 0, 1], v5)),
     })
+}
+
+/// Runs a rumqttd `Broker` on a thread of its own (named after `what`) for
+/// the rest of the process, and waits (at most 10 s) until each loopback
+/// port in `ports` accepts connections.
+pub(crate) fn run_broker(config: rumqttd::Config, what: &str, ports: &[u16]) -> Result<(), String> {
+    let name = what.to_string();
+    std::thread::Builder::new()
+        .name(format!("vigil-sim-{what}"))
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                eprintln!("vigil-sim: the {name} broker stopped: {e}");
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    for &port in ports {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("port {port} never accepted"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
 }
 
 /// A rustls client configuration trusting the PKI's CA, presenting the
