@@ -180,13 +180,19 @@ async fn deliver_in_priority_order(protocol: Protocol) {
         .await
         .unwrap()
         .unwrap();
+    // The counter is bumped once the store reports the deletion, just after
+    // the backlog reads empty.
     let counters = fwd.counters();
-    assert_eq!(
+    let delivered = || {
         counters
             .delivered
-            .load(std::sync::atomic::Ordering::Relaxed),
-        sent.len() as u64
-    );
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    c::eventually(LONG, "the delivered counter to catch up", || {
+        delivered() >= sent.len() as u64
+    })
+    .await;
+    assert_eq!(delivered(), sent.len() as u64);
     fwd.stop().await.unwrap();
 }
 
@@ -211,6 +217,7 @@ async fn cloud_killed_and_restarted_mid_stream_loses_nothing() {
     let fwd = Forwarder::start(config, rig.store.clone()).unwrap();
     let faults = 3;
     let mut sent = Vec::new();
+    let mut acked_by_killed = Vec::new();
     for round in 0..faults {
         // The round is appended while it is forwarded (the forwarder keeps up
         // with one-at-a-time appends), so the cloud dies mid-stream.
@@ -224,6 +231,11 @@ async fn cloud_killed_and_restarted_mid_stream_loses_nothing() {
         // Mid-stream: kill the cloud; Vigil keeps storing meanwhile.
         proxy.set(|p| p.refuse = true);
         rig.restart_cloud().await;
+        // Every PUBACK so far came from a broker that is now dead (the proxy
+        // refuses until it points at the new one): what one of those
+        // acknowledged but had not yet passed to the subscriber is the broker's
+        // loss, not Vigil's.
+        acked_by_killed = proxy.control.lock().unwrap().acked.clone();
         sent.extend(appending.await.unwrap());
         sent.extend(append(&rig.store, 100, round * 500 + 400).await);
         let v5 = rig.cloud().v5;
@@ -233,29 +245,37 @@ async fn cloud_killed_and_restarted_mid_stream_loses_nothing() {
         });
     }
     drained(&rig.store).await;
-    let acked = proxy.control.lock().unwrap().acked.clone();
+    // The live cloud acknowledged the rest; wait for its subscriber to have
+    // them all (a PUBACK reaches Vigil before the broker passes the message on).
+    let killed: std::collections::HashSet<&str> =
+        acked_by_killed.iter().map(String::as_str).collect();
+    c::eventually(LONG, "every message not lost by a killed broker", || {
+        let a = rig.arrivals.lock().unwrap();
+        sent.iter()
+            .all(|(id, _)| a.count.contains_key(id) || killed.contains(id.as_str()))
+    })
+    .await;
     {
         let a = rig.arrivals.lock().unwrap();
-        // A message the killed broker acknowledged but died before passing on is
-        // the broker's loss, not Vigil's: the proxy saw its PUBACK reach Vigil.
-        check_delivery(&sent, &a, &acked);
         let lost_by_broker = sent
             .iter()
             .filter(|(id, _)| !a.count.contains_key(id))
             .count();
-        assert!(lost_by_broker <= usize::from(window) * faults);
-        assert!(
-            a.duplicates() <= usize::from(window) * faults,
-            "{} duplicates for {faults} faults with a window of {window}",
-            a.duplicates()
-        );
         eprintln!(
             "{} sent, {} unique at the subscriber, {} duplicates, {} acknowledged by a broker \
-         that was then killed",
+         that was then killed and never passed on",
             sent.len(),
             a.unique(),
             a.duplicates(),
             lost_by_broker
+        );
+        // Nothing is missing that a broker still alive acknowledged, and
+        // nothing is missing that no broker acknowledged.
+        check_delivery(&sent, &a, &acked_by_killed);
+        assert!(
+            a.duplicates() <= usize::from(window) * faults,
+            "{} duplicates for {faults} faults with a window of {window}",
+            a.duplicates()
         );
     }
     fwd.stop().await.unwrap();
