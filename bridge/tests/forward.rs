@@ -304,14 +304,14 @@ async fn withheld_pubacks_keep_the_cursor_and_messages_are_resent() {
     }
     proxy.set(|p| p.drop_pubacks = false);
     drained(&rig.store).await;
-    {
+    // The second copies were acknowledged; the subscriber gets them just after.
+    c::eventually(LONG, "every message sent again after the reconnect", || {
         let a = rig.arrivals.lock().unwrap();
-        check_delivery(&sent, &a, &[]);
-        assert!(
-            a.count.values().all(|n| *n >= 2),
-            "every message was sent again after the reconnect"
-        );
-    }
+        sent.iter()
+            .all(|(id, _)| a.count.get(id).is_some_and(|n| *n >= 2))
+    })
+    .await;
+    check_delivery(&sent, &rig.arrivals.lock().unwrap(), &[]);
     assert!(
         fwd.counters()
             .failures
@@ -357,6 +357,14 @@ async fn oversized_and_refused_messages_go_to_dead_letter_and_the_rest_flow() {
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(reasons[&ids[1]].contains("too large"), "{reasons:?}");
     assert!(reasons[&ids[2]].contains("0x87"), "{reasons:?}");
+    // Counted once the store has moved it, just after the lane reads empty.
+    c::eventually(LONG, "both dead letters counted", || {
+        fwd.counters()
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    })
+    .await;
     assert_eq!(
         fwd.counters()
             .dead_lettered
