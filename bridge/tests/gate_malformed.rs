@@ -206,7 +206,11 @@ async fn silent_connections_and_connection_floods_are_bounded() {
     for _ in 0..3 {
         idle.push(TcpStream::connect(t.addr()).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let open = || GateCounters::get(&t.gate.counters().open);
+    common::cloud::eventually(WAIT, "the gate to hold the three idle sockets", || {
+        open() == 3
+    })
+    .await;
     assert!(closed_after(t.addr(), &[]).await.is_empty());
     assert!(GateCounters::get(&t.gate.counters().over_limit) >= 1);
     // The idle ones are dropped after connect_timeout, freeing the slots.
@@ -215,7 +219,8 @@ async fn silent_connections_and_connection_floods_are_bounded() {
         let n = tokio::time::timeout(WAIT, s.read(&mut b)).await.unwrap();
         assert!(matches!(n, Ok(0) | Err(_)));
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Their slots are free once the gate has let go of them.
+    common::cloud::eventually(WAIT, "the idle sockets' slots to be freed", || open() == 0).await;
     let mut dev = g::v4_device(g::v4_options(t.addr(), "after-flood"));
     dev.connected().await;
     assert_eq!(GateCounters::get(&t.gate.counters().connect_timeouts), 3);
