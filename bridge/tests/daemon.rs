@@ -98,7 +98,23 @@ async fn check_operator_endpoints(port: u16) {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["forwarder_alive"], true);
 
-    let (code, body) = http_get(port, "/status").await;
+    // The cloud has 100 messages, but the counters can trail it: "ingested"
+    // is published just after the commit that already woke the forwarder,
+    // and "acknowledged" once the cloud's PUBACK is processed and the
+    // deletion committed (a broker passes a message on before or after its
+    // PUBACK, in either order). Wait for both, then check them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (code, body) = loop {
+        let (code, body) = http_get(port, "/status").await;
+        let caught_up = serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|s| {
+            s["counters"]["ingested"].as_u64() >= Some(100)
+                && s["counters"]["acknowledged"].as_u64() > Some(0)
+        });
+        if caught_up || Instant::now() > deadline {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(status["backlog"].as_array().unwrap().len(), 4, "{body}");
