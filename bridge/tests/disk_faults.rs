@@ -534,18 +534,27 @@ async fn puback_latencies(gate: SocketAddr, n: usize) -> Vec<Duration> {
     out
 }
 
-/// VmHWM (peak RSS) of the process whose parent is `parent` (Vigil under
-/// strace), in KiB.
-fn child_peak_rss_kib(parent: u32) -> Option<u64> {
+/// The process whose parent is `parent` (Vigil under strace).
+fn child_pid(parent: u32) -> Option<u32> {
     let out = Command::new("pgrep")
         .args(["-P", &parent.to_string()])
         .output()
         .ok()?;
-    let pid = String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()?
-        .to_string();
-    proc_status_kib(pid.parse().ok()?, "VmHWM:")
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` has exited: gone, or a zombie (whose files are closed).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        // `pid (comm) state ...`; comm may hold spaces and parentheses.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
 }
 
 /// A slow disk: every fdatasync takes 20 ms longer (strace delay
@@ -566,10 +575,17 @@ async fn a_slow_disk_delays_acknowledgements_and_loses_nothing() {
     let mut latencies = puback_latencies(gate, 100).await;
     stop.cancel();
     let sent = devices.await.unwrap();
-    let peak_kib = child_peak_rss_kib(vigil.0.id()).unwrap_or(0);
-    // Dropping the guard kills Vigil (strace's child) first, then strace.
+    let traced = child_pid(vigil.0.id()).expect("vigil under strace");
+    let peak_kib = proc_status_kib(traced, "VmHWM:").unwrap_or(0);
+    // Dropping the guard kills Vigil (strace's child) first, then strace;
+    // nobody here reaps Vigil, so wait until it is gone (or a zombie: its
+    // files, and the store's lock, are released) before reading the store.
     drop(vigil);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exited(traced) {
+        assert!(Instant::now() < deadline, "vigil {traced} outlived SIGKILL");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     latencies.sort_unstable();
     let p50 = latencies[latencies.len() / 2];
     let p99 = latencies[latencies.len() * 99 / 100];
@@ -712,7 +728,16 @@ async fn a_nearly_full_disk_refuses_new_messages_and_accepts_again_after_the_dra
     stop.cancel();
     let sent = devices.await.unwrap();
     let report = rig.judge(&sent, Duration::from_secs(60)).await;
-    let end = rig.status().await.expect("status after the drain");
+    // The reclaim counts itself once it has compacted every lane, which can
+    // be after its first deletions already let the devices in again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let end = loop {
+        let end = rig.status().await.expect("status after the drain");
+        if end.counter("reclaims") >= 1 || Instant::now() > deadline {
+            break end;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(vigil.0.try_wait().unwrap().is_none(), "{}", rig.log());
     show(&report.fault_line("disk-full"));
     show(&format!(
@@ -920,8 +945,24 @@ async fn a_damaged_table_is_quarantined_and_counted_and_the_rest_delivered() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every record is now acknowledged by the cloud or quarantined (both
+    // leave the lane in the commit that counts them), but the cloud may
+    // acknowledge the last ones before its subscriber has them: wait for it.
     let quarantined = status.counter("quarantined");
+    common::cloud::eventually(
+        Duration::from_secs(30),
+        "every record not quarantined at the subscriber",
+        || {
+            let arrived = rig.subscriber.arrived();
+            let delivered: HashSet<&str> = arrived
+                .iter()
+                .map(|a| a.sha256.as_str())
+                .filter(|s| stored_sha.contains(*s))
+                .collect();
+            delivered.len() as u64 + quarantined >= 2000
+        },
+    )
+    .await;
     let arrived = rig.subscriber.arrived();
     let unique: HashSet<&str> = arrived.iter().map(|a| a.sha256.as_str()).collect();
     let unverified = arrived.iter().filter(|a| !a.verified).count();
