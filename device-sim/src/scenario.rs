@@ -29,10 +29,11 @@
 //! ```
 //!
 //! `restart-cloud` runs the broker as a `vigil-sim cloud --broker-only` child
-//! process: the link is cut and refused, the subscriber is given a second to
-//! take what the broker already acknowledged, the broker is SIGKILLed (its
-//! sessions and queues die with it) and a new one starts on new ports; the
-//! subscriber and the proxy follow it and the link comes back as it was.
+//! process: the link is cut (open and new connections reset), the subscriber
+//! is given at least a second, and until nothing more arrives, to take what
+//! the broker already acknowledged, the broker is SIGKILLed (its sessions and
+//! queues die with it) and a new one starts on new ports; the subscriber and
+//! the proxy follow it and the link comes back as it was.
 //! The pause keeps the oracle honest: a broker killed between its PUBACK to
 //! Vigil and its delivery to the subscriber loses that message itself.
 //!
@@ -413,6 +414,29 @@ fn free_port() -> Result<u16, ScenarioError> {
         .map_err(|e| ScenarioError::Setup(format!("no free port: {e}")))
 }
 
+/// Gives the subscriber what a cut-off broker already acknowledged (a
+/// broker killed between its PUBACK to Vigil and its delivery loses that
+/// message itself): at least a second, then until nothing new has arrived
+/// for half a second (ten checks in a row, so a stalled process does not
+/// count as quiet), at most ten seconds.
+async fn passed_on(sub: &Subscriber) {
+    let started = Instant::now();
+    let mut seen = sub.arrived().len();
+    let mut quiet = 0;
+    while quiet < 10 || started.elapsed() < Duration::from_secs(1) {
+        if started.elapsed() > Duration::from_secs(10) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = sub.arrived().len();
+        if now == seen {
+            quiet += 1;
+        } else {
+            (seen, quiet) = (now, 0);
+        }
+    }
+}
+
 /// Runs `scenario` and judges it.
 pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, ScenarioError> {
     let setup = |e: &dyn std::fmt::Display| ScenarioError::Setup(e.to_string());
@@ -549,9 +573,16 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
                 let (Some(sim), before) = (opts.sim.as_deref(), proxy.mode()) else {
                     continue;
                 };
+                // Cut the link and keep it cut: `reset` resets open
+                // connections at their next chunk (before passing it on) and
+                // new ones at once. A mode reaches an open connection only
+                // with its next chunk, so `refuse` set straight after would
+                // replace the reset before the open connection saw it: Vigil
+                // would go on forwarding to the broker up to its kill.
                 proxy.set(Mode::Reset);
-                proxy.set(Mode::Refuse);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Some(sub) = subscribers.last() {
+                    passed_on(sub).await;
+                }
                 broker.kill();
                 let (fresh, listeners) = child_broker(sim, &pki)?;
                 broker = fresh;
