@@ -82,6 +82,7 @@
 //! stops the queue.
 
 mod identity;
+mod journal;
 pub mod record;
 mod scan;
 mod space;
@@ -1033,6 +1034,8 @@ fn open_shared(
         identity::create(dir, master)?
     };
 
+    // Damage inside fjall's journal is cut out before fjall replays it.
+    let journal = journal::inspect(&db_dir)?;
     let engine = |e| StoreError::engine(dir, e);
     let db = Database::builder(&db_dir)
         .cache_size(options.cache_bytes)
@@ -1126,6 +1129,9 @@ fn open_shared(
         }
     }
     state.next_seq = state.next_seq.max(1);
+    if !journal.damage.is_empty() {
+        journal::settle(&shared, &mut state, &journal)?;
+    }
     // A lane's persisted head may lag (it is found after each batch and written
     // with the next): find it again. An empty lane's cursor is already a valid
     // lower bound.

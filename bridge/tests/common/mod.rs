@@ -115,3 +115,60 @@ pub mod cloud;
 pub mod gate;
 pub mod process;
 pub mod rig;
+
+/// The store's fjall journal files, with where each one's data ends (fjall
+/// preallocates them with zeros; every batch ends with a non-zero trailer).
+pub fn journals(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir.join("db")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "jnl") {
+            // Read up to the first all-zero 64 KiB (the files are 64 MiB).
+            use std::io::Read as _;
+            let mut file = std::fs::File::open(&p).unwrap();
+            let mut bytes = Vec::new();
+            let mut chunk = vec![0u8; 64 << 10];
+            loop {
+                let n = file.read(&mut chunk).unwrap();
+                bytes.extend_from_slice(&chunk[..n]);
+                if n == 0 || chunk[..n].iter().all(|b| *b == 0) {
+                    break;
+                }
+            }
+            let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            out.push((p, end as u64));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Copies a closed store, each journal only up to where its data ends.
+pub fn copy_store(from: &Path, to: &Path) {
+    let ends: std::collections::HashMap<_, _> = journals(from).into_iter().collect();
+    let mut stack = vec![from.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let target = to.join(d.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(&target).unwrap();
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let bytes = match ends.get(&p) {
+                Some(end) => {
+                    use std::io::Read as _;
+                    let mut bytes = vec![0u8; *end as usize];
+                    std::fs::File::open(&p)
+                        .unwrap()
+                        .read_exact(&mut bytes)
+                        .unwrap();
+                    bytes
+                }
+                None => std::fs::read(&p).unwrap(),
+            };
+            std::fs::write(target.join(p.file_name().unwrap()), bytes).unwrap();
+        }
+    }
+}
