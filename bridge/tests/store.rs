@@ -822,3 +822,40 @@ async fn flipped_bits_across_the_whole_journal_are_found_and_counted() {
         open_with_flipped_journal_bit(template.path(), &seqs, at, (x >> 60) as u8 % 8).await;
     }
 }
+
+#[tokio::test]
+async fn a_damaged_journal_batch_whose_record_was_since_delivered_costs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut seqs = Vec::new();
+    let mut ends = Vec::new();
+    for _ in 0..10 {
+        seqs.push(store.append(ingest("bed-1", 1, 120)).await.unwrap().seq);
+        ends.push(common::journals(dir.path())[0].1);
+    }
+    // The cloud acknowledged the 6th: its deletion is a later batch.
+    store.ack(1, vec![seqs[5]]).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    // Flip a bit in the 6th record's value (its batch's first item, after
+    // the start marker and the item header).
+    let (journal, _) = common::journals(dir.path()).remove(0);
+    let mut bytes = std::fs::read(&journal).unwrap();
+    bytes[(ends[4] + 13 + 21 + 8 + 40) as usize] ^= 0x01;
+    std::fs::write(&journal, bytes).unwrap();
+
+    let store = open(dir.path());
+    let read: Vec<u64> = store
+        .read(1, None, 64)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    let expected: Vec<u64> = seqs.iter().copied().filter(|s| *s != seqs[5]).collect();
+    assert_eq!(read, expected);
+    let stats = store.stats();
+    assert_eq!(stats.counters.quarantined, 0, "delivered, so not lost");
+    assert_eq!(stats.lanes[1].messages, 9);
+    store.close().await.unwrap();
+}

@@ -385,11 +385,16 @@ impl Walk {
             }
         }
         let meta = self.meta;
-        if let Some(damage) = self.inspection.damage.last_mut() {
+        for damage in &mut self.inspection.damage {
+            let upper = damage.after.or(state).unwrap_or(u64::MAX);
+            let lower = damage.before.unwrap_or(0);
             for item in items.iter().filter(|i| Some(i.keyspace_id) != meta) {
                 let Some(seq) = item.seq() else { continue };
                 if item.is_tombstone() {
-                    damage.deleted_later.insert(seq);
+                    // Only the damaged batch's own seqs matter (bounded memory).
+                    if (lower..upper).contains(&seq) {
+                        damage.deleted_later.insert(seq);
+                    }
                 } else if damage.after.is_none() {
                     damage.given_out_later.insert(seq);
                 }
