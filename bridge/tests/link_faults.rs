@@ -7,7 +7,8 @@
 //!   with the right time;
 //! - a half-open cloud connection (the link stalls after connecting: the
 //!   fault proxy's blackhole, and iptables DROP rules when root): detected
-//!   within 1.5 keep-alives, and nothing lost.
+//!   within 1.5 keep-alives, and nothing lost;
+//! - a flapping link (iptables DROP on and off, when root): nothing lost.
 //!
 //! Each prints a `fault=` line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -160,6 +161,79 @@ async fn an_iptables_drop_after_connect_is_detected_within_one_and_a_half_keep_a
         return;
     }
     half_open("half-open-iptables", Cut::Iptables).await;
+}
+
+/// Whether iptables can be used here (root, and the command works).
+fn iptables_usable() -> bool {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    root && std::process::Command::new("iptables")
+        .args(["-L", "-n"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A flapping link made by the kernel: iptables DROP rules on the cloud's
+/// port go on and off while monitors publish, some cuts shorter than the
+/// keep-alive (TCP retransmits across them), some longer (Vigil declares the
+/// connection dead and reconnects into the next cut). Nothing is lost, and
+/// the link really went down. Needs root and iptables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iptables_flapping_link_loses_nothing() {
+    if !iptables_usable() {
+        show("SKIP iptables flapping test: needs root and iptables (apt-get install iptables)");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (rig, listeners) = Rig::new().await;
+    // A fixed port of our own between Vigil and the cloud (the proxy in pass
+    // mode), so the rules cover only Vigil's uplink.
+    let proxy = vigil_sim::proxy::Proxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), listeners.v5)
+        .await
+        .unwrap();
+    let config = rig.config(
+        proxy.addr().port(),
+        "keep_alive = \"5s\"\nack_timeout = \"15s\"",
+    );
+    let vigil = rig.start(&config, &[]).await;
+    let (stop, devices) = rig.devices("flapping-iptables");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rig.status().await.expect("status");
+    // Cuts (seconds) with 2 s of link between them.
+    let cuts = [1.0, 9.0, 0.5, 9.0, 2.0, 0.3, 0.3, 0.3];
+    let mut down = Duration::ZERO;
+    for cut in cuts {
+        let Some(mut rules) = DropRules::insert(proxy.addr().port()) else {
+            show("SKIP iptables flapping test: iptables refused to insert a rule");
+            stop.cancel();
+            let _ = devices.await;
+            return;
+        };
+        let cut = Duration::from_secs_f64(cut);
+        tokio::time::sleep(cut).await;
+        rules.remove();
+        down += cut;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stop.cancel();
+    let sent = devices.await.unwrap();
+    let report = rig.judge(&sent, Duration::from_secs(60)).await;
+    let after = rig.status().await.expect("status");
+    let connections = after.counter("cloud_connections") - before.counter("cloud_connections");
+    show(&report.fault_line("flapping-iptables"));
+    show(&format!(
+        "  {} cuts, {down:.1?} down in all, keep-alive 5 s: {connections} new cloud connections",
+        cuts.len()
+    ));
+    assert!(report.passed(), "{report}");
+    assert!(
+        connections >= 2,
+        "the long cuts made Vigil reconnect: {connections}\n{}",
+        rig.log()
+    );
+    drop(vigil);
 }
 
 /// How the link is cut.
