@@ -797,7 +797,7 @@ async fn a_flipped_bit_anywhere_in_one_journal_batch_costs_at_most_that_batch() 
     }
     // lost: records neither read back nor counted (asserted 0 above);
     // recovered: records read back over all the flips.
-    eprintln!(
+    common::process::show(&format!(
         "fault=journal-bit-flip lost=0 recovered={read_total} unexpected=0 duplicated=0 \
          flips={} quarantined={lost_total} (one bit in each byte of one {}-byte batch of \
          {} one-record batches; a flip in the record's own bytes costs that record, \
@@ -805,7 +805,7 @@ async fn a_flipped_bit_anywhere_in_one_journal_batch_costs_at_most_that_batch() 
         to - from,
         to - from,
         seqs.len()
-    );
+    ));
     assert!(lost_total > 0 && intact > 0);
 }
 

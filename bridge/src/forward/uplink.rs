@@ -101,6 +101,12 @@ pub fn connect(config: &ForwardConfig, tls: Arc<rustls::ClientConfig>) -> (Publi
     let mut net = rumqttc::NetworkOptions::new();
     net.set_connection_timeout(timeout_secs);
     net.set_tcp_nodelay(true);
+    // The driver hands over up to a window of publishes at once; the event
+    // loop (vendor/rumqttc, VIGIL-PATCH.md) writes those already queued before
+    // one flush, so a refill costs one TLS record and one writev per 8 KiB of
+    // its write buffer instead of one per publish. Set to the window, not left
+    // to the patch's default of 64, so a larger window batches as far too.
+    let batch = usize::from(window);
     match config.protocol {
         Protocol::V311 => {
             let mut o = rumqttc::MqttOptions::new(&config.client_id, &config.host, config.port);
@@ -108,6 +114,7 @@ pub fn connect(config: &ForwardConfig, tls: Arc<rustls::ClientConfig>) -> (Publi
                 .set_keep_alive(keep_alive)
                 .set_clean_session(true)
                 .set_inflight(window)
+                .set_max_request_batch(batch)
                 .set_max_packet_size(incoming_limit, config.max_packet_size as usize);
             let (client, mut eventloop) = rumqttc::AsyncClient::new(o, cap);
             eventloop.set_network_options(net);
@@ -119,6 +126,7 @@ pub fn connect(config: &ForwardConfig, tls: Arc<rustls::ClientConfig>) -> (Publi
                 .set_keep_alive(keep_alive)
                 .set_clean_start(true)
                 .set_outgoing_inflight_upper_limit(window)
+                .set_max_request_batch(batch)
                 .set_max_packet_size(Some(incoming_limit as u32))
                 .set_network_options(net);
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, cap);

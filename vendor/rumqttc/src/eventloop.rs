@@ -87,6 +87,10 @@ pub struct EventLoop {
     pub network_options: NetworkOptions,
 }
 
+/// VIGIL-PATCH: most requests written before one flush when
+/// `MqttOptions::max_request_batch` is 0 (unset).
+pub(crate) const DEFAULT_MAX_REQUEST_BATCH: usize = 64;
+
 /// Events which can be yielded by the event loop
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -245,6 +249,15 @@ impl EventLoop {
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
                     }
+                    // VIGIL-PATCH: the requests already queued go out in the same flush.
+                    Self::write_ready(
+                        &mut self.state,
+                        network,
+                        &mut self.pending,
+                        &self.requests_rx,
+                        &self.mqtt_options,
+                    )
+                    .await?;
                     match time::timeout(network_timeout, network.flush()).await {
                         Ok(inner) => inner?,
                         Err(_)=> return Err(ConnectionError::FlushTimeout),
@@ -279,6 +292,57 @@ impl EventLoop {
     pub fn set_network_options(&mut self, network_options: NetworkOptions) -> &mut Self {
         self.network_options = network_options;
         self
+    }
+
+    /// VIGIL-PATCH: after the request the select branch took, handles and
+    /// writes the requests that are already queued (pending ones first, then
+    /// the channel, without waiting) so that one flush sends them all: one TLS
+    /// record and one write syscall instead of one per publish.
+    ///
+    /// Stops when the branch guard would: the in-flight window full or a
+    /// collision (a pending request is taken only while neither holds, and
+    /// only without a pending throttle); at `max_request_batch` requests in
+    /// all (default 64); and when the write buffer reaches Framed's
+    /// backpressure boundary, so no `write` here waits for the socket. Every
+    /// request taken is handled (its event queued in `state.events`) and
+    /// buffered before the next await point, so a cancelled `poll` loses no
+    /// more than before: bytes in the buffer, sent by the next flush.
+    async fn write_ready(
+        state: &mut MqttState,
+        network: &mut Network,
+        pending: &mut VecDeque<Request>,
+        rx: &Receiver<Request>,
+        options: &MqttOptions,
+    ) -> Result<(), ConnectionError> {
+        let max = match options.max_request_batch {
+            0 => DEFAULT_MAX_REQUEST_BATCH,
+            n => n,
+        };
+        for _ in 1..max {
+            if state.inflight >= options.inflight
+                || state.collision.is_some()
+                || !network.write_has_room()
+            {
+                break;
+            }
+            let request = if pending.is_empty() {
+                match rx.try_recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                }
+            } else if options.pending_throttle.is_zero() {
+                match pending.pop_front() {
+                    Some(request) => request,
+                    None => break,
+                }
+            } else {
+                break;
+            };
+            if let Some(outgoing) = state.handle_outgoing_packet(request)? {
+                network.write(outgoing).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn next_request(
@@ -501,5 +565,198 @@ async fn mqtt_connect(
         Incoming::ConnAck(connack) if connack.code == ConnectReturnCode::Success => Ok(connack),
         Incoming::ConnAck(connack) => Err(ConnectionError::ConnectionRefused(connack.code)),
         packet => Err(ConnectionError::NotConnAck(packet)),
+    }
+}
+
+/// VIGIL-PATCH: `write_ready` against an in-memory broker connection.
+#[cfg(test)]
+pub(crate) mod vigil_batch_tests {
+    use super::*;
+    use crate::mqttbytes::QoS;
+    use crate::AsyncClient;
+    use bytes::BytesMut;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// A broker that never answers; records what each flush sent.
+    #[derive(Clone, Default)]
+    pub(crate) struct Wire {
+        unflushed: Arc<Mutex<Vec<u8>>>,
+        flushes: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl AsyncRead for Wire {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Wire {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.unflushed.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let sent = std::mem::take(&mut *self.unflushed.lock().unwrap());
+            self.flushes.lock().unwrap().push(sent);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Wire {
+        /// The bytes each flush sent.
+        pub(crate) fn flushes(&self) -> Vec<Vec<u8>> {
+            self.flushes.lock().unwrap().clone()
+        }
+
+        /// The packet ids of the publishes each flush sent, in order.
+        fn flushed(&self) -> Vec<Vec<u16>> {
+            self.flushes()
+                .iter()
+                .map(|sent| {
+                    let mut sent = BytesMut::from(&sent[..]);
+                    let mut pkids = Vec::new();
+                    while !sent.is_empty() {
+                        match Packet::read(&mut sent, 1 << 20).unwrap() {
+                            Packet::Publish(p) => pkids.push(p.pkid),
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                    pkids
+                })
+                .collect()
+        }
+    }
+
+    fn connected(inflight: u16, batch: usize) -> (AsyncClient, EventLoop, Wire) {
+        let mut options = MqttOptions::new("batch", "localhost", 1883);
+        options.set_inflight(inflight).set_max_request_batch(batch);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        let wire = Wire::default();
+        eventloop.network = Some(Network::new(wire.clone(), 1 << 20, 1 << 20));
+        (client, eventloop, wire)
+    }
+
+    fn publish(client: &AsyncClient, n: usize, size: usize) {
+        for i in 0..n {
+            client
+                .try_publish("t", QoS::AtLeastOnce, false, vec![i as u8; size])
+                .unwrap();
+        }
+    }
+
+    async fn next(eventloop: &mut EventLoop) -> Option<Event> {
+        time::timeout(Duration::from_millis(50), eventloop.poll())
+            .await
+            .ok()
+            .map(|r| r.unwrap())
+    }
+
+    #[tokio::test]
+    async fn queued_publishes_go_out_in_one_flush_up_to_the_window() {
+        let (client, mut eventloop, wire) = connected(10, 0);
+        publish(&client, 15, 10);
+        for pkid in 1..=10 {
+            assert_eq!(
+                next(&mut eventloop).await,
+                Some(Event::Outgoing(Outgoing::Publish(pkid)))
+            );
+        }
+        assert_eq!(wire.flushed(), vec![(1..=10).collect::<Vec<u16>>()]);
+        // The window is full: the other five wait in the channel.
+        assert_eq!(next(&mut eventloop).await, None);
+        assert_eq!(eventloop.requests_rx.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_one_flushes_every_publish() {
+        let (client, mut eventloop, wire) = connected(10, 1);
+        publish(&client, 3, 10);
+        for pkid in 1..=3 {
+            assert_eq!(
+                next(&mut eventloop).await,
+                Some(Event::Outgoing(Outgoing::Publish(pkid)))
+            );
+        }
+        assert_eq!(wire.flushed(), vec![vec![1], vec![2], vec![3]]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_a_collision_and_at_the_write_buffer_boundary() {
+        // Packet id 3 is still unacknowledged from before.
+        let (client, mut eventloop, wire) = connected(10, 0);
+        eventloop.state.outgoing_pub[3] = Some(Publish::new("t", QoS::AtLeastOnce, vec![]));
+        eventloop.state.inflight = 1;
+        publish(&client, 5, 10);
+        let mut events = Vec::new();
+        while let Some(event) = next(&mut eventloop).await {
+            events.push(event);
+        }
+        assert_eq!(
+            events,
+            vec![
+                Event::Outgoing(Outgoing::Publish(1)),
+                Event::Outgoing(Outgoing::Publish(2)),
+                Event::Outgoing(Outgoing::AwaitAck(3)),
+            ]
+        );
+        assert_eq!(wire.flushed(), vec![vec![1, 2]]);
+        assert!(eventloop.state.collision.is_some());
+        assert_eq!(eventloop.requests_rx.len(), 2);
+
+        // 1 KB publishes: a flush sends what fits below the 8 KiB boundary
+        // plus the one that crossed it, and the rest follow.
+        let (client, mut eventloop, wire) = connected(100, 0);
+        publish(&client, 20, 1000);
+        for pkid in 1..=20 {
+            assert_eq!(
+                next(&mut eventloop).await,
+                Some(Event::Outgoing(Outgoing::Publish(pkid)))
+            );
+        }
+        let flushed = wire.flushed();
+        assert_eq!(flushed.concat(), (1..=20).collect::<Vec<u16>>());
+        assert_eq!(
+            flushed.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![9, 9, 2]
+        );
+    }
+
+    #[tokio::test]
+    async fn pending_requests_go_first_and_then_the_channel() {
+        let (client, mut eventloop, wire) = connected(10, 0);
+        publish(&client, 2, 10);
+        for pkid in [7, 8] {
+            let mut p = Publish::new("t", QoS::AtLeastOnce, vec![]);
+            p.pkid = pkid;
+            eventloop.pending.push_back(Request::Publish(p));
+        }
+        let mut events = Vec::new();
+        while let Some(event) = next(&mut eventloop).await {
+            events.push(event);
+        }
+        let pkids: Vec<u16> = events
+            .iter()
+            .map(|e| match e {
+                Event::Outgoing(Outgoing::Publish(pkid)) => *pkid,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(pkids, vec![7, 8, 1, 2]);
+        assert_eq!(wire.flushed(), vec![vec![7, 8, 1, 2]]);
     }
 }

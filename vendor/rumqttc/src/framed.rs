@@ -84,6 +84,12 @@ impl Network {
             .map_err(StateError::Deserialization)
     }
 
+    /// VIGIL-PATCH: whether `write` takes another packet at once: below its
+    /// backpressure boundary `Framed` buffers a packet without flushing first.
+    pub fn write_has_room(&self) -> bool {
+        self.framed.write_buffer().len() < self.framed.backpressure_boundary()
+    }
+
     pub async fn flush(&mut self) -> Result<(), crate::state::StateError> {
         self.framed
             .flush()

@@ -691,6 +691,19 @@ impl MqttOptions {
         self.pending_throttle
     }
 
+    /// VIGIL-PATCH: most requests the event loop writes before one flush: the
+    /// one it waited for and those already queued. 0 (the default) means 64;
+    /// 1 flushes after every request, as rumqttc 0.25.1 does.
+    pub fn set_max_request_batch(&mut self, max: usize) -> &mut Self {
+        self.max_request_batch = max;
+        self
+    }
+
+    /// VIGIL-PATCH: see [`Self::set_max_request_batch`].
+    pub fn max_request_batch(&self) -> usize {
+        self.max_request_batch
+    }
+
     /// Set number of concurrent in flight messages
     pub fn set_inflight(&mut self, inflight: u16) -> &mut Self {
         assert!(inflight != 0, "zero in flight is not allowed");

@@ -1,7 +1,7 @@
 use super::framed::Network;
 use super::mqttbytes::v5::*;
 use super::{Incoming, MqttOptions, MqttState, Outgoing, Request, StateError, Transport};
-use crate::eventloop::socket_connect;
+use crate::eventloop::{socket_connect, DEFAULT_MAX_REQUEST_BATCH};
 use crate::framed::AsyncReadWrite;
 
 use flume::{bounded, Receiver, Sender};
@@ -227,6 +227,15 @@ impl EventLoop {
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
                     }
+                    // VIGIL-PATCH: the requests already queued go out in the same flush.
+                    Self::write_ready(
+                        &mut self.state,
+                        network,
+                        &mut self.pending,
+                        &self.requests_rx,
+                        &self.options,
+                    )
+                    .await?;
                     network.flush().await?;
                     Ok(self.state.events.pop_front().unwrap())
                 }
@@ -252,6 +261,46 @@ impl EventLoop {
                 Ok(self.state.events.pop_front().unwrap())
             }
         }
+    }
+
+    /// VIGIL-PATCH: the v4 event loop's `write_ready` (see there), with the
+    /// window the broker's Receive Maximum set (`state.max_outgoing_inflight`).
+    async fn write_ready(
+        state: &mut MqttState,
+        network: &mut Network,
+        pending: &mut VecDeque<Request>,
+        rx: &Receiver<Request>,
+        options: &MqttOptions,
+    ) -> Result<(), ConnectionError> {
+        let max = match options.max_request_batch {
+            0 => DEFAULT_MAX_REQUEST_BATCH,
+            n => n,
+        };
+        for _ in 1..max {
+            if state.inflight >= state.max_outgoing_inflight
+                || state.collision.is_some()
+                || !network.write_has_room()
+            {
+                break;
+            }
+            let request = if pending.is_empty() {
+                match rx.try_recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                }
+            } else if options.pending_throttle.is_zero() {
+                match pending.pop_front() {
+                    Some(request) => request,
+                    None => break,
+                }
+            } else {
+                break;
+            };
+            if let Some(outgoing) = state.handle_outgoing_packet(request)? {
+                network.write(outgoing).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn next_request(
@@ -431,5 +480,78 @@ async fn mqtt_connect(
         }
         Incoming::ConnAck(connack) => Err(ConnectionError::ConnectionRefused(connack.code)),
         packet => Err(ConnectionError::NotConnAck(Box::new(packet))),
+    }
+}
+
+/// VIGIL-PATCH: `write_ready` against an in-memory broker connection (see the
+/// v4 event loop's tests).
+#[cfg(test)]
+mod vigil_batch_tests {
+    use super::*;
+    use crate::eventloop::vigil_batch_tests::Wire;
+    use crate::v5::mqttbytes::QoS;
+    use crate::v5::AsyncClient;
+    use bytes::BytesMut;
+
+    fn connected(window: u16, batch: usize) -> (AsyncClient, EventLoop, Wire) {
+        let mut options = MqttOptions::new("batch", "localhost", 1883);
+        options
+            .set_outgoing_inflight_upper_limit(window)
+            .set_max_request_batch(batch);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        let wire = Wire::default();
+        eventloop.network = Some(Network::new(wire.clone(), None));
+        eventloop.keepalive_timeout = Some(Box::pin(time::sleep(Duration::from_secs(60))));
+        (client, eventloop, wire)
+    }
+
+    fn flushed(wire: &Wire) -> Vec<Vec<u16>> {
+        wire.flushes()
+            .iter()
+            .map(|sent| {
+                let mut sent = BytesMut::from(&sent[..]);
+                let mut pkids = Vec::new();
+                while !sent.is_empty() {
+                    match Packet::read(&mut sent, None).unwrap() {
+                        Packet::Publish(p) => pkids.push(p.pkid),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                pkids
+            })
+            .collect()
+    }
+
+    async fn events(eventloop: &mut EventLoop) -> Vec<Event> {
+        let mut events = Vec::new();
+        while let Ok(event) = time::timeout(Duration::from_millis(50), eventloop.poll()).await {
+            events.push(event.unwrap());
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn queued_publishes_go_out_in_one_flush_up_to_the_window() {
+        let (client, mut eventloop, wire) = connected(10, 0);
+        for i in 0..15u8 {
+            client
+                .try_publish("t", QoS::AtLeastOnce, false, vec![i; 10])
+                .unwrap();
+        }
+        let expected: Vec<Event> = (1..=10)
+            .map(|pkid| Event::Outgoing(Outgoing::Publish(pkid)))
+            .collect();
+        assert_eq!(events(&mut eventloop).await, expected);
+        assert_eq!(flushed(&wire), vec![(1..=10).collect::<Vec<u16>>()]);
+        assert_eq!(eventloop.requests_rx.len(), 5);
+
+        let (client, mut eventloop, wire) = connected(10, 1);
+        for i in 0..3u8 {
+            client
+                .try_publish("t", QoS::AtLeastOnce, false, vec![i; 10])
+                .unwrap();
+        }
+        assert_eq!(events(&mut eventloop).await.len(), 3);
+        assert_eq!(flushed(&wire), vec![vec![1], vec![2], vec![3]]);
     }
 }

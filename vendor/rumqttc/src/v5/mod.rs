@@ -303,6 +303,19 @@ impl MqttOptions {
         self.pending_throttle
     }
 
+    /// VIGIL-PATCH: most requests the event loop writes before one flush: the
+    /// one it waited for and those already queued. 0 (the default) means 64;
+    /// 1 flushes after every request, as rumqttc 0.25.1 does.
+    pub fn set_max_request_batch(&mut self, max: usize) -> &mut Self {
+        self.max_request_batch = max;
+        self
+    }
+
+    /// VIGIL-PATCH: see [`Self::set_max_request_batch`].
+    pub fn max_request_batch(&self) -> usize {
+        self.max_request_batch
+    }
+
     /// set connection timeout in secs
     pub fn set_connection_timeout(&mut self, timeout: u64) -> &mut Self {
         self.conn_timeout = timeout;
