@@ -86,13 +86,16 @@ const WINDOW: usize = 1 << 20;
 pub(super) struct Item {
     pub(super) keyspace_id: u64,
     pub(super) value_type: u8,
-    pub(super) key: Vec<u8>,
+    /// The key as a store seq, when it has a seq's length.
+    pub(super) seq: Option<u64>,
+    /// Whether the key is the store state's.
+    pub(super) state: bool,
     pub(super) value: Vec<u8>,
 }
 
 impl Item {
     fn seq(&self) -> Option<u64> {
-        record::seq_of(&self.key).ok()
+        self.seq
     }
 
     fn is_tombstone(&self) -> bool {
@@ -258,14 +261,19 @@ impl Walk {
         let mut cuts = Cuts::default();
         let mut pos = 0;
         loop {
-            match parse_batch(&mut reader, pos)? {
+            match parse_batch(&mut reader, pos, Values::State)? {
                 Parsed::Batch { end, seqno, items } => {
                     self.valid(&items);
                     self.order(path, pos, seqno);
                     pos = end;
                 }
                 Parsed::End => break,
-                Parsed::Bad { declared, items } => {
+                Parsed::Bad { .. } => {
+                    // Again, keeping every value: they may be put back.
+                    let (declared, items) = match parse_batch(&mut reader, pos, Values::All)? {
+                        Parsed::Bad { declared, items } => (declared, items),
+                        _ => (None, Vec::new()),
+                    };
                     let Some(next) = resync(&mut reader, pos + 1)? else {
                         // Nothing valid follows. A complete batch that failed
                         // (its end marker is there) was damaged after it was
@@ -377,7 +385,7 @@ impl Walk {
         self.inspection.batches += 1;
         let mut state = None;
         for item in items {
-            if item.key == STATE_KEY && item.value_type == VALUE {
+            if item.state && item.value_type == VALUE {
                 self.meta = Some(item.keyspace_id);
                 if let Ok(s) = postcard::from_bytes::<StoreStats>(&item.value) {
                     state = Some(s.next_seq);
@@ -425,8 +433,19 @@ enum Parsed {
     },
 }
 
+/// Which item values a parse keeps (copying all of them costs at every open).
+#[derive(Clone, Copy, PartialEq)]
+enum Values {
+    /// None: only whether the batch verifies matters.
+    None,
+    /// The store state's (what the walk needs from a valid batch).
+    State,
+    /// All (a damaged batch's, to be put back).
+    All,
+}
+
 /// Parses the batch at `pos`.
-fn parse_batch(r: &mut Reader, pos: u64) -> std::io::Result<Parsed> {
+fn parse_batch(r: &mut Reader, pos: u64, values: Values) -> std::io::Result<Parsed> {
     let bad = |declared, items| Ok(Parsed::Bad { declared, items });
     let Some(start) = r.bytes(pos, START_LEN)? else {
         return Ok(if r.zero_from(pos)? {
@@ -485,12 +504,20 @@ fn parse_batch(r: &mut Reader, pos: u64) -> std::io::Result<Parsed> {
                 hasher.update(whole);
                 let body = &whole[ITEM_HEADER_LEN as usize..];
                 let (key, value) = body.split_at(key_len as usize);
-                items.push(Item {
-                    keyspace_id,
-                    value_type,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                });
+                let keep = match values {
+                    Values::None => false,
+                    Values::State => key == STATE_KEY,
+                    Values::All => true,
+                };
+                if values != Values::None {
+                    items.push(Item {
+                        keyspace_id,
+                        value_type,
+                        seq: record::seq_of(key).ok(),
+                        state: key == STATE_KEY,
+                        value: if keep { value.to_vec() } else { Vec::new() },
+                    });
+                }
                 at += len;
             }
             TAG_CLEAR => {
@@ -523,7 +550,7 @@ fn parse_batch(r: &mut Reader, pos: u64) -> std::io::Result<Parsed> {
 fn resync(r: &mut Reader, from: u64) -> std::io::Result<Option<u64>> {
     let mut pos = from;
     while let Some(candidate) = r.find(pos, TAG_START)? {
-        if let Parsed::Batch { .. } = parse_batch(r, candidate)? {
+        if let Parsed::Batch { .. } = parse_batch(r, candidate, Values::None)? {
             return Ok(Some(candidate));
         }
         pos = candidate + 1;
@@ -671,7 +698,7 @@ pub(super) fn record_items(damage: &Damage) -> impl Iterator<Item = (u64, &Item)
     damage
         .parsed
         .iter()
-        .filter(|i| i.value_type == VALUE && i.key.len() == KEY_LEN && i.key != STATE_KEY)
+        .filter(|i| i.value_type == VALUE && !i.state)
         .filter_map(|i| i.seq().map(|s| (s, i)))
 }
 
