@@ -55,13 +55,7 @@ async fn acks_delete_only_what_the_cloud_acknowledged_even_out_of_order() {
         "stale acks change nothing"
     );
 
-    let left: Vec<u64> = store
-        .read(2, None, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let left: Vec<u64> = seqs_in(&store, 2, 10).await;
     assert_eq!(left, vec![seqs[0], seqs[2], seqs[4], seqs[5]]);
     assert_eq!(store.stats().lanes[2].messages, 4);
     assert_eq!(
@@ -358,13 +352,7 @@ async fn eviction_takes_the_oldest_of_the_lowest_priority_first_and_reports_gaps
         stats.counters.evicted[3] + stats.counters.evicted[2],
         evicted.len() as u64
     );
-    let survivors: Vec<u64> = store
-        .read(3, None, 100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let survivors: Vec<u64> = seqs_in(&store, 3, 100).await;
     assert_eq!(survivors, lane3[lane3_victims.len()..].to_vec());
 
     // Gap notices: one per (device, lane) with evictions, covering all of them.
@@ -444,13 +432,7 @@ async fn when_only_priority_0_fills_the_quota_appends_are_refused_not_dropped() 
     );
     assert_eq!(stats.counters.refused_full, 2);
     assert!(stats.counters.evicted.iter().all(|&n| n == 0));
-    let read: Vec<u64> = store
-        .read(0, None, 1000)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let read: Vec<u64> = seqs_in(&store, 0, 1000).await;
     assert_eq!(read, accepted);
 
     // The cloud acknowledges: room again.
@@ -845,17 +827,17 @@ async fn a_damaged_journal_batch_whose_record_was_since_delivered_costs_nothing(
     std::fs::write(&journal, bytes).unwrap();
 
     let store = open(dir.path());
-    let read: Vec<u64> = store
-        .read(1, None, 64)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let read: Vec<u64> = seqs_in(&store, 1, 64).await;
     let expected: Vec<u64> = seqs.iter().copied().filter(|s| *s != seqs[5]).collect();
     assert_eq!(read, expected);
     let stats = store.stats();
     assert_eq!(stats.counters.quarantined, 0, "delivered, so not lost");
     assert_eq!(stats.lanes[1].messages, 9);
     store.close().await.unwrap();
+}
+
+/// The seqs of up to `limit` records read from `lane`'s cursor.
+async fn seqs_in(store: &Store, lane: u8, limit: usize) -> Vec<u64> {
+    let read = store.read(lane, None, limit).await.unwrap();
+    read.iter().map(|e| e.seq).collect()
 }
