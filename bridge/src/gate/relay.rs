@@ -233,6 +233,29 @@ async fn broker_handshake(
     }
 }
 
+/// Checks a CONNECT's will: a topic that is not a valid topic name (or not
+/// UTF-8: `None`) closes the connection; a retained will larger than
+/// `gate.max_retained_bytes` is kept, but not retained (counted).
+fn check_will(
+    ctx: &Context,
+    peer: SocketAddr,
+    topic: Option<&str>,
+    retain: &mut bool,
+    len: usize,
+) -> Result<(), Option<Bytes>> {
+    let counters = &ctx.counters;
+    if topic.is_none_or(|t| validate_topic(t).is_err()) {
+        counters.inc(&counters.protocol_errors);
+        tracing::info!(%peer, "will topic is not a valid topic name; closing");
+        return Err(None);
+    }
+    if *retain && len > ctx.config.max_retained_bytes {
+        *retain = false;
+        counters.inc(&counters.retain_capped);
+    }
+    Ok(())
+}
+
 /// Reads and checks the CONNECT. `Err(Some(bytes))`: send this refusal and
 /// close; `Err(None)`: just close.
 async fn hello(
@@ -268,15 +291,8 @@ async fn hello(
         Protocol::V4 => match v4::Packet::read(&mut frame.to_buf(), max) {
             Ok(v4::Packet::Connect(mut c)) => {
                 if let Some(will) = c.last_will.as_mut() {
-                    if validate_topic(&will.topic).is_err() {
-                        counters.inc(&counters.protocol_errors);
-                        tracing::info!(%peer, "will topic is not a valid topic name; closing");
-                        return Err(None);
-                    }
-                    if will.retain && will.message.len() > ctx.config.max_retained_bytes {
-                        will.retain = false;
-                        counters.inc(&counters.retain_capped);
-                    }
+                    let len = will.message.len();
+                    check_will(ctx, peer, Some(&will.topic), &mut will.retain, len)?;
                 }
                 let login = c.login.take().map(|l| (l.username, l.password));
                 let keep_alive = c.keep_alive;
@@ -300,18 +316,9 @@ async fn hello(
         Protocol::V5 => match v5::Packet::read(&mut frame.to_buf(), None) {
             Ok(v5::Packet::Connect(mut c, mut will, login)) => {
                 if let Some(w) = will.as_mut() {
-                    let topic_ok = std::str::from_utf8(&w.topic)
-                        .map(|t| validate_topic(t).is_ok())
-                        .unwrap_or(false);
-                    if !topic_ok {
-                        counters.inc(&counters.protocol_errors);
-                        tracing::info!(%peer, "will topic is not a valid topic name; closing");
-                        return Err(None);
-                    }
-                    if w.retain && w.message.len() > ctx.config.max_retained_bytes {
-                        w.retain = false;
-                        counters.inc(&counters.retain_capped);
-                    }
+                    let topic = std::str::from_utf8(&w.topic).ok();
+                    let len = w.message.len();
+                    check_will(ctx, peer, topic, &mut w.retain, len)?;
                 }
                 let keep_alive = c.keep_alive;
                 if c.keep_alive == 0 {
