@@ -621,14 +621,8 @@ async fn a_damaged_table_block_costs_its_records_not_the_lane() {
     common::flip_bit_in_largest_table(dir.path(), 1.0 / 3.0);
 
     let store = open(dir.path());
-    let mut read = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store.read(1, after, 64).await.unwrap();
-        let Some(last) = page.last() else { break };
-        after = Some(last.seq);
-        read.extend(page.iter().map(|e| e.seq));
-    }
+    let read: Vec<u64> = read_all(&store, 1).await.iter().map(|e| e.seq).collect();
+    let after = read.last().copied();
     let stats = store.stats();
     let lost = seqs.len() - read.len();
     eprintln!("damaged table block: {lost} of 2000 records unreadable and quarantined");
@@ -696,18 +690,12 @@ async fn open_with_flipped_journal_bit(
 
     let store = Store::open(common::options(dir.path()), &key())
         .unwrap_or_else(|e| panic!("byte {at} bit {bit}: Vigil does not open: {e}"));
-    let mut read = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store.read(1, after, 64).await.unwrap();
-        let Some(last) = page.last() else { break };
-        after = Some(last.seq);
-        for e in &page {
-            assert_eq!(e.body.device, "bed-1");
-            assert_eq!(e.body.payload.as_ref(), &[b'x'; 120][..], "byte {at}");
-        }
-        read.extend(page.iter().map(|e| e.seq));
+    let events = read_all(&store, 1).await;
+    for e in &events {
+        assert_eq!(e.body.device, "bed-1");
+        assert_eq!(e.body.payload.as_ref(), &[b'x'; 120][..], "byte {at}");
     }
+    let read: Vec<u64> = events.iter().map(|e| e.seq).collect();
     let quarantined = store.quarantined(None, 1000).unwrap();
     let lost: HashSet<u64> = quarantined
         .iter()
@@ -840,4 +828,17 @@ async fn a_damaged_journal_batch_whose_record_was_since_delivered_costs_nothing(
 async fn seqs_in(store: &Store, lane: u8, limit: usize) -> Vec<u64> {
     let read = store.read(lane, None, limit).await.unwrap();
     read.iter().map(|e| e.seq).collect()
+}
+
+/// Every record of `lane`, read page by page from its cursor.
+async fn read_all(store: &Store, lane: u8) -> Vec<vigil::store::Stored<vigil::event::Event>> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.read(lane, after, 64).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        all.extend(page);
+    }
+    all
 }
