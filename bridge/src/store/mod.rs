@@ -95,6 +95,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use fjall::config::PinningPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -1068,6 +1069,16 @@ fn open_shared(
         .map_err(engine)?;
     let small = || KeyspaceCreateOptions::default().max_memtable_size(8 << 20);
     let meta = db.keyspace(META, small).map_err(engine)?;
+    // Queues: nothing pinned. fjall pins the index and filter blocks of its
+    // first levels for the life of a table, and a queue's tables (keys only
+    // ever grow) reach deeper levels by being moved, not rewritten, so pinned
+    // blocks would grow with the backlog (measured: 3.9 bytes per queued
+    // record). Unpinned, they go through the bounded block cache.
+    let queue = || {
+        small()
+            .index_block_pinning_policy(PinningPolicy::all(false))
+            .filter_block_pinning_policy(PinningPolicy::all(false))
+    };
 
     // The epoch goes first and is fsynced before anything is sealed in this run.
     let old_epoch = match meta.get(EPOCH_KEY).map_err(engine)? {
@@ -1114,11 +1125,11 @@ fn open_shared(
     let mut lane_names = Vec::with_capacity(configured);
     for p in 0..options.priorities {
         let name = lane_name(p);
-        lanes.push(db.keyspace(&name, small).map_err(engine)?);
+        lanes.push(db.keyspace(&name, queue).map_err(engine)?);
         lane_names.push(name);
     }
-    let dead_letter = db.keyspace(DEAD_LETTER, small).map_err(engine)?;
-    let quarantine = db.keyspace(QUARANTINE, small).map_err(engine)?;
+    let dead_letter = db.keyspace(DEAD_LETTER, queue).map_err(engine)?;
+    let quarantine = db.keyspace(QUARANTINE, queue).map_err(engine)?;
 
     let shared = Shared {
         dir: dir.clone(),
