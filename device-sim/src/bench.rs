@@ -528,6 +528,18 @@ struct Latency {
     /// The device's side: `publish()` to Vigil's PUBACK (gate and fsync).
     ack_p50: Duration,
     ack_p99: Duration,
+    /// Vigil's durable store commits during the load (its
+    /// `vigil_commit_seconds` histogram), when `/metrics` answered.
+    commits: Option<Commits>,
+}
+
+/// Store commits during one load: how many, and the histogram bucket bounds
+/// (powers of two from 100 µs) holding their median and 99th percentile.
+#[derive(Debug, Clone, Copy)]
+struct Commits {
+    n: u64,
+    p50_le: f64,
+    p99_le: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -552,6 +564,8 @@ struct Drain {
 struct Figures {
     e2e: Fig<Throughput>,
     lat_1k: Fig<Latency>,
+    /// 1,000/s again, straight after row 1's burst (its compactions running).
+    lat_1k_after: Fig<Latency>,
     lat_80: Fig<Latency>,
     /// (n, msg/s)
     ingest: Fig<(u64, f64)>,
@@ -574,6 +588,7 @@ impl Default for Figures {
         Self {
             e2e: not_measured(),
             lat_1k: not_measured(),
+            lat_1k_after: not_measured(),
             lat_80: not_measured(),
             ingest: not_measured(),
             bare: not_measured(),
@@ -596,6 +611,7 @@ impl Figures {
     fn fail_online(&mut self, why: &str) {
         fail(&mut self.e2e, why);
         fail(&mut self.lat_1k, why);
+        fail(&mut self.lat_1k_after, why);
         fail(&mut self.lat_80, why);
     }
 
@@ -941,9 +957,17 @@ impl Bench {
             "bench: {phase}: {DEVICES} devices × {each:.1}/s for {secs:.0} s ({} msg/s)",
             thousands(rate_total)
         );
+        let before = match vigil.http {
+            Some(http) => commit_histogram(http).await.ok(),
+            None => None,
+        };
         let (mut loaded, mut counted) = self
             .through_cloud(phase, vigil, per, Some(each), true)
             .await?;
+        let after = match vigil.http {
+            Some(http) => commit_histogram(http).await.ok(),
+            None => None,
+        };
         counted.latencies.sort_unstable();
         loaded.ack_latencies.sort_unstable();
         let l = &counted.latencies;
@@ -957,6 +981,7 @@ impl Bench {
             lag: loaded.lag,
             ack_p50: us(&loaded.ack_latencies, 0.50),
             ack_p99: us(&loaded.ack_latencies, 0.99),
+            commits: before.zip(after).and_then(|(b, a)| commits_between(&b, &a)),
         };
         eprintln!(
             "bench: {phase}: p50 {} p99 {} max {} ({} samples)",
@@ -981,6 +1006,13 @@ impl Bench {
         );
         self.through_cloud("warm-up", &mut vigil, WARM_UP_PER_DEVICE, None, false)
             .await?;
+        // Row 4's target is measured on a store in steady state; the same
+        // rate right after row 1's burst (while its compactions run) is
+        // shown as a reference.
+        f.lat_1k = self
+            .paced("row 4: latency at 1,000/s", &mut vigil, PACED_RATE)
+            .await
+            .map_err(|e| e.to_string());
         let per = per_device(E2E_MESSAGES, self.opts.scale);
         let n = total(per);
         eprintln!(
@@ -1006,8 +1038,12 @@ impl Bench {
             }
             Err(e) => Err(e.to_string()),
         };
-        f.lat_1k = self
-            .paced("row 4: latency at 1,000/s", &mut vigil, PACED_RATE)
+        f.lat_1k_after = self
+            .paced(
+                "row 4: latency at 1,000/s after row 1",
+                &mut vigil,
+                PACED_RATE,
+            )
             .await
             .map_err(|e| e.to_string());
         f.lat_80 = match &f.e2e {
@@ -1379,6 +1415,13 @@ impl Bench {
         );
         add(
             4,
+            "latency at 1,000 msg/s, right after row 1".into(),
+            f.lat_1k_after.as_ref().map(lat).map_err(Clone::clone),
+            "(reference)",
+            None,
+        );
+        add(
+            4,
             match &f.lat_80 {
                 Ok(l) => format!("latency at 80 % of row 1 ({} msg/s)", thousands(l.rate)),
                 Err(_) => "latency at 80 % of row 1".into(),
@@ -1556,12 +1599,26 @@ impl Bench {
                 thousands(rate(d.n, after_first))
             ));
         }
-        for (name, l) in [("1,000/s", &f.lat_1k), ("80 %", &f.lat_80)] {
+        for (name, l) in [
+            ("1,000/s", &f.lat_1k),
+            ("1,000/s after row 1", &f.lat_1k_after),
+            ("80 %", &f.lat_80),
+        ] {
             if let Ok(l) = l {
+                let commits = l.commits.map_or(String::new(), |c| {
+                    format!(
+                        "; Vigil's store commits (write batch and fsync) during it: {}, p50 ≤ {} \
+                         / p99 ≤ {} (histogram bounds)",
+                        thousands(c.n as f64),
+                        ms(Duration::from_secs_f64(c.p50_le)),
+                        ms(Duration::from_secs_f64(c.p99_le)),
+                    )
+                });
                 notes.push(format!(
                     "row 4 at {name}: {} samples, max {}; the device's side alone, publish() to \
-                     Vigil's PUBACK (gate and store commit): p50 {} / p99 {}; the load generator \
-                     fell at most {} behind its schedule (latency is stamped at the actual publish())",
+                     Vigil's PUBACK (gate and store commit): p50 {} / p99 {}{commits}; the load \
+                     generator fell at most {} behind its schedule (latency is stamped at the \
+                     actual publish())",
                     l.samples,
                     ms(l.max),
                     ms(l.ack_p50),
@@ -2288,11 +2345,27 @@ fn allocated_bytes(dir: &Path) -> Result<u64, BenchError> {
 
 /// Sum of Vigil's `/status` backlog over every priority.
 async fn backlog(http: SocketAddr) -> Result<u64, BenchError> {
+    let body = http_get(http, "/status").await?;
+    let fail = |reason: String| BenchError::Status { addr: http, reason };
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| fail(e.to_string()))?;
+    let lanes = v
+        .get("backlog")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| fail("no backlog in the body".into()))?;
+    Ok(lanes
+        .iter()
+        .filter_map(|l| l.get("messages").and_then(serde_json::Value::as_u64))
+        .sum())
+}
+
+/// The body of `GET path` from Vigil's operator endpoint (HTTP/1.0, at most
+/// 1 MiB, 5 s).
+async fn http_get(http: SocketAddr, path: &str) -> Result<Vec<u8>, BenchError> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let fail = |reason: String| BenchError::Status { addr: http, reason };
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(http).await?;
-        s.write_all(b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
             .await?;
         let mut raw = Vec::new();
         s.take(1 << 20).read_to_end(&mut raw).await?;
@@ -2302,20 +2375,62 @@ async fn backlog(http: SocketAddr) -> Result<u64, BenchError> {
         .await
         .map_err(|_| fail("no answer within 5 s".into()))?
         .map_err(|e| fail(e.to_string()))?;
-    let body = raw
-        .windows(4)
+    raw.windows(4)
         .position(|w| w == b"\r\n\r\n")
         .and_then(|i| raw.get(i + 4..))
-        .ok_or_else(|| fail("not an HTTP response".into()))?;
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| fail(e.to_string()))?;
-    let lanes = v
-        .get("backlog")
-        .and_then(serde_json::Value::as_array)
-        .ok_or_else(|| fail("no backlog in the body".into()))?;
-    Ok(lanes
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| fail("not an HTTP response".into()))
+}
+
+/// Vigil's `vigil_commit_seconds` histogram from `/metrics`: (upper bound in
+/// seconds, cumulative count) per bucket, `+Inf` last.
+async fn commit_histogram(http: SocketAddr) -> Result<Vec<(f64, u64)>, BenchError> {
+    let body = http_get(http, "/metrics").await?;
+    let text = String::from_utf8_lossy(&body);
+    let buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("vigil_commit_seconds_bucket{le=\""))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    if buckets.is_empty() {
+        return Err(BenchError::Status {
+            addr: http,
+            reason: "no vigil_commit_seconds histogram in /metrics".into(),
+        });
+    }
+    Ok(buckets)
+}
+
+/// The commits between two readings of the histogram, with the bucket
+/// bounds holding their median and 99th percentile.
+fn commits_between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<Commits> {
+    if before.len() != after.len() {
+        return None;
+    }
+    let delta: Vec<(f64, u64)> = after
         .iter()
-        .filter_map(|l| l.get("messages").and_then(serde_json::Value::as_u64))
-        .sum())
+        .zip(before)
+        .map(|((le, a), (_, b))| (*le, a.saturating_sub(*b)))
+        .collect();
+    let n = delta.last()?.1;
+    let bound = |p: f64| {
+        let want = (n as f64 * p).ceil() as u64;
+        delta.iter().find(|(_, c)| *c >= want).map(|(le, _)| *le)
+    };
+    (n > 0).then_some(())?;
+    Some(Commits {
+        n,
+        p50_le: bound(0.50)?,
+        p99_le: bound(0.99)?,
+    })
 }
 
 /// Waits (at most 30 s) until Vigil's store is empty.
