@@ -95,7 +95,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use fjall::config::{FilterPolicy, PinningPolicy};
+use fjall::config::PinningPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -1078,7 +1078,6 @@ fn open_shared(
         small()
             .index_block_pinning_policy(PinningPolicy::all(false))
             .filter_block_pinning_policy(PinningPolicy::all(false))
-            .filter_policy(FilterPolicy::disabled())
     };
 
     // The epoch goes first and is fsynced before anything is sealed in this run.
