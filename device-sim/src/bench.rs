@@ -25,11 +25,14 @@
 //! The phases, in order (every message count is multiplied by `--scale`):
 //!
 //! 1. **Online** (store `store-online`, forwarding to the cloud): a warm-up of
-//!    20 × 25 messages, counted at the cloud; then *row 1*: N = 200,000
-//!    messages as fast as the devices' windows allow, timed from the first
-//!    publish until the subscriber has counted all N; then *row 4*: paced
-//!    loads of 1,000 messages/s (20 devices × 50/s) and of 80 % of row 1's
-//!    rate, each for 10 s × scale (at least 2 s).
+//!    20 × 25 messages, counted at the cloud; *row 4*'s target: a paced load
+//!    of 1,000 messages/s (20 devices × 50/s) for 10 s × scale (at least 2 s)
+//!    on this steady store; then *row 1*: N = 200,000 messages as fast as the
+//!    devices' windows allow, timed from the first publish until the
+//!    subscriber has counted all N; then, as references, 1,000 messages/s
+//!    again straight after that burst (while its compactions run) and 80 % of
+//!    row 1's rate. Around each paced load Vigil's `vigil_commit_seconds`
+//!    histogram is read from `/metrics`, to show the store commit's share.
 //! 2. **Backlog** (store `store`): Vigil with `forward.port` at a closed
 //!    loopback port. After start and a second idle: *row 5* (empty) RSS and
 //!    *row 6* the empty store's allocated bytes. *Row 2*: 1,000,000 messages,
