@@ -38,51 +38,6 @@ async fn appended_events_read_back_in_order_with_identity_and_digest() {
     store.close().await.unwrap();
 }
 
-/// Acknowledgements of neighbouring seqs are looked up with one range scan,
-/// thinly spread ones one by one: either way each record is counted once.
-#[tokio::test]
-async fn acks_count_each_record_once_whether_scanned_as_a_run_or_looked_up_one_by_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let mut seqs = Vec::new();
-    for _ in 0..40 {
-        seqs.push(store.append(ingest("bed-1", 2, 50)).await.unwrap().seq);
-    }
-    let full = store.stats().lanes[2].clone();
-    assert_eq!(full.messages, 40);
-    let each = full.bytes / 40;
-    assert_eq!(each * 40, full.bytes, "every record the same size");
-
-    // A run (one scan), with a duplicate inside it.
-    let run: Vec<u64> = seqs[10..20].iter().chain([&seqs[12]]).copied().collect();
-    let report = store.ack(2, run).await.unwrap();
-    assert_eq!((report.deleted, report.stale), (10, 1));
-    // The same run again, widened by live neighbours: only those are new.
-    let report = store.ack(2, seqs[8..22].to_vec()).await.unwrap();
-    assert_eq!((report.deleted, report.stale), (4, 10));
-    // Thinly spread (looked up one by one): two live, one gone, one never was.
-    let spread = vec![seqs[0], seqs[15], seqs[39], seqs[39] + 10_000];
-    let report = store.ack(2, spread).await.unwrap();
-    assert_eq!((report.deleted, report.stale), (2, 2));
-
-    let lane = store.stats().lanes[2].clone();
-    assert_eq!(lane.messages, 40 - 16);
-    assert_eq!(
-        lane.bytes,
-        each * (40 - 16),
-        "bytes fall by each record once"
-    );
-    let left = seqs_in(&store, 2, 100).await;
-    let expect: Vec<u64> = seqs
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !(8..22).contains(i) && *i != 0 && *i != 39)
-        .map(|(_, s)| *s)
-        .collect();
-    assert_eq!(left, expect);
-    store.close().await.unwrap();
-}
-
 #[tokio::test]
 async fn acks_delete_only_what_the_cloud_acknowledged_even_out_of_order() {
     let dir = tempfile::tempdir().unwrap();

@@ -30,9 +30,6 @@ use crate::event::{Event, Ingest, Kind, Qos, Timestamp, VIGIL_DEVICE};
 pub const GAP_NOTICE_TOPIC: &str = "vigil/gap-notice";
 /// Device and gap caches are dropped (they are persisted) past this many entries.
 const CACHE_LIMIT: usize = 65_536;
-/// An acknowledgement's seqs are looked up with one range scan when their
-/// span is at most this many times their count (see `Writer::stored_sizes`).
-const ACK_SCAN_SPREAD: u64 = 4;
 
 /// Where a record lives, for moves and quarantine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -750,12 +747,9 @@ impl Writer {
         let area = Area::Lane(priority);
         let ks = self.keyspace(area)?.clone();
         let mut report = AckReport::default();
-        let found = self.stored_sizes(&ks, seqs)?;
         for &seq in seqs {
             let size = if batch.deleted.contains(&(area, seq)) {
                 None
-            } else if let Some(found) = &found {
-                found.get(&seq).copied()
             } else {
                 ks.size_of(record::key(seq)).map_err(|e| self.engine(e))?
             };
@@ -774,36 +768,6 @@ impl Writer {
             }
         }
         Ok(report)
-    }
-
-    /// The stored size of each of `seqs` still in `ks`, read with one range
-    /// scan from the lowest to the highest: acknowledgements come in runs of
-    /// neighbouring seqs, and one scan costs less than a point lookup per seq
-    /// (each searches every level whose key range covers it). `None` when the
-    /// seqs are spread too thinly for a scan to pay (look each one up).
-    fn stored_sizes(
-        &self,
-        ks: &fjall::Keyspace,
-        seqs: &[u64],
-    ) -> Result<Option<HashMap<u64, u32>>, StoreError> {
-        let (Some(&lo), Some(&hi)) = (seqs.iter().min(), seqs.iter().max()) else {
-            return Ok(None);
-        };
-        let span = hi - lo + 1;
-        if span > (seqs.len() as u64).saturating_mul(ACK_SCAN_SPREAD) {
-            return Ok(None);
-        }
-        let wanted: HashSet<u64> = seqs.iter().copied().collect();
-        let mut found = HashMap::with_capacity(wanted.len());
-        for guard in ks.range(record::key(lo)..=record::key(hi)) {
-            let (k, v) = guard.into_inner().map_err(|e| self.engine(e))?;
-            if let Ok(seq) = record::seq_of(&k)
-                && wanted.contains(&seq)
-            {
-                found.insert(seq, u32::try_from(v.len()).unwrap_or(u32::MAX));
-            }
-        }
-        Ok(Some(found))
     }
 
     fn dead_letter(
