@@ -31,7 +31,7 @@
 use std::path::Path;
 use std::sync::{Arc, Weak, mpsc};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Shared;
 
@@ -42,9 +42,20 @@ pub(super) fn free_bytes(dir: &Path) -> Option<u64> {
     st.f_bavail.checked_mul(st.f_frsize)
 }
 
+/// After a reclaim asked for because the disk is low, how many more it does
+/// on its own, [`FOLLOW_UP_INTERVAL`] apart, while the disk stays low. fjall
+/// keeps what a deletion removed while any older read is open and moves that
+/// bound on lazily, so one compaction right after a drain can give back less
+/// than was deleted; and once the drain is over nothing may reach the writer
+/// (devices are being refused) to ask again.
+const FOLLOW_UPS: u32 = 5;
+const FOLLOW_UP_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Flushes and compacts on request, on its own thread.
 pub(super) struct Reclaimer {
-    tx: Option<mpsc::SyncSender<()>>,
+    /// `Some(min_free)`: the disk is low; follow up while free space stays
+    /// below `min_free`.
+    tx: Option<mpsc::SyncSender<Option<u64>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -52,15 +63,32 @@ impl Reclaimer {
     /// Starts the thread. It holds the store weakly, so it never keeps a
     /// closed store open.
     pub(super) fn start(shared: Weak<Shared>) -> Self {
-        let (tx, rx) = mpsc::sync_channel::<()>(1);
+        let (tx, rx) = mpsc::sync_channel::<Option<u64>>(1);
         let thread = std::thread::Builder::new()
             .name("vigil-reclaim".into())
             .spawn(move || {
-                while rx.recv().is_ok() {
-                    let Some(shared) = shared.upgrade() else {
-                        return;
-                    };
-                    reclaim(&shared);
+                while let Ok(mut low) = rx.recv() {
+                    let mut follow_ups = FOLLOW_UPS;
+                    loop {
+                        let Some(shared) = shared.upgrade() else {
+                            return;
+                        };
+                        reclaim(&shared);
+                        let still_low = low.is_some_and(|min_free| {
+                            free_bytes(&shared.dir).is_some_and(|f| f < min_free)
+                        });
+                        drop(shared);
+                        if !still_low || follow_ups == 0 {
+                            break;
+                        }
+                        follow_ups -= 1;
+                        match rx.recv_timeout(FOLLOW_UP_INTERVAL) {
+                            // A new request while following up is merged in.
+                            Ok(next) => low = next.or(low),
+                            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
                 }
             });
         match thread {
@@ -79,9 +107,10 @@ impl Reclaimer {
     }
 
     /// Asks for a reclaim; a request while one is pending is merged into it.
-    pub(super) fn request(&self) {
+    /// `low`: `Some(min_free)` when the disk is low (see [`FOLLOW_UPS`]).
+    pub(super) fn request(&self, low: Option<u64>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.try_send(());
+            let _ = tx.try_send(low);
         }
     }
 }

@@ -1200,7 +1200,8 @@ impl Writer {
             self.appended_since_reclaim = 0;
             self.deleted_since_reclaim = false;
             self.last_reclaim = Some(Instant::now());
-            self.reclaimer.request();
+            self.reclaimer
+                .request(shrinking.then_some(self.min_free.saturating_mul(2)));
         }
     }
 
