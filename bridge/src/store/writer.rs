@@ -1163,8 +1163,12 @@ impl Writer {
 
     /// Whether free space is under twice the reserve.
     fn disk_low(&self) -> bool {
-        self.free
-            .is_some_and(|f| f < self.min_free.saturating_mul(2))
+        self.free.is_some_and(|f| f < self.low_watermark())
+    }
+
+    /// Free bytes below which the disk counts as low: twice the reserve.
+    fn low_watermark(&self) -> u64 {
+        self.min_free.saturating_mul(2)
     }
 
     /// Asks for a reclaim when the lanes have drained after
@@ -1201,7 +1205,7 @@ impl Writer {
             self.deleted_since_reclaim = false;
             self.last_reclaim = Some(Instant::now());
             self.reclaimer
-                .request(shrinking.then_some(self.min_free.saturating_mul(2)));
+                .request(shrinking.then_some(self.low_watermark()));
         }
     }
 
