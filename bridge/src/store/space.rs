@@ -23,10 +23,14 @@
 //! large backlog.
 //!
 //! The reserve must also cover what fjall keeps regardless: its journal is
-//! one file that fjall 3 rotates (and can then delete) only once it passes
-//! 64 MB, and a full memtable (8 MiB per lane) is written as a table before
-//! its journal can go. Hence the default of 128 MiB, and why a drain gives
-//! back the flushed and compacted tables but not the current journal.
+//! one file that fjall 3 rotates (and can then delete) only once a flush
+//! finds it past 64 MB, and a full memtable (8 MiB per lane) is written as a
+//! table before its journal can go. Hence the default of 128 MiB. After a
+//! drain the journal can hold up to 64 MB of records that are all flushed or
+//! deleted, and with devices refused nothing would push it past 64 MB: when
+//! the disk stays low after a reclaim, the reclaimer pads the journal past
+//! that mark so fjall rotates it and gives its space back
+//! ([`rotate_journal`]).
 
 use std::path::Path;
 use std::sync::{Arc, Weak, mpsc};
@@ -73,7 +77,7 @@ impl Reclaimer {
                         let Some(shared) = shared.upgrade() else {
                             return;
                         };
-                        reclaim(&shared);
+                        reclaim(&shared, low);
                         let still_low = low.is_some_and(|min_free| {
                             free_bytes(&shared.dir).is_some_and(|f| f < min_free)
                         });
@@ -124,25 +128,27 @@ impl Drop for Reclaimer {
     }
 }
 
-/// Flushes every memtable (so the journals can go), then compacts the lanes.
-fn reclaim(shared: &Arc<Shared>) {
+/// Flushes every memtable (so the journals can go), then compacts the lanes;
+/// when the disk stays below `low` after that and the active journal holds
+/// most of what is on disk, has fjall rotate it (see [`rotate_journal`]).
+fn reclaim(shared: &Arc<Shared>, low: Option<u64>) {
     let started = Instant::now();
     let before = shared.db.disk_space().unwrap_or(0);
-    let flush = shared
-        .lanes
-        .iter()
-        .chain([&shared.dead_letter, &shared.quarantine, &shared.meta]);
-    for ks in flush {
-        if let Err(e) = ks.rotate_memtable_and_wait() {
-            tracing::warn!(keyspace = %ks.name(), error = %e, "could not flush a memtable to reclaim space");
-            return;
-        }
+    if !flush_all(shared) {
+        return;
     }
+    settle_compactions(shared);
     for ks in &shared.lanes {
         if let Err(e) = ks.major_compact() {
             tracing::warn!(keyspace = %ks.name(), error = %e, "could not compact a lane to reclaim space");
             return;
         }
+    }
+    let mut rotated = false;
+    if let Some(low) = low
+        && free_bytes(&shared.dir).is_some_and(|f| f < low)
+    {
+        rotated = rotate_journal(shared);
     }
     let after = shared.db.disk_space().unwrap_or(0);
     shared
@@ -152,7 +158,133 @@ fn reclaim(shared: &Arc<Shared>) {
     tracing::info!(
         before_bytes = before,
         after_bytes = after,
+        journal_rotated = rotated,
+        free_bytes = free_bytes(&shared.dir).unwrap_or(0),
         took = ?started.elapsed(),
         "reclaimed disk space (flushed memtables, compacted lanes)"
     );
+}
+
+/// Flushes every keyspace's memtable; false (logged) if one cannot be.
+fn flush_all(shared: &Shared) -> bool {
+    let all = shared
+        .lanes
+        .iter()
+        .chain([&shared.dead_letter, &shared.quarantine, &shared.meta]);
+    for ks in all {
+        if let Err(e) = ks.rotate_memtable_and_wait() {
+            tracing::warn!(keyspace = %ks.name(), error = %e, "could not flush a memtable to reclaim space");
+            return false;
+        }
+    }
+    true
+}
+
+/// fjall 3.1 rotates its journal (after which the old file is deleted once
+/// every memtable it covers is flushed) only when a memtable flush finds the
+/// journal past this many bytes (`worker_pool.rs`). Each journal file is
+/// sized to 64 MiB up front, sparse, so what it holds on disk is what was
+/// written to it.
+const JOURNAL_ROTATES_AT: u64 = 64_000_000;
+/// Padding written to push the journal past [`JOURNAL_ROTATES_AT`], in
+/// values of this size, under [`PAD_PREFIX`] in `meta`.
+const PAD_VALUE: usize = 256 << 10;
+const PAD_PREFIX: &[u8] = b"reclaim-pad/";
+/// Free space the padding must leave (the padded memtable's flush, version
+/// files).
+const PAD_MARGIN: u64 = 16 << 20;
+
+/// Has fjall rotate its active journal, when that gives back more than it
+/// costs. Returns whether it did.
+///
+/// After a drain the flushed memtables leave the active journal holding
+/// records that are all in tables (or deleted) already, up to 64 MB of them,
+/// and fjall rotates it only when a later flush finds it past 64 MB: that
+/// takes new writes, but while the disk is below the reserve the writer
+/// refuses them, so the space never came back (on a small disk the store
+/// could stay empty and refusing for good). Writing `64 MB - journal` of
+/// padding to `meta` and flushing it makes the flush rotate the journal; the
+/// padding is deleted again, flushed, and `meta` compacted, and the old
+/// journal, padding included, goes once every memtable is flushed.
+///
+/// Done only when the journal holds at least as much as the padding costs
+/// and the padding fits in the free space with [`PAD_MARGIN`] to spare.
+fn rotate_journal(shared: &Shared) -> bool {
+    let Some(journal) = active_journal_bytes(&shared.dir.join("db")) else {
+        return false;
+    };
+    let pad = JOURNAL_ROTATES_AT.saturating_sub(journal) + PAD_VALUE as u64;
+    let free = free_bytes(&shared.dir).unwrap_or(0);
+    if journal < pad || free < pad.saturating_add(PAD_MARGIN) {
+        return false;
+    }
+    let values = usize::try_from(pad.div_ceil(PAD_VALUE as u64)).unwrap_or(usize::MAX);
+    let key = |i: usize| [PAD_PREFIX, &(i as u64).to_be_bytes()].concat();
+    let zeros = vec![0u8; PAD_VALUE];
+    let write = |insert: bool| {
+        let mut wb = shared
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::Buffer));
+        for i in 0..values {
+            if insert {
+                wb.insert(&shared.meta, key(i), zeros.as_slice());
+            } else {
+                wb.remove(&shared.meta, key(i));
+            }
+        }
+        wb.commit()
+    };
+    let rotated = write(true)
+        .and_then(|()| write(false))
+        .map(|()| flush_all(shared))
+        .and_then(|flushed| shared.meta.major_compact().map(|()| flushed));
+    match rotated {
+        Ok(flushed) => {
+            let now = active_journal_bytes(&shared.dir.join("db")).unwrap_or(0);
+            tracing::info!(
+                journal_bytes = journal,
+                padding_bytes = pad,
+                journal_bytes_now = now,
+                "rotated fjall's journal to give back what it held after the drain"
+            );
+            flushed
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not rotate fjall's journal to reclaim space");
+            false
+        }
+    }
+}
+
+/// Bytes the newest journal file (`<id>.jnl`, the one being written) takes
+/// on disk, by its allocated blocks.
+fn active_journal_bytes(db_dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let newest = std::fs::read_dir(db_dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name();
+            let id = name.to_str()?.strip_suffix(".jnl")?.parse::<u64>().ok()?;
+            Some((id, e.path()))
+        })
+        .max_by_key(|(id, _)| *id)?;
+    let meta = std::fs::metadata(newest.1).ok()?;
+    Some(meta.blocks().saturating_mul(512))
+}
+
+/// How long a reclaim waits for fjall's own compactions to finish.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Waits (at most [`SETTLE_LIMIT`]) until fjall runs no compaction of its own.
+/// Every flush sets its workers compacting, and a major compaction finding any
+/// table of the tree taken by one does nothing at all (lsm-tree 3.1
+/// `compaction/major.rs`): right after [`flush_all`] it would give back
+/// nothing, and the deleted records stay on disk until a later reclaim.
+fn settle_compactions(shared: &Shared) {
+    let started = Instant::now();
+    while shared.db.active_compactions() > 0 && started.elapsed() < SETTLE_LIMIT {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
