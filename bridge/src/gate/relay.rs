@@ -5,7 +5,8 @@
 //!            device_reader ──raw frames──> broker_writer ──> rumqttd
 //!   device <                   │ store.submit (in order)
 //!            device_writer <── Out queue <── broker_reader <── rumqttd
-//!                 awaits the commit of each held PUBACK/PUBREC, in order
+//!                 ^ PUBACK  awaits the commit of each PUBACK/PUBREC, in order
+//!                 └─ (QoS 1: queued by device_reader)
 //! ```
 //!
 //! Four tasks per connection, joined by bounded channels. Packets pass through
@@ -13,8 +14,14 @@
 //! - CONNECT, rewritten for rumqttd: credentials removed (the gate checked
 //!   them), keep-alive 0 (which rumqttd refuses) raised to 65535 s;
 //! - a device's QoS 1/2 PUBLISH is submitted to the store first and passed on at
-//!   once; rumqttd's PUBACK/PUBREC for it waits in the device's queue until the
-//!   commit, and everything behind it waits too, so order is kept;
+//!   once. For QoS 1 the gate queues its own PUBACK to the device at once and
+//!   drops rumqttd's: the device's acknowledgement means "on disk", not "routed
+//!   to local subscribers", so it does not wait for rumqttd's router (a round
+//!   trip through two more threads that used to sit on every PUBACK's path).
+//!   For QoS 2 rumqttd's PUBREC is held instead (its PUBREL/PUBCOMP exchange
+//!   with the device passes through). Either acknowledgement waits in the
+//!   device's queue until the commit, and everything behind it waits too, so
+//!   order is kept;
 //! - MQTT 5 CONNACK gains the gate's Receive Maximum, Maximum Packet Size and
 //!   Topic Alias Maximum;
 //! - when the store refuses a message (quota full of what cannot be evicted),
@@ -63,7 +70,7 @@ mod reason {
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
 }
 
-/// A device publish waiting for rumqttd's acknowledgement and its commit.
+/// A device publish waiting for its commit (and, QoS 2, for rumqttd's PUBREC).
 struct Held {
     pending: PendingAppend,
     permit: OwnedSemaphorePermit,
@@ -73,7 +80,8 @@ struct Held {
 enum Out {
     /// Bytes to pass on as they are.
     Frame(Bytes),
-    /// rumqttd's PUBACK/PUBREC for a device publish: sent once committed.
+    /// The gate's PUBACK or rumqttd's PUBREC for a device publish: sent once
+    /// committed.
     Ack {
         frame: Bytes,
         pkid: u16,
@@ -86,7 +94,8 @@ enum Out {
 /// an await.
 #[derive(Default)]
 struct Shared {
-    /// Packet id to the device publishes rumqttd has not acknowledged yet.
+    /// Packet id to the device's QoS 2 publishes rumqttd has not sent a
+    /// PUBREC for yet.
     held: Mutex<HashMap<u16, VecDeque<Held>>>,
     /// QoS 2 ids the gate completed itself (store refusal): rumqttd's PUBCOMP
     /// for them is not the device's business.
@@ -541,7 +550,21 @@ async fn device_reader<R: AsyncRead + Unpin>(
                                 ctx.count_commit(&device, &outcome);
                             });
                         }
-                        Qos::AtLeastOnce | Qos::ExactlyOnce => {
+                        Qos::AtLeastOnce => {
+                            // The gate acknowledges it itself, once committed:
+                            // queued now, so PUBACKs leave in publish order.
+                            let ack = Out::Ack {
+                                frame: frame::ack(pkid, false, None),
+                                pkid,
+                                qos2: false,
+                                held: Held { pending, permit },
+                            };
+                            match to_device.upgrade() {
+                                Some(tx) if tx.send(ack).await.is_ok() => {}
+                                _ => return,
+                            }
+                        }
+                        Qos::ExactlyOnce => {
                             // Registered before the publish reaches rumqttd, so its ack finds it.
                             lock(&shared.held)
                                 .entry(pkid)
@@ -768,7 +791,10 @@ async fn broker_reader(
             // A second CONNACK is a protocol error on rumqttd's side; the
             // device already has the first.
             kind::CONNACK => continue,
-            k @ (kind::PUBACK | kind::PUBREC) => {
+            // The gate acknowledged the device's QoS 1 publish itself
+            // after the commit; rumqttd's PUBACK only says it routed it.
+            kind::PUBACK => continue,
+            kind::PUBREC => {
                 let pkid = frame.ack_pkid().unwrap_or(0);
                 let held = {
                     let mut map = lock(&shared.held);
@@ -782,7 +808,7 @@ async fn broker_reader(
                     Some(held) => Out::Ack {
                         frame: frame.bytes,
                         pkid,
-                        qos2: k == kind::PUBREC,
+                        qos2: true,
                         held,
                     },
                     // rumqttd acknowledging a publish the gate never
