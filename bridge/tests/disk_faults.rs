@@ -764,7 +764,9 @@ async fn a_nearly_full_disk_refuses_new_messages_and_accepts_again_after_the_dra
 /// journal only when a flush finds it past 64 MB; a drain that ends with it
 /// at, say, 40 MB used to leave those 40 MB on disk for good, and on a small
 /// disk below the reserve the store, empty, refused every new message
-/// (this test's e2e sibling above failed that way now and then). The store
+/// (this test's e2e sibling above failed that way now and then). Likewise
+/// the table files a compaction replaced: fjall deletes them only at a later
+/// memtable flush, so they stayed too. The store
 /// alone on a 192 MiB tmpfs with a 100 MiB reserve (so the disk counts as low
 /// throughout): 40 MB of records appended and all acknowledged; the free
 /// space must come back to within 16 MiB of the whole disk, and the store

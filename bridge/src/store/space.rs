@@ -15,8 +15,11 @@
 //! Deleting records frees no space by itself: the journal holds them until
 //! their memtables are flushed, and tables hold them until compaction. The
 //! [`Reclaimer`] (its own thread, so the writer never waits for it) flushes
-//! every keyspace's memtable, which lets fjall retire the journals, then
-//! compacts the lanes, dropping what the cloud acknowledged. The writer asks
+//! every keyspace's memtable, which lets fjall retire the journals, waits for
+//! fjall's own compactions, compacts the lanes, dropping what the cloud
+//! acknowledged, and then has fjall delete the replaced table files
+//! ([`release_old_tables`]: fjall deletes them only at a later flush, and
+//! after a drain there may be none). The writer asks
 //! for it when the disk is low and the backlog has shrunk to half the reserve
 //! (a flush and a compaction rewrite what is still live before old files go,
 //! so they must fit in the reserve), and when the lanes have drained after a
@@ -144,6 +147,7 @@ fn reclaim(shared: &Arc<Shared>, low: Option<u64>) {
             return;
         }
     }
+    release_old_tables(shared);
     let mut rotated = false;
     if let Some(low) = low
         && free_bytes(&shared.dir).is_some_and(|f| f < low)
@@ -286,5 +290,25 @@ fn settle_compactions(shared: &Shared) {
     let started = Instant::now();
     while shared.db.active_compactions() > 0 && started.elapsed() < SETTLE_LIMIT {
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Written to `meta` so that [`release_old_tables`] has a memtable to flush.
+const MARK_KEY: &[u8] = b"reclaim-mark";
+
+/// Has fjall delete the table files a compaction replaced. fjall keeps the
+/// tree's old versions (and with them the replaced tables' files) until a
+/// version-history cleanup finds them older than every open read, and runs
+/// that cleanup when a memtable is flushed. After a drain nothing is written,
+/// so the lanes' old tables stayed on disk, up to the whole backlog. A small
+/// mark written to `meta` and flushed runs the cleanup for every keyspace.
+fn release_old_tables(shared: &Shared) {
+    let stamp = crate::event::Timestamp::now().0.to_be_bytes();
+    let done = shared
+        .meta
+        .insert(MARK_KEY, stamp.as_slice())
+        .and_then(|()| shared.meta.rotate_memtable_and_wait());
+    if let Err(e) = done {
+        tracing::warn!(error = %e, "could not have fjall delete the tables a compaction replaced");
     }
 }

@@ -268,8 +268,6 @@ pub(super) struct Writer {
     last_reclaim: Option<Instant>,
     /// Records were deleted since the last reclaim was asked for.
     deleted_since_reclaim: bool,
-    /// Reclaims asked for since the last deletion (see `maybe_reclaim`).
-    reclaims_since_delete: u32,
     reclaimer: super::space::Reclaimer,
 }
 
@@ -278,8 +276,6 @@ pub(super) struct Writer {
 const RECLAIM_AFTER_BYTES: u64 = 16 << 20;
 /// Least time between reclaims asked for because the disk is low.
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(2);
-/// Reclaims still asked for, while the disk is low, after the last deletion.
-const RECLAIMS_AFTER_DELETES: u32 = 3;
 
 fn dev_key(device: &str) -> Vec<u8> {
     [b"dev/".as_slice(), device.as_bytes()].concat()
@@ -315,7 +311,6 @@ impl Writer {
             appended_since_reclaim: backlog_bytes,
             last_reclaim: None,
             deleted_since_reclaim: false,
-            reclaims_since_delete: 0,
             reclaimer,
         }
     }
@@ -1174,33 +1169,24 @@ impl Writer {
     /// Asks for a reclaim when the lanes have drained after
     /// [`RECLAIM_AFTER_BYTES`] of appends, or, at most every
     /// [`RECLAIM_INTERVAL`], when the disk is low, records were deleted since
-    /// the last one (or fewer than [`RECLAIMS_AFTER_DELETES`] reclaims ago),
-    /// and the backlog has shrunk to half the reserve (a flush and a
-    /// compaction write what is still live before the old files go, so that
-    /// must fit well inside the reserve). Called after deletions and, while
-    /// the disk is low, after every batch (refused devices keep knocking, so
-    /// the writer keeps waking up).
-    ///
-    /// The extra reclaims after the last deletion are needed because fjall
-    /// keeps what a deletion removed while any read that began before it is
-    /// open, and moves that bound on only now and then: a compaction during a
-    /// drain (reads all the time) can give back less than was deleted, and no
-    /// further deletion may come to ask again.
+    /// the last one, and the backlog has shrunk to half the reserve (a flush
+    /// and a compaction write what is still live before the old files go, so
+    /// that must fit well inside the reserve). Called after deletions and,
+    /// while the disk is low, after every batch. A reclaim asked for because
+    /// the disk is low is followed up by the reclaimer itself while the disk
+    /// stays low (`space::FOLLOW_UPS`): deletions after it, when no later
+    /// batch comes to ask again, are still given back.
     fn maybe_reclaim(&mut self) {
         let empty = self.state.lanes.iter().all(|l| l.messages == 0);
         let drained = empty && self.appended_since_reclaim >= RECLAIM_AFTER_BYTES;
         let due = self
             .last_reclaim
             .is_none_or(|t| t.elapsed() >= RECLAIM_INTERVAL);
-        if self.deleted_since_reclaim {
-            self.reclaims_since_delete = 0;
-        }
         let shrinking = self.disk_low()
             && due
-            && (self.deleted_since_reclaim || self.reclaims_since_delete < RECLAIMS_AFTER_DELETES)
+            && self.deleted_since_reclaim
             && self.state.used_bytes() <= self.min_free / 2;
         if drained || shrinking {
-            self.reclaims_since_delete += 1;
             self.appended_since_reclaim = 0;
             self.deleted_since_reclaim = false;
             self.last_reclaim = Some(Instant::now());
