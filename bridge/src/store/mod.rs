@@ -51,6 +51,11 @@
 //! new head (its seq and `received_at`), so reads and the backlog figures never
 //! scan the tombstones that acked records leave behind.
 //!
+//! A reader that has caught up is answered from memory: after each commit the
+//! writer hands the lane records of the batch to [`recent`] (the last 256 of
+//! each lane at most), which answers a read when it holds every record after
+//! the reader's position. Otherwise the read scans the disk.
+//!
 //! # Capacity and eviction
 //!
 //! `quota_bytes` bounds the bytes of all stored records (key + sealed value) in
@@ -86,6 +91,7 @@
 
 mod identity;
 mod journal;
+mod recent;
 pub mod record;
 mod scan;
 mod space;
@@ -614,6 +620,9 @@ struct Shared {
     fatal: watch::Sender<Option<String>>,
     /// Bumped after every commit that queued records in a lane.
     appends: watch::Sender<u64>,
+    /// The last committed records of each lane, for caught-up reads. A
+    /// poisoned lock means "not known": reads go to disk.
+    recent: Mutex<recent::Recent>,
     hold: Hold,
     metrics: StoreMetrics,
 }
@@ -681,6 +690,9 @@ impl Store {
     pub fn open(options: StoreOptions, master: &MasterKey) -> Result<Self, StoreError> {
         options.validate()?;
         let (shared, state) = open_shared(&options, master)?;
+        if let Ok(mut recent) = shared.recent.lock() {
+            *recent = recent::Recent::new(state.lanes.len(), state.next_seq);
+        }
         let shared = Arc::new(shared);
         let (tx, rx) = mpsc::channel(options.queue_depth);
         let writer = writer::Writer::new(shared.clone(), &options, state);
@@ -793,6 +805,16 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        if let Some(after) = after
+            && let Some(recent) = self
+                .shared
+                .recent
+                .lock()
+                .ok()
+                .and_then(|r| r.read(priority, after, limit))
+        {
+            return Ok(recent.into_iter().map(Arc::unwrap_or_clone).collect());
+        }
         let shared = self.shared.clone();
         let scanned =
             tokio::task::spawn_blocking(move || scan::lane(&shared, priority, after, limit))
@@ -1145,6 +1167,8 @@ fn open_shared(
         stats: RwLock::new(StoreStats::default()),
         fatal: watch::Sender::new(None),
         appends: watch::Sender::new(0),
+        // Covers nothing until the store is open and its next seq known.
+        recent: Mutex::new(recent::Recent::new(configured, u64::MAX)),
         hold: Hold::default(),
         metrics: StoreMetrics::new(configured),
     };

@@ -7,7 +7,7 @@
 //! only then replies. Any failure while committing poisons the writer: in-memory
 //! state has already moved ahead of the disk, so no later write may be trusted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::recent::Change;
 use super::record::{
     self, DEAD_LETTER_FORMAT, DeadLetterEntry, EVENT_FORMAT, KEY_LEN, QuarantineEntry,
 };
@@ -202,6 +203,8 @@ struct Batch {
     ingested: Vec<u64>,
     /// Bytes of the values put in this batch (for the free-space reserve).
     put_bytes: u64,
+    /// The events appended in this batch, in order, for [`super::recent`].
+    fresh: VecDeque<Arc<super::StoredEvent>>,
 }
 
 impl Batch {
@@ -220,6 +223,7 @@ impl Batch {
             scan_from: vec![None; lanes],
             ingested: vec![0; lanes],
             put_bytes: 0,
+            fresh: VecDeque::new(),
         }
     }
 
@@ -594,7 +598,6 @@ impl Writer {
                         *n += 1;
                     }
                     batch.put(Area::Lane(priority), seq, value);
-                    batch.pending_lanes |= 1 << priority;
                     let appended = Appended {
                         seq,
                         device_seq,
@@ -602,6 +605,16 @@ impl Writer {
                         stored_bytes,
                         evicted,
                     };
+                    // Its own copy of the payload: the device's bytes are a
+                    // view into the gate's read buffer, which they would pin.
+                    let mut body = event;
+                    body.payload = Bytes::copy_from_slice(&body.payload);
+                    batch.fresh.push_back(Arc::new(super::Stored {
+                        seq,
+                        stored_bytes,
+                        body,
+                    }));
+                    batch.pending_lanes |= 1 << priority;
                     batch.replies.push(defer(done, appended));
                     return;
                 }
@@ -742,9 +755,21 @@ impl Writer {
         let area = Area::Lane(priority);
         let ks = self.keyspace(area)?.clone();
         let mut report = AckReport::default();
-        for &seq in seqs {
+        // What a caught-up forwarder acknowledges was committed moments ago:
+        // whether it is still queued, and its size, are known without a
+        // lookup on disk (taken first: the lock is not held across those).
+        let known: Vec<Option<Option<u64>>> = match self.shared.recent.lock() {
+            Ok(recent) => seqs
+                .iter()
+                .map(|&seq| recent.stored_bytes(priority, seq))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for (i, &seq) in seqs.iter().enumerate() {
             let size = if batch.deleted.contains(&(area, seq)) {
                 None
+            } else if let Some(Some(known)) = known.get(i) {
+                known.and_then(|bytes| u32::try_from(bytes.saturating_sub(KEY_LEN as u64)).ok())
             } else {
                 ks.size_of(record::key(seq)).map_err(|e| self.engine(e))?
             };
@@ -1209,6 +1234,22 @@ impl Writer {
             .ops
             .iter()
             .any(|op| matches!(op, Op::Put(Area::Lane(_), ..)));
+        let mut changes = Vec::new();
+        for op in &batch.ops {
+            match op {
+                Op::Put(Area::Lane(p), seq, _) => {
+                    changes.push(match batch.fresh.front().is_some_and(|f| f.seq == *seq) {
+                        true => match batch.fresh.pop_front() {
+                            Some(event) => Change::Append(*p, event),
+                            None => Change::Put(*p, *seq),
+                        },
+                        false => Change::Put(*p, *seq),
+                    })
+                }
+                Op::Delete(Area::Lane(p), seq) => changes.push(Change::Delete(*p, *seq)),
+                _ => {}
+            }
+        }
         for op in batch.ops.drain(..) {
             match op {
                 Op::Put(area, seq, value) => {
@@ -1238,6 +1279,12 @@ impl Writer {
                 .metrics
                 .commit_seconds
                 .observe(started.elapsed().as_secs_f64());
+        }
+        // Committed: the caught-up reads may see it now, before the signal.
+        if !changes.is_empty()
+            && let Ok(mut recent) = self.shared.recent.lock()
+        {
+            recent.apply(changes);
         }
         if queued_more {
             self.shared.appends.send_modify(|n| *n = n.wrapping_add(1));

@@ -1,0 +1,279 @@
+//! The records committed last in each lane, kept in memory so a forwarder
+//! that has caught up reads them without going to disk.
+//!
+//! A caught-up forwarder reads each message right after its commit. From the
+//! disk that is a hop to a blocking thread, a fjall range scan and an
+//! AES-GCM open per record, on the latency path of every message (row 4 of
+//! the benchmark). The writer already has each record's event in hand when it
+//! commits, so after every successful commit it hands the lane records of
+//! the batch to [`Recent`]; [`Recent::read`] answers a read from memory when
+//! it holds every record of the lane after the reader's position, and says
+//! it cannot otherwise (the caller then scans the disk as before).
+//!
+//! Correctness rests on one invariant per lane: every record of the lane
+//! with a seq at or above `covers_from` is in `records`, and nothing else is.
+//! The writer keeps it by applying, after each commit and in the batch's
+//! order, every put to a lane (an append pushes its event; any other put,
+//! such as a requeue, resets the lane past it) and every deletion from a
+//! lane (removed here too). Records enter only after their commit (so a
+//! reader never sees what is not on disk) and before the append signal is
+//! sent (so a woken reader finds them).
+//!
+//! Bounded: at most [`MAX_RECORDS`] records and [`MAX_BYTES`] of stored
+//! bytes per lane; the oldest go first and `covers_from` moves past them.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::StoredEvent;
+
+/// Records kept per lane at most.
+pub(super) const MAX_RECORDS: usize = 256;
+/// Stored bytes kept per lane at most.
+pub(super) const MAX_BYTES: u64 = 512 << 10;
+
+/// What a commit did to a lane, for [`Recent::apply`].
+pub(super) enum Change {
+    /// An appended record, with its event.
+    Append(u8, Arc<StoredEvent>),
+    /// A record put into the lane without its event at hand (a requeue).
+    Put(u8, u64),
+    /// A record deleted from the lane (acknowledged, evicted, moved).
+    Delete(u8, u64),
+}
+
+/// The last committed records of every lane.
+pub(super) struct Recent {
+    lanes: Vec<Lane>,
+}
+
+struct Lane {
+    /// Every record of the lane with a seq at or above this is in `records`.
+    covers_from: u64,
+    /// In seq order.
+    records: VecDeque<Arc<StoredEvent>>,
+    bytes: u64,
+}
+
+impl Lane {
+    fn reset(&mut self, from: u64) {
+        self.records.clear();
+        self.bytes = 0;
+        self.covers_from = from;
+    }
+}
+
+impl Recent {
+    /// Empty, for a store whose next seq is `next_seq`: every later record
+    /// will pass through [`Recent::apply`].
+    pub(super) fn new(lanes: usize, next_seq: u64) -> Self {
+        Self {
+            lanes: (0..lanes)
+                .map(|_| Lane {
+                    covers_from: next_seq,
+                    records: VecDeque::new(),
+                    bytes: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// Applies a committed batch's changes, in the batch's order.
+    pub(super) fn apply(&mut self, changes: impl IntoIterator<Item = Change>) {
+        for change in changes {
+            match change {
+                Change::Append(priority, record) => {
+                    let Some(lane) = self.lanes.get_mut(usize::from(priority)) else {
+                        continue;
+                    };
+                    let seq = record.seq;
+                    if lane.records.back().is_some_and(|last| last.seq >= seq)
+                        || seq < lane.covers_from
+                    {
+                        // Out of order: cannot happen with one writer
+                        // handing out seqs in order; stay correct anyway.
+                        lane.reset(seq.saturating_add(1));
+                        continue;
+                    }
+                    lane.bytes += record.stored_bytes;
+                    lane.records.push_back(record);
+                    while lane.records.len() > MAX_RECORDS || lane.bytes > MAX_BYTES {
+                        let Some(oldest) = lane.records.pop_front() else {
+                            break;
+                        };
+                        lane.bytes -= oldest.stored_bytes;
+                        lane.covers_from = oldest.seq.saturating_add(1);
+                    }
+                }
+                Change::Put(priority, seq) => {
+                    if let Some(lane) = self.lanes.get_mut(usize::from(priority))
+                        && seq >= lane.covers_from
+                    {
+                        lane.reset(seq.saturating_add(1));
+                    }
+                }
+                Change::Delete(priority, seq) => {
+                    let Some(lane) = self.lanes.get_mut(usize::from(priority)) else {
+                        continue;
+                    };
+                    if seq < lane.covers_from {
+                        continue;
+                    }
+                    if let Ok(i) = lane.records.binary_search_by_key(&seq, |r| r.seq)
+                        && let Some(gone) = lane.records.remove(i)
+                    {
+                        lane.bytes -= gone.stored_bytes;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the lane holds `seq`, and its stored size: `Some(Some(bytes))`
+    /// it does, `Some(None)` it does not, `None` not known here (look on
+    /// disk). For acknowledgements of what a caught-up reader was given.
+    pub(super) fn stored_bytes(&self, priority: u8, seq: u64) -> Option<Option<u64>> {
+        let lane = self.lanes.get(usize::from(priority))?;
+        if seq < lane.covers_from {
+            return None;
+        }
+        Some(
+            lane.records
+                .binary_search_by_key(&seq, |r| r.seq)
+                .ok()
+                .and_then(|i| lane.records.get(i))
+                .map(|r| r.stored_bytes),
+        )
+    }
+
+    /// The lane's records after `after`, up to `limit`, if this holds every
+    /// one of them; `None` if the disk must be read.
+    pub(super) fn read(
+        &self,
+        priority: u8,
+        after: u64,
+        limit: usize,
+    ) -> Option<Vec<Arc<StoredEvent>>> {
+        let lane = self.lanes.get(usize::from(priority))?;
+        if after.saturating_add(1) < lane.covers_from {
+            return None;
+        }
+        let start = lane.records.partition_point(|r| r.seq <= after);
+        Some(lane.records.range(start..).take(limit).cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, Ingest, Kind, Qos, Timestamp};
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn record(seq: u64, bytes: u64) -> Arc<StoredEvent> {
+        let ingest = Ingest {
+            kind: Kind::Measurement,
+            priority: 0,
+            device: "bed-1".into(),
+            topic: "devices/bed-1/vitals/hr".into(),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            received_at: Timestamp(0),
+            content_type: None,
+            user_properties: Vec::new(),
+            payload: bytes::Bytes::from_static(b"{}"),
+        };
+        Arc::new(StoredEvent {
+            seq,
+            stored_bytes: bytes,
+            body: Event::from_ingest(ingest, uuid::Uuid::nil(), seq),
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Append(u64),
+        Put,
+        Delete(usize),
+        Read(usize, usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (1u64..40_000).prop_map(Step::Append),
+            1 => Just(Step::Put),
+            4 => (0usize..1000).prop_map(Step::Delete),
+            4 => (0usize..1000, 1usize..300).prop_map(|(a, l)| Step::Read(a, l)),
+        ]
+    }
+
+    proptest! {
+        /// Against a model of the lane (the set of seqs in it): whenever
+        /// `read` answers, it answers exactly what a scan of the lane would.
+        #[test]
+        fn a_read_it_answers_is_what_the_lane_holds(steps in proptest::collection::vec(step(), 1..400)) {
+            let mut recent = Recent::new(1, 1);
+            let mut lane = BTreeSet::new();
+            let mut next = 1u64;
+            for s in steps {
+                match s {
+                    Step::Append(bytes) => {
+                        recent.apply([Change::Append(0, record(next, bytes))]);
+                        lane.insert(next);
+                        next += 1;
+                    }
+                    Step::Put => {
+                        recent.apply([Change::Put(0, next)]);
+                        lane.insert(next);
+                        next += 1;
+                    }
+                    Step::Delete(i) => {
+                        if let Some(&seq) = lane.iter().nth(i % lane.len().max(1)) {
+                            recent.apply([Change::Delete(0, seq)]);
+                            lane.remove(&seq);
+                        }
+                    }
+                    Step::Read(a, limit) => {
+                        let after = (a as u64) % next;
+                        if let Some(got) = recent.read(0, after, limit) {
+                            let got: Vec<u64> = got.iter().map(|r| r.seq).collect();
+                            let want: Vec<u64> = lane.range(after + 1..).take(limit).copied().collect();
+                            prop_assert_eq!(got, want);
+                        }
+                    }
+                }
+                if let Some(known) = recent.stored_bytes(0, next) {
+                    prop_assert_eq!(known, None);
+                }
+                for seq in 0..next {
+                    if let Some(known) = recent.stored_bytes(0, seq) {
+                        prop_assert_eq!(known.is_some(), lane.contains(&seq));
+                    }
+                }
+                let l = &recent.lanes[0];
+                prop_assert!(l.records.len() <= MAX_RECORDS && l.bytes <= MAX_BYTES);
+            }
+        }
+    }
+
+    #[test]
+    fn a_caught_up_reader_is_answered_and_a_late_one_is_sent_to_disk() {
+        let mut recent = Recent::new(2, 10);
+        recent.apply((10..10 + MAX_RECORDS as u64 + 5).map(|s| Change::Append(1, record(s, 100))));
+        // The five oldest were dropped: a reader at 9..=14 must go to disk.
+        assert!(recent.read(1, 9, 10).is_none());
+        assert!(recent.read(1, 13, 10).is_none());
+        let got = recent.read(1, 14, 3).unwrap();
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [15, 16, 17]);
+        // Nothing newer: an empty answer, not a disk read.
+        assert_eq!(
+            recent
+                .read(1, 10 + MAX_RECORDS as u64 + 4, 10)
+                .map(|v| v.len()),
+            Some(0)
+        );
+        // The other lane covers everything from seq 10 on, and holds nothing.
+        assert_eq!(recent.read(0, 9, 10).map(|v| v.len()), Some(0));
+        assert!(recent.read(0, 8, 10).is_none());
+    }
+}
