@@ -21,6 +21,8 @@
 //!
 //! Bounded: at most [`MAX_RECORDS`] records and [`MAX_BYTES`] of stored
 //! bytes per lane; the oldest go first and `covers_from` moves past them.
+//! With a backlog (more than [`KEEP_UP_TO_QUEUED`] queued in the lane) the
+//! writer keeps nothing: the reader is far behind and reads from disk.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,6 +33,11 @@ use super::StoredEvent;
 pub(super) const MAX_RECORDS: usize = 256;
 /// Stored bytes kept per lane at most.
 pub(super) const MAX_BYTES: u64 = 512 << 10;
+
+/// The writer keeps an appended record only while its lane holds at most
+/// this many: beyond it a forwarder reads from disk anyway (it cannot be
+/// within [`MAX_RECORDS`] of the tail), and the lane is reset past the record.
+pub(super) const KEEP_UP_TO_QUEUED: u64 = 4 * MAX_RECORDS as u64;
 
 /// What a commit did to a lane, for [`Recent::apply`].
 pub(super) enum Change {

@@ -605,15 +605,25 @@ impl Writer {
                         stored_bytes,
                         evicted,
                     };
-                    // Its own copy of the payload: the device's bytes are a
-                    // view into the gate's read buffer, which they would pin.
-                    let mut body = event;
-                    body.payload = Bytes::copy_from_slice(&body.payload);
-                    batch.fresh.push_back(Arc::new(super::Stored {
-                        seq,
-                        stored_bytes,
-                        body,
-                    }));
+                    // Kept for a caught-up forwarder; with a backlog it reads
+                    // from disk anyway, and the copies would only cost the
+                    // writer (the lane is then reset past this record).
+                    if self
+                        .state
+                        .lanes
+                        .get(usize::from(priority))
+                        .is_some_and(|l| l.messages <= super::recent::KEEP_UP_TO_QUEUED)
+                    {
+                        // Its own copy of the payload: the device's bytes are a
+                        // view into the gate's read buffer, which they would pin.
+                        let mut body = event;
+                        body.payload = Bytes::copy_from_slice(&body.payload);
+                        batch.fresh.push_back(Arc::new(super::Stored {
+                            seq,
+                            stored_bytes,
+                            body,
+                        }));
+                    }
                     batch.pending_lanes |= 1 << priority;
                     batch.replies.push(defer(done, appended));
                     return;
