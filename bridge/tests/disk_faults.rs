@@ -627,39 +627,9 @@ async fn a_nearly_full_disk_refuses_new_messages_and_accepts_again_after_the_dra
         return;
     }
     let (mut rig, listeners) = Rig::new().await;
-    let mnt = rig.work.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=192m",
-            "vigil-disk-full",
-            mnt.to_str().unwrap(),
-        ],
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
-    let free_mib = || {
-        let out = Command::new("df")
-            .args(["--output=avail", "-B1"])
-            .arg(&mnt)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .last()
-            .and_then(|l| l.trim().parse::<u64>().ok())
-            .unwrap_or(0) as f64
-            / f64::from(1u32 << 20)
-    };
+    let tmpfs = Tmpfs::mount(&rig.work.join("mnt"), "vigil-disk-full", 192);
+    let mnt = tmpfs.0.clone();
+    let free_mib = || tmpfs.free_mib();
     rig.store = mnt.join("store");
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), listeners.v5)
         .await
@@ -779,30 +749,9 @@ async fn after_a_drain_the_journal_is_rotated_and_its_space_comes_back() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let mnt = work.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=192m",
-            "vigil-journal",
-            mnt.to_str().unwrap(),
-        ],
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
-    let free_mib = || {
-        let st = rustix::fs::statvfs(&mnt).unwrap();
-        (st.f_bavail * st.f_frsize) as f64 / f64::from(1u32 << 20)
-    };
+    let tmpfs = Tmpfs::mount(&work.path().join("mnt"), "vigil-journal", 192);
+    let mnt = tmpfs.0.clone();
+    let free_mib = || tmpfs.free_mib();
     let total_mib = {
         let st = rustix::fs::statvfs(&mnt).unwrap();
         (st.f_blocks * st.f_frsize) as f64 / f64::from(1u32 << 20)
@@ -902,6 +851,39 @@ async fn after_a_drain_the_journal_is_rotated_and_its_space_comes_back() {
          {total_mib:.0} MiB tmpfs: {free_full:.1} MiB free when full ({journal_full:.1} MiB of \
          journal), {free_drained:.1} MiB after the drain ({journal_drained:.1} MiB of journal)"
     ));
+}
+
+/// A tmpfs of a given size mounted for one test; unmounted (lazily) on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, name: &str, mib: u32) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m"),
+                name,
+                dir.to_str().unwrap(),
+            ],
+        );
+        Self(dir.to_path_buf())
+    }
+
+    /// Space available on it, in MiB.
+    fn free_mib(&self) -> f64 {
+        let st = rustix::fs::statvfs(&self.0).unwrap();
+        (st.f_bavail * st.f_frsize) as f64 / f64::from(1u32 << 20)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
 
 /// RssAnon of `pid` in KiB: the heap, not the mapped binary.

@@ -5,10 +5,10 @@
 //! directly: they connect to the gate's listeners (plain TCP, and TLS with
 //! optional client certificates), which authenticate them, give each message
 //! its kind and priority from the topic rules, submit it to the store, and relay
-//! everything to an embedded rumqttd on loopback — holding rumqttd's PUBACK
-//! (PUBREC for QoS 2) back from the device until the store has committed the
-//! message. rumqttd stays the broker for local subscribers, retained messages,
-//! wills and sessions.
+//! everything to an embedded rumqttd on loopback. The device's acknowledgement
+//! waits for the store's commit: for QoS 1 the gate sends its own PUBACK (and
+//! drops rumqttd's), for QoS 2 it holds rumqttd's PUBREC. rumqttd stays the
+//! broker for local subscribers, retained messages, wills and sessions.
 //!
 //! * [`config`]: the `[gate]` settings.
 //! * [`broker`]: the embedded rumqttd and its checked settings file.

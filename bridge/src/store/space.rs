@@ -131,9 +131,11 @@ impl Drop for Reclaimer {
     }
 }
 
-/// Flushes every memtable (so the journals can go), then compacts the lanes;
-/// when the disk stays below `low` after that and the active journal holds
-/// most of what is on disk, has fjall rotate it (see [`rotate_journal`]).
+/// Flushes every memtable (so the journals can go), waits for fjall's own
+/// compactions, compacts the lanes and has fjall delete the tables that
+/// compaction replaced; when the disk stays below `low` after that, has fjall
+/// rotate its journal if that gives back more than it costs
+/// ([`rotate_journal`]).
 fn reclaim(shared: &Arc<Shared>, low: Option<u64>) {
     let started = Instant::now();
     let before = shared.db.disk_space().unwrap_or(0);
