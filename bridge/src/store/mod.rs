@@ -690,9 +690,6 @@ impl Store {
     pub fn open(options: StoreOptions, master: &MasterKey) -> Result<Self, StoreError> {
         options.validate()?;
         let (shared, state) = open_shared(&options, master)?;
-        if let Ok(mut recent) = shared.recent.lock() {
-            *recent = recent::Recent::new(state.lanes.len(), state.next_seq);
-        }
         let shared = Arc::new(shared);
         let (tx, rx) = mpsc::channel(options.queue_depth);
         let writer = writer::Writer::new(shared.clone(), &options, state);
@@ -1153,7 +1150,7 @@ fn open_shared(
     let dead_letter = db.keyspace(DEAD_LETTER, queue).map_err(engine)?;
     let quarantine = db.keyspace(QUARANTINE, queue).map_err(engine)?;
 
-    let shared = Shared {
+    let mut shared = Shared {
         dir: dir.clone(),
         db,
         lanes,
@@ -1205,6 +1202,9 @@ fn open_shared(
     }
     if let Ok(mut s) = shared.stats.write() {
         *s = state.clone();
+    }
+    if let Ok(recent) = shared.recent.get_mut() {
+        *recent = recent::Recent::new(state.lanes.len(), state.next_seq);
     }
     Ok((shared, state))
 }

@@ -776,17 +776,19 @@ impl Writer {
             Err(_) => Vec::new(),
         };
         for (i, &seq) in seqs.iter().enumerate() {
-            let size = if batch.deleted.contains(&(area, seq)) {
+            let stored = if batch.deleted.contains(&(area, seq)) {
                 None
             } else if let Some(Some(known)) = known.get(i) {
-                known.and_then(|bytes| u32::try_from(bytes.saturating_sub(KEY_LEN as u64)).ok())
+                *known
             } else {
-                ks.size_of(record::key(seq)).map_err(|e| self.engine(e))?
+                ks.size_of(record::key(seq))
+                    .map_err(|e| self.engine(e))?
+                    .map(|len| size_of(len as usize))
             };
-            match size {
-                Some(len) => {
+            match stored {
+                Some(bytes) => {
                     batch.delete(area, seq);
-                    self.figures_sub(area, size_of(len as usize));
+                    self.figures_sub(area, bytes);
                     self.state.counters.acked += 1;
                     report.deleted += 1;
                 }
@@ -1240,26 +1242,26 @@ impl Writer {
             _ => PersistMode::Buffer,
         };
         let mut wb = self.shared.db.batch().durability(Some(mode));
-        let queued_more = batch
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::Put(Area::Lane(_), ..)));
+        // What the batch does to the lanes, for `recent` once committed.
         let mut changes = Vec::new();
         for op in &batch.ops {
             match op {
-                Op::Put(Area::Lane(p), seq, _) => {
-                    changes.push(match batch.fresh.front().is_some_and(|f| f.seq == *seq) {
-                        true => match batch.fresh.pop_front() {
-                            Some(event) => Change::Append(*p, event),
-                            None => Change::Put(*p, *seq),
-                        },
-                        false => Change::Put(*p, *seq),
-                    })
-                }
+                Op::Put(Area::Lane(p), seq, _) => changes.push(
+                    if batch.fresh.front().is_some_and(|f| f.seq == *seq)
+                        && let Some(event) = batch.fresh.pop_front()
+                    {
+                        Change::Append(*p, event)
+                    } else {
+                        Change::Put(*p, *seq)
+                    },
+                ),
                 Op::Delete(Area::Lane(p), seq) => changes.push(Change::Delete(*p, *seq)),
                 _ => {}
             }
         }
+        let queued_more = changes
+            .iter()
+            .any(|c| matches!(c, Change::Append(..) | Change::Put(..)));
         for op in batch.ops.drain(..) {
             match op {
                 Op::Put(area, seq, value) => {
