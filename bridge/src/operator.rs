@@ -334,6 +334,7 @@ fn snapshot(o: &Observed) -> Status {
             "refused_broker_unavailable",
             get(&o.gate.broker_unavailable),
         ),
+        ("not_routed_locally", get(&o.gate.not_routed_locally)),
         ("refused_disk_low", get(&o.store.metrics().refused_disk_low)),
         ("reclaims", get(&o.store.metrics().reclaims)),
     ]
@@ -525,6 +526,10 @@ pub fn render_metrics(o: &Observed) -> String {
         (
             "refused_broker_unavailable",
             "Device connections refused because the embedded broker did not accept their CONNECT",
+        ),
+        (
+            "not_routed_locally",
+            "Device publishes not relayed to the embedded broker because no local subscription matched them (stored and forwarded as usual)",
         ),
     ] {
         counter(

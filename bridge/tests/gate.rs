@@ -756,3 +756,105 @@ async fn a_device_cannot_publish_as_another_device() {
     assert_eq!(payloads, vec![b"66".to_vec()]);
     assert_eq!(GateCounters::get(&t.gate.counters().refused_topic), 2);
 }
+
+/// A publish no local client subscribes to is stored and acknowledged but not
+/// relayed to the embedded broker (nobody there could receive it); once a
+/// local client subscribes, matching publishes reach it, and after it
+/// unsubscribes they skip the broker again. Retained publishes always go.
+#[tokio::test]
+async fn publishes_reach_the_embedded_broker_only_when_a_local_client_may_want_them() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let counters = t.gate.counters();
+    let skipped = || GateCounters::get(&counters.not_routed_locally);
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-1"));
+    dev.connected().await;
+    let mut publish = async |topic: &str, retain: bool, payload: &str| {
+        dev.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.to_string())
+            .await
+            .unwrap();
+        dev.puback(WAIT).await.unwrap();
+    };
+    for _ in 0..5 {
+        publish("devices/bed-1/vitals/hr", false, "64").await;
+    }
+    assert_eq!(skipped(), 5, "nobody local subscribes yet");
+
+    let mut station = g::v4_device(g::v4_options(t.addr(), "nurse-station"));
+    station.connected().await;
+    station
+        .subscribed("devices/+/alarms/#", QoS::AtLeastOnce)
+        .await;
+    publish("devices/bed-1/vitals/hr", false, "65").await;
+    assert_eq!(skipped(), 6, "the station's filter does not match vitals");
+    publish("devices/bed-1/alarms/spo2", false, "88").await;
+    assert_eq!(skipped(), 6);
+    let alarm = station.publish(WAIT).await.unwrap();
+    assert_eq!(
+        (alarm.topic.as_str(), &alarm.payload[..]),
+        ("devices/bed-1/alarms/spo2", &b"88"[..])
+    );
+
+    station
+        .client
+        .unsubscribe("devices/+/alarms/#")
+        .await
+        .unwrap();
+    station
+        .until(WAIT, |e| {
+            matches!(e, rumqttc::Event::Incoming(rumqttc::Packet::UnsubAck(_))).then_some(())
+        })
+        .await
+        .unwrap();
+    publish("devices/bed-1/alarms/spo2", false, "87").await;
+    assert_eq!(skipped(), 7, "unsubscribed: the alarm skips the broker");
+    assert!(station.publish(Duration::from_millis(300)).await.is_err());
+
+    // Retained: kept by the broker for whoever subscribes later.
+    publish("devices/bed-1/status", true, "online").await;
+    assert_eq!(skipped(), 7);
+    station
+        .subscribed("devices/+/status", QoS::AtLeastOnce)
+        .await;
+    let retained = station.publish(WAIT).await.unwrap();
+    assert!(retained.retain);
+    assert_eq!(&retained.payload[..], b"online");
+
+    // Every one of them is stored, skipped or not.
+    assert_eq!(stored(&t.store).len(), 9);
+}
+
+/// rumqttd keeps a persistent session's subscriptions while its client is
+/// away and queues matching messages for it; the gate keeps routing them.
+#[tokio::test]
+async fn a_persistent_local_subscriber_gets_what_was_published_while_it_was_away() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let persistent = || {
+        let mut o = g::v4_options(t.addr(), "nurse-station");
+        o.set_clean_session(false);
+        o
+    };
+    let mut station = g::v4_device(persistent());
+    station.connected().await;
+    station.subscribed("devices/#", QoS::AtLeastOnce).await;
+    station.client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(WAIT, station.task).await;
+
+    let mut dev = g::v4_device(g::v4_options(t.addr(), "bed-1"));
+    dev.connected().await;
+    dev.client
+        .publish("devices/bed-1/alarms/spo2", QoS::AtLeastOnce, false, "88")
+        .await
+        .unwrap();
+    dev.puback(WAIT).await.unwrap();
+    assert_eq!(
+        GateCounters::get(&t.gate.counters().not_routed_locally),
+        0,
+        "the away session's filter still matches"
+    );
+
+    let mut station = g::v4_device(persistent());
+    station.connected().await;
+    let missed = station.publish(WAIT).await.unwrap();
+    assert_eq!(&missed.payload[..], b"88");
+}

@@ -191,6 +191,46 @@ async fn keep_alive_zero_is_accepted() {
     assert_eq!(puback, [0x40, 0x02, 0x00, 0x05]);
 }
 
+/// A device that only publishes sends no PINGREQ, and its publishes skip the
+/// embedded broker when nobody local subscribes: rumqttd must not take that
+/// silence for a dead client (the gate gives it a keep-alive of its own and
+/// enforces the device's itself).
+#[tokio::test]
+async fn a_device_that_only_publishes_outlives_its_keep_alive() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    s.write_all(&connect_v4("busy-monitor", 1)).await.unwrap();
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut ack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ack, CONNACK_OK);
+    // QoS 1 publishes every 200 ms for 4 s: four times the 1.5 s rumqttd
+    // would allow on a keep-alive of 1 s.
+    for pkid in 1..=20u8 {
+        s.write_all(&[0x32, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, pkid, b'x'])
+            .await
+            .unwrap();
+        let mut puback = [0u8; 4];
+        tokio::time::timeout(WAIT, s.read_exact(&mut puback))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(puback, [0x40, 0x02, 0x00, pkid]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(GateCounters::get(&t.gate.counters().not_routed_locally), 20);
+    // The relay to rumqttd is still there: it answers a PINGREQ.
+    s.write_all(&[0xc0, 0x00]).await.unwrap();
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(WAIT, s.read_exact(&mut pong))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong, [0xd0, 0x00]);
+}
+
 #[tokio::test]
 async fn silent_connections_and_connection_floods_are_bounded() {
     let t = g::start(

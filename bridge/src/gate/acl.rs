@@ -96,6 +96,23 @@ pub fn subscribe_filters(protocol: Protocol, frame: &Frame) -> Result<(u16, Vec<
     }
 }
 
+/// The filters of an UNSUBSCRIBE.
+pub fn unsubscribe_filters(protocol: Protocol, frame: &Frame) -> Result<Vec<String>, String> {
+    let mut buf = frame.to_buf();
+    match protocol {
+        Protocol::V5 => match v5::Packet::read(&mut buf, None) {
+            Ok(v5::Packet::Unsubscribe(u)) => Ok(u.filters),
+            Ok(_) => Err("not an UNSUBSCRIBE".into()),
+            Err(e) => Err(format!("{e:?}")),
+        },
+        _ => match v4::Packet::read(&mut buf, usize::MAX) {
+            Ok(v4::Packet::Unsubscribe(u)) => Ok(u.topics),
+            Ok(_) => Err("not an UNSUBSCRIBE".into()),
+            Err(e) => Err(format!("{e:?}")),
+        },
+    }
+}
+
 /// A SUBACK refusing `n` filters.
 pub fn suback_refusal(protocol: Protocol, pkid: u16, n: usize) -> Option<Bytes> {
     let mut buf = BytesMut::new();

@@ -32,6 +32,12 @@ pub mod kind {
     pub const PUBCOMP: u8 = 7;
     /// SUBSCRIBE
     pub const SUBSCRIBE: u8 = 8;
+    /// UNSUBSCRIBE
+    pub const UNSUBSCRIBE: u8 = 10;
+    /// PINGREQ
+    pub const PINGREQ: u8 = 12;
+    /// PINGRESP
+    pub const PINGRESP: u8 = 13;
     /// DISCONNECT
     pub const DISCONNECT: u8 = 14;
 }
@@ -227,6 +233,11 @@ pub fn ack(pkid: u16, qos2: bool, reason: Option<u8>) -> Bytes {
         None => Bytes::from(vec![first, 0x02, hi, lo]),
         Some(code) => Bytes::from(vec![first, 0x03, hi, lo, code]),
     }
+}
+
+/// A PINGREQ.
+pub fn pingreq() -> Bytes {
+    Bytes::from_static(&[kind::PINGREQ << 4, 0])
 }
 
 /// A PUBREL for `pkid` (MQTT 3.1.1 and 5 both accept the short form).

@@ -5,7 +5,8 @@
 //! directly: they connect to the gate's listeners (plain TCP, and TLS with
 //! optional client certificates), which authenticate them, give each message
 //! its kind and priority from the topic rules, submit it to the store, and relay
-//! everything to an embedded rumqttd on loopback. The device's acknowledgement
+//! to an embedded rumqttd on loopback everything a local client may need (a
+//! publish no local subscription matches skips it). The device's acknowledgement
 //! waits for the store's commit: for QoS 1 the gate sends its own PUBACK (and
 //! drops rumqttd's), for QoS 2 it holds rumqttd's PUBREC. rumqttd stays the
 //! broker for local subscribers, retained messages, wills and sessions.
@@ -17,6 +18,7 @@
 //! * [`rules`]: topic filters to kind and priority.
 //! * [`auth`]: password hashes, client certificates, CONNACK codes.
 //! * [`acl`]: who may subscribe to what on the embedded broker.
+//! * [`local`]: what local clients subscribe to, so other publishes skip it.
 //! * [`tls`]: the TLS listener's rustls configuration.
 //!
 //! Bounds: connections (`max_connections`), unacknowledged publishes per
@@ -29,6 +31,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod frame;
+pub mod local;
 mod relay;
 pub mod rules;
 pub mod tls;
@@ -147,6 +150,9 @@ pub struct GateCounters {
     /// Connections with a client id that was already connected: the broker
     /// closes the older one (MQTT session takeover).
     pub takeovers: AtomicU64,
+    /// Device publishes not relayed to the embedded broker because no local
+    /// subscription matches them (stored and forwarded as every other).
+    pub not_routed_locally: AtomicU64,
 }
 
 impl GateCounters {
@@ -182,6 +188,8 @@ struct Context {
     /// Connections per client id (bounded by `max_connections`), to tell a
     /// session takeover when it happens.
     live: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// What local clients subscribe to in the embedded broker.
+    local: local::LocalSubscriptions,
 }
 
 /// Counts one live connection of a client id until dropped.
@@ -411,6 +419,7 @@ impl Gate {
             refusal_logged: AtomicU64::new(0),
             started: std::time::Instant::now(),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
+            local: local::LocalSubscriptions::default(),
             config,
         });
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));

@@ -12,7 +12,13 @@
 //! Four tasks per connection, joined by bounded channels. Packets pass through
 //! as the original bytes, in order, except:
 //! - CONNECT, rewritten for rumqttd: credentials removed (the gate checked
-//!   them), keep-alive 0 (which rumqttd refuses) raised to 65535 s;
+//!   them), keep-alive 65535 s whatever the device asked (the gate enforces the
+//!   device's; rumqttd refuses 0, and would take a device whose publishes skip
+//!   it for a dead one). After an hour with nothing for rumqttd the gate sends
+//!   it a PINGREQ of its own and drops the answer;
+//! - a QoS 0/1 publish that is not retained, sets or uses no topic alias, and
+//!   matches no local subscription ([`super::local`]) is stored and
+//!   acknowledged but not passed to rumqttd, which could only drop it;
 //! - a device's QoS 1/2 PUBLISH is submitted to the store first and passed on at
 //!   once. For QoS 1 the gate queues its own PUBACK to the device at once and
 //!   drops rumqttd's: the device's acknowledgement means "on disk", not "routed
@@ -54,8 +60,15 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for the embedded broker's CONNACK.
 const BROKER_CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keep-alive sent to rumqttd for a device that asked for none.
-const NO_KEEP_ALIVE: u16 = u16::MAX;
+/// Keep-alive sent to rumqttd for every device. The gate enforces the
+/// device's own keep-alive; rumqttd's timer must not fire on a device that
+/// publishes steadily, since publishes no local client subscribes to never
+/// reach rumqttd (it would take the silence for a dead client).
+const BROKER_KEEP_ALIVE: u16 = u16::MAX;
+/// After this long with nothing sent to rumqttd, the gate sends it a PINGREQ
+/// of its own (well inside 1.5 x [`BROKER_KEEP_ALIVE`] seconds) and drops the
+/// PINGRESP.
+const BROKER_PING_EVERY: Duration = Duration::from_secs(3600);
 
 /// MQTT 5 reason codes the gate sends itself.
 mod reason {
@@ -102,6 +115,8 @@ struct Shared {
     swallow_pubcomp: Mutex<HashSet<u16>>,
     /// The device has its CONNACK: only then may the gate send a DISCONNECT.
     connack_sent: std::sync::atomic::AtomicBool,
+    /// PINGREQs the gate sent rumqttd itself whose PINGRESP has not come.
+    gate_pings: std::sync::atomic::AtomicU32,
 }
 
 /// Locks shared state. The critical sections are plain map operations that
@@ -116,6 +131,8 @@ struct Hello {
     protocol: Protocol,
     client_id: String,
     keep_alive: u16,
+    /// Clean session (3.1.1) or clean start (5).
+    clean: bool,
     /// The CONNECT to send to rumqttd.
     rewritten: Bytes,
 }
@@ -198,6 +215,7 @@ where
     tracing::debug!(device = %hello.client_id, %peer, protocol = ?hello.protocol, "device connected");
     ctx.counters.inc(&ctx.counters.sessions);
     let _live = ctx.live_session(&hello.client_id, peer);
+    let _local = ctx.local.connected(&hello.client_id, hello.clean);
     relay(
         ctx.clone(),
         hello,
@@ -305,9 +323,7 @@ async fn hello(
                 }
                 let login = c.login.take().map(|l| (l.username, l.password));
                 let keep_alive = c.keep_alive;
-                if c.keep_alive == 0 {
-                    c.keep_alive = NO_KEEP_ALIVE;
-                }
+                c.keep_alive = BROKER_KEEP_ALIVE;
                 let mut buf = BytesMut::new();
                 let id = c.client_id.clone();
                 let clean = c.clean_session;
@@ -330,9 +346,7 @@ async fn hello(
                     check_will(ctx, peer, topic, &mut w.retain, len)?;
                 }
                 let keep_alive = c.keep_alive;
-                if c.keep_alive == 0 {
-                    c.keep_alive = NO_KEEP_ALIVE;
-                }
+                c.keep_alive = BROKER_KEEP_ALIVE;
                 let mut buf = BytesMut::new();
                 let id = c.client_id.clone();
                 let clean = c.clean_start;
@@ -376,6 +390,7 @@ async fn hello(
         protocol,
         client_id,
         keep_alive,
+        clean,
         rewritten,
     })
 }
@@ -439,7 +454,12 @@ async fn relay<R, W>(
         shared.clone(),
         inflight,
     ));
-    let broker_writer = tokio::spawn(broker_writer(broker_wr, to_broker_rx));
+    let broker_writer = tokio::spawn(broker_writer(
+        broker_wr,
+        to_broker_rx,
+        shared.clone(),
+        BROKER_PING_EVERY,
+    ));
     let broker_reader = tokio::spawn(broker_reader(broker_rd, to_device, shared.clone()));
     let mut device_writer = tokio::spawn(device_writer(
         ctx.clone(),
@@ -513,8 +533,10 @@ async fn device_reader<R: AsyncRead + Unpin>(
         };
         match frame.kind() {
             kind::PUBLISH => match publish(&ctx, &device, protocol, &frame, &mut aliases) {
-                Ok((ingest, pkid)) => {
+                Ok((ingest, pkid, aliased)) => {
+                    let mut retained = ingest.retain;
                     if ingest.retain && !ctx.may_retain(&ingest.topic, ingest.payload.len()) {
+                        retained = false;
                         // Stored and forwarded as sent; the local broker does
                         // not keep it. The retain flag is bit 0 of the header.
                         let mut bytes = BytesMut::from(&frame.bytes[..]);
@@ -531,6 +553,12 @@ async fn device_reader<R: AsyncRead + Unpin>(
                         return;
                     };
                     let qos = ingest.qos;
+                    // rumqttd answers QoS 2 itself and must learn every topic
+                    // alias; otherwise only local subscribers need the publish.
+                    let route = retained
+                        || qos == Qos::ExactlyOnce
+                        || aliased
+                        || ctx.local.any_match(&ingest.topic);
                     let pending = match ctx.store.submit(ingest).await {
                         Ok(p) => p,
                         Err(e) => {
@@ -572,6 +600,10 @@ async fn device_reader<R: AsyncRead + Unpin>(
                                 .push_back(Held { pending, permit });
                         }
                     }
+                    if !route {
+                        counters.inc(&counters.not_routed_locally);
+                        continue;
+                    }
                 }
                 Err((code, why)) => {
                     counters.inc(&counters.protocol_errors);
@@ -602,6 +634,9 @@ async fn device_reader<R: AsyncRead + Unpin>(
                             }
                             continue;
                         }
+                        // Known before rumqttd has it, so no publish that
+                        // could match skips the broker from then on.
+                        ctx.local.subscribed(&device, &filters);
                     }
                     Err(why) => {
                         counters.inc(&counters.protocol_errors);
@@ -611,6 +646,15 @@ async fn device_reader<R: AsyncRead + Unpin>(
                     }
                 }
             }
+            kind::UNSUBSCRIBE => match super::acl::unsubscribe_filters(protocol, &frame) {
+                Ok(filters) => ctx.local.unsubscribed(&device, &filters),
+                Err(why) => {
+                    counters.inc(&counters.protocol_errors);
+                    tracing::info!(%device, "malformed UNSUBSCRIBE ({why}); closing the device connection");
+                    close(reason::MALFORMED);
+                    return;
+                }
+            },
             kind::CONNECT => {
                 counters.inc(&counters.protocol_errors);
                 tracing::info!(%device, "second CONNECT; closing the device connection");
@@ -644,9 +688,10 @@ fn publish(
     protocol: Protocol,
     frame: &Frame,
     aliases: &mut HashMap<u16, String>,
-) -> Result<(Ingest, u16), (u8, String)> {
+) -> Result<(Ingest, u16, bool), (u8, String)> {
     let max = ctx.config.max_packet_size;
     let malformed = |e: String| (reason::MALFORMED, e);
+    let mut aliased = false;
     let (topic, qos, retain, pkid, payload, content_type, user_properties) = match protocol {
         Protocol::V5 => match v5::Packet::read(&mut frame.to_buf(), None) {
             Ok(v5::Packet::Publish(p)) => {
@@ -657,6 +702,7 @@ fn publish(
                     None => (None, None, Vec::new()),
                 };
                 if let Some(alias) = alias {
+                    aliased = true;
                     if alias == 0 || alias > ctx.config.topic_alias_max {
                         return Err((
                             reason::TOPIC_ALIAS_INVALID,
@@ -738,6 +784,7 @@ fn publish(
             payload,
         },
         pkid,
+        aliased,
     ))
 }
 
@@ -753,10 +800,39 @@ fn check_packet(protocol: Protocol, frame: &Frame, max: usize) -> Result<(), Str
     }
 }
 
-/// Writes to rumqttd, batching whatever is queued.
-async fn broker_writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+/// Writes to rumqttd, batching whatever is queued, and pings it when nothing
+/// went for a whole `ping_every`.
+async fn broker_writer<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Bytes>,
+    shared: Arc<Shared>,
+    ping_every: Duration,
+) {
     let mut buf = BytesMut::new();
-    while let Some(first) = rx.recv().await {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = false;
+    loop {
+        let first = tokio::select! {
+            biased;
+            first = rx.recv() => match first {
+                Some(first) => {
+                    sent = true;
+                    first
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if std::mem::take(&mut sent) {
+                    continue;
+                }
+                // Counted before it leaves, so the reader knows the answer.
+                shared
+                    .gate_pings
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                frame::pingreq()
+            }
+        };
         buf.extend_from_slice(&first);
         while buf.len() < 64 * 1024 {
             match rx.try_recv() {
@@ -773,8 +849,8 @@ async fn broker_writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Re
 }
 
 /// Broker to device: finds the acknowledgements to hold.
-async fn broker_reader(
-    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+async fn broker_reader<R: AsyncRead + Unpin>(
+    mut reader: FrameReader<R>,
     to_device: mpsc::Sender<Out>,
     shared: Arc<Shared>,
 ) {
@@ -824,6 +900,19 @@ async fn broker_reader(
                         continue;
                     }
                 }
+            }
+            // The answer to the gate's own ping is not the device's.
+            kind::PINGRESP
+                if shared
+                    .gate_pings
+                    .fetch_update(
+                        std::sync::atomic::Ordering::AcqRel,
+                        std::sync::atomic::Ordering::Acquire,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok() =>
+            {
+                continue;
             }
             kind::PUBCOMP => {
                 let pkid = frame.ack_pkid().unwrap_or(0);
@@ -1031,6 +1120,67 @@ mod tests {
             let _ = check_packet(Protocol::V4, &frame, 1 << 20);
             let _ = check_packet(Protocol::V5, &frame, 1 << 20);
         }
+    }
+
+    /// With nothing to relay for a whole interval the writer pings rumqttd
+    /// itself, counting each ping before it leaves.
+    #[tokio::test]
+    async fn the_gate_pings_a_quiet_broker() {
+        use tokio::io::AsyncReadExt;
+        let shared = Arc::new(Shared::default());
+        let (to_broker, rx) = mpsc::channel::<Bytes>(4);
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(broker_writer(
+            ours,
+            rx,
+            shared.clone(),
+            Duration::from_millis(50),
+        ));
+        let mut ping = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), theirs.read_exact(&mut ping))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ping, [0xc0, 0x00]);
+        let counted = shared.gate_pings.load(std::sync::atomic::Ordering::Acquire);
+        assert!(counted >= 1);
+        // Relayed bytes still pass as they are.
+        to_broker.send(frame::pubrel(7)).await.unwrap();
+        drop(to_broker);
+        writer.await.unwrap();
+        let mut rest = Vec::new();
+        theirs.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.ends_with(&[0x62, 0x02, 0x00, 0x07]), "{rest:02x?}");
+    }
+
+    /// The reader drops as many PINGRESPs as the gate asked for and passes
+    /// the device's own on.
+    #[tokio::test]
+    async fn the_answers_to_the_gates_pings_are_not_the_devices() {
+        let shared = Arc::new(Shared::default());
+        shared
+            .gate_pings
+            .store(2, std::sync::atomic::Ordering::Release);
+        let (mut broker, reader_side) = tokio::io::duplex(1024);
+        let (to_device, mut device) = mpsc::channel::<Out>(8);
+        let reader = tokio::spawn(broker_reader(
+            FrameReader::new(reader_side, 1024, Duration::from_secs(5)),
+            to_device,
+            shared.clone(),
+        ));
+        broker.write_all(&[0xd0, 0x00].repeat(3)).await.unwrap();
+        drop(broker);
+        reader.await.unwrap();
+        let mut passed = 0;
+        while let Ok(out) = device.try_recv() {
+            assert!(matches!(out, Out::Frame(ref b) if b[..] == [0xd0, 0x00]));
+            passed += 1;
+        }
+        assert_eq!(passed, 1, "only the device's PINGRESP reaches it");
+        assert_eq!(
+            shared.gate_pings.load(std::sync::atomic::Ordering::Acquire),
+            0
+        );
     }
 
     #[test]

@@ -1,0 +1,259 @@
+//! Local subscriptions: the topic filters clients hold in the embedded
+//! broker, so that a publish no local client can receive skips it.
+//!
+//! rumqttd only routes device messages to local subscribers (displays on the
+//! ward); the store keeps them and the forwarder reads them from the store.
+//! A publish that matches no local filter would be parsed, matched against
+//! nothing and dropped by rumqttd, at the cost of a loopback write, two relay
+//! tasks, rumqttd's connection task and its router thread. The gate skips
+//! that hop for such publishes when they are QoS 0 or 1, not retained, and use
+//! no topic alias; everything else (retained messages, QoS 2, whose PUBREC is
+//! rumqttd's, publishes that set or use a topic alias, which rumqttd must
+//! learn) always passes.
+//!
+//! The set errs on the side of routing: a filter is added before its
+//! SUBSCRIBE reaches rumqttd and removed when an UNSUBSCRIBE for it passes or
+//! when the session that holds it ends. rumqttd keeps a persistent session's
+//! subscriptions after its client disconnects (and queues for it), so those
+//! stay here until the client id connects with a clean session; a clean
+//! session's filters go when its connection ends. Past [`MAX_FILTERS`] the set
+//! stops telling and every publish is routed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::acl::covers;
+
+/// Filters tracked before the set gives up and routes everything.
+pub const MAX_FILTERS: usize = 100_000;
+
+/// Which topics some local client subscribes to.
+#[derive(Debug, Default)]
+pub struct LocalSubscriptions {
+    /// Filters held, over all sessions (read without the lock on every
+    /// publish: zero means "route nothing").
+    filters: AtomicUsize,
+    /// Set once [`MAX_FILTERS`] was passed: everything is routed from then.
+    overflowed: AtomicBool,
+    sessions: Mutex<Sessions>,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    next_connection: u64,
+    by_client: HashMap<String, Session>,
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    /// The connection that holds the session now.
+    connection: u64,
+    filters: HashSet<String>,
+}
+
+/// One relayed connection's hold on its client id's session, from
+/// [`LocalSubscriptions::connected`]; dropping it ends the connection.
+#[derive(Debug)]
+pub struct Connected<'a> {
+    local: &'a LocalSubscriptions,
+    client_id: String,
+    id: u64,
+    clean: bool,
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.local
+            .disconnected(&self.client_id, self.id, self.clean);
+    }
+}
+
+impl LocalSubscriptions {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        // Plain map operations: a poisoned lock is recovered.
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn recount(&self, sessions: &Sessions) {
+        let n = sessions.by_client.values().map(|s| s.filters.len()).sum();
+        if n > MAX_FILTERS {
+            self.overflowed.store(true, Ordering::Release);
+        }
+        self.filters.store(n, Ordering::Release);
+    }
+
+    /// A connection of `client_id` was accepted by rumqttd. A clean session
+    /// starts with nothing (rumqttd discards what the id held); a persistent
+    /// one keeps the id's filters.
+    pub fn connected(&self, client_id: &str, clean: bool) -> Connected<'_> {
+        let mut s = self.sessions();
+        s.next_connection += 1;
+        let id = s.next_connection;
+        let session = s.by_client.entry(client_id.to_string()).or_default();
+        session.connection = id;
+        if clean {
+            session.filters.clear();
+        }
+        self.recount(&s);
+        Connected {
+            local: self,
+            client_id: client_id.to_string(),
+            id,
+            clean,
+        }
+    }
+
+    /// Connection `id` ended. A clean session's filters go with it, unless a
+    /// newer connection of the same id holds the session by now.
+    fn disconnected(&self, client_id: &str, id: u64, clean: bool) {
+        let mut s = self.sessions();
+        let ends = s.by_client.get(client_id).is_some_and(|session| {
+            session.connection == id && (clean || session.filters.is_empty())
+        });
+        if ends {
+            s.by_client.remove(client_id);
+            self.recount(&s);
+        }
+    }
+
+    /// `client_id` subscribes to `filters` (called before the SUBSCRIBE
+    /// reaches rumqttd).
+    pub fn subscribed(&self, client_id: &str, filters: &[String]) {
+        if self.overflowed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut s = self.sessions();
+        let session = s.by_client.entry(client_id.to_string()).or_default();
+        session.filters.extend(filters.iter().cloned());
+        self.recount(&s);
+    }
+
+    /// `client_id` unsubscribes from `filters`.
+    pub fn unsubscribed(&self, client_id: &str, filters: &[String]) {
+        let mut s = self.sessions();
+        if let Some(session) = s.by_client.get_mut(client_id) {
+            for f in filters {
+                session.filters.remove(f);
+            }
+            self.recount(&s);
+        }
+    }
+
+    /// Whether some local filter may match `topic` (a valid topic name).
+    pub fn any_match(&self, topic: &str) -> bool {
+        if self.overflowed.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.filters.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.sessions()
+            .by_client
+            .values()
+            .flat_map(|s| s.filters.iter())
+            .any(|f| matches(f, topic))
+    }
+}
+
+/// Whether `filter` (as a client sent it) matches `topic`. A shared
+/// subscription (`$share/<group>/<filter>`) matches as its filter does.
+fn matches(filter: &str, topic: &str) -> bool {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((_group, f)) => f,
+            None => return true,
+        },
+        None => filter,
+    };
+    covers(filter, topic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn filters_match_as_mqtt_says() {
+        for (filter, topic, ok) in [
+            ("#", "devices/bed-1/vitals/hr", true),
+            ("#", "$SYS/x", false),
+            ("devices/+/alarms/#", "devices/bed-1/alarms/spo2", true),
+            ("devices/+/alarms/#", "devices/bed-1/alarms", true),
+            ("devices/+/alarms/#", "devices/bed-1/vitals/hr", false),
+            ("devices/bed-1/vitals/hr", "devices/bed-1/vitals/hr", true),
+            ("devices/bed-1/vitals/hr", "devices/bed-1/vitals", false),
+            ("$share/ward/devices/#", "devices/bed-1/vitals/hr", true),
+            ("$share/ward/devices/#", "wards/x", false),
+        ] {
+            assert_eq!(matches(filter, topic), ok, "{filter} matches {topic}");
+        }
+    }
+
+    #[test]
+    fn nothing_subscribed_routes_nothing() {
+        let local = LocalSubscriptions::default();
+        assert!(!local.any_match("devices/bed-1/vitals/hr"));
+        let c = local.connected("bed-1", true);
+        assert!(!local.any_match("devices/bed-1/vitals/hr"));
+        drop(c);
+        assert!(!local.any_match("devices/bed-1/vitals/hr"));
+    }
+
+    #[test]
+    fn a_clean_session_routes_while_subscribed() {
+        let local = LocalSubscriptions::default();
+        let c = local.connected("display", true);
+        local.subscribed("display", &strings(&["devices/+/alarms/#"]));
+        assert!(local.any_match("devices/bed-1/alarms/spo2"));
+        assert!(!local.any_match("devices/bed-1/vitals/hr"));
+        local.unsubscribed("display", &strings(&["devices/+/alarms/#"]));
+        assert!(!local.any_match("devices/bed-1/alarms/spo2"));
+        local.subscribed("display", &strings(&["#"]));
+        assert!(local.any_match("devices/bed-1/vitals/hr"));
+        drop(c);
+        assert!(!local.any_match("devices/bed-1/vitals/hr"));
+    }
+
+    #[test]
+    fn a_persistent_session_keeps_its_filters_until_a_clean_connect() {
+        let local = LocalSubscriptions::default();
+        let c = local.connected("display", false);
+        local.subscribed("display", &strings(&["devices/#"]));
+        drop(c);
+        // rumqttd queues for the session while its client is away.
+        assert!(local.any_match("devices/bed-1/vitals/hr"));
+        let c = local.connected("display", false);
+        assert!(local.any_match("devices/bed-1/vitals/hr"));
+        drop(c);
+        let c = local.connected("display", true);
+        assert!(!local.any_match("devices/bed-1/vitals/hr"));
+        drop(c);
+    }
+
+    #[test]
+    fn an_older_connection_ending_leaves_the_newer_ones_filters() {
+        let local = LocalSubscriptions::default();
+        let old = local.connected("display", true);
+        let new = local.connected("display", true);
+        local.subscribed("display", &strings(&["devices/#"]));
+        drop(old);
+        assert!(local.any_match("devices/bed-1/vitals/hr"));
+        drop(new);
+        assert!(!local.any_match("devices/bed-1/vitals/hr"));
+    }
+
+    #[test]
+    fn past_the_bound_everything_is_routed() {
+        let local = LocalSubscriptions::default();
+        let many: Vec<String> = (0..=MAX_FILTERS).map(|i| format!("x/{i}")).collect();
+        local.subscribed("display", &many);
+        assert!(local.any_match("devices/bed-1/vitals/hr"));
+    }
+}
