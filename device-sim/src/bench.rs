@@ -50,7 +50,10 @@
 //!    (cloud unreachable), then *row 5* RSS after a second idle.
 //! 4. With `--mosquitto` (and `mosquitto` on `PATH`): rows 1 and 2 through a
 //!    Mosquitto edge broker bridged (`topic # out 1 devices/ vigil/devices/`,
-//!    MQTT 3.1.1, mutual TLS) to the same cloud, or to a closed port for row 2.
+//!    MQTT 3.1.1, mutual TLS) to the same cloud, or to a closed port for row 2,
+//!    and row 4's paced 1,000/s load through the same bridge after its row 1:
+//!    the latency floor of this machine and load generator with a broker that
+//!    does not fsync.
 //!
 //! "Allocated bytes" is `st_blocks × 512` summed over the store directory
 //! (what `du` reports). RSS is `VmRSS` and `RssAnon` from
@@ -88,6 +91,8 @@ const BACKLOG_MESSAGES: f64 = 1_000_000.0;
 const TEN_MILLION: f64 = 10_000_000.0;
 /// Row 4's paced rate, all devices together.
 const PACED_RATE: f64 = 1_000.0;
+/// Row 4's first line (Mosquitto's figure goes beside it).
+const LAT_1K_WHAT: &str = "latency at 1,000 msg/s, publish to cloud";
 /// Row 4's duration at scale 1.
 const PACED_SECONDS: f64 = 10.0;
 /// Row 4's shortest duration, whatever the scale.
@@ -219,8 +224,8 @@ pub struct BenchOptions {
     pub vigil: PathBuf,
     /// Also fill a store with 10,000,000 messages (× scale) for row 5.
     pub ten_million: bool,
-    /// Also run rows 1 and 2 through a Mosquitto bridge, when `mosquitto` is
-    /// on `PATH`.
+    /// Also run rows 1, 2 and 4 (1,000/s) through a Mosquitto bridge, when
+    /// `mosquitto` is on `PATH`.
     pub mosquitto: bool,
 }
 
@@ -636,6 +641,8 @@ impl Figures {
 struct MosquittoFigures {
     bin: Option<PathBuf>,
     e2e: Fig<f64>,
+    /// Row 4's paced load at 1,000/s through the same bridge.
+    lat_1k: Fig<Latency>,
     ingest: Fig<f64>,
     rss_full: Fig<Rss>,
 }
@@ -645,6 +652,7 @@ impl Default for MosquittoFigures {
         Self {
             bin: None,
             e2e: not_measured(),
+            lat_1k: not_measured(),
             ingest: not_measured(),
             rss_full: not_measured(),
         }
@@ -1227,6 +1235,14 @@ impl Bench {
                 if let Ok(r) = &m.e2e {
                     eprintln!("bench: Mosquitto row 1: {} msg/s", thousands(*r));
                 }
+                // The peer's latency at row 4's rate, after its row 1 as
+                // Vigil's first row 4 figure is not: shown for reference.
+                if m.e2e.is_ok() {
+                    m.lat_1k = self
+                        .paced("Mosquitto row 4: latency at 1,000/s", &mut p, PACED_RATE)
+                        .await
+                        .map_err(|e| e.to_string());
+                }
                 self.stop(p).await;
             }
             Err(e) => m.e2e = Err(e.to_string()),
@@ -1408,7 +1424,7 @@ impl Bench {
         let lat = |l: &Latency| format!("p50 {} / p99 {}", ms(l.p50), ms(l.p99));
         add(
             4,
-            "latency at 1,000 msg/s, publish to cloud".into(),
+            LAT_1K_WHAT.into(),
             f.lat_1k.as_ref().map(lat).map_err(Clone::clone),
             "p99 ≤ 2 ms",
             f.lat_1k
@@ -1550,11 +1566,31 @@ impl Bench {
                     Err(e) => (format!("error: {e}"), "-".into()),
                 }
             };
+            let latency = |fig: &Fig<Latency>, vigil: Option<&Latency>| -> (String, String) {
+                match fig {
+                    Ok(m) => (
+                        format!("p50 {} / p99 {}", ms(m.p50), ms(m.p99)),
+                        vigil.map_or_else(
+                            || "-".into(),
+                            |v| {
+                                format!(
+                                    "{:.2} (p99)",
+                                    v.p99.as_secs_f64() / m.p99.as_secs_f64().max(1e-6)
+                                )
+                            },
+                        ),
+                    ),
+                    Err(e) => (format!("error: {e}"), "-".into()),
+                }
+            };
             for l in lines.iter_mut() {
                 match (l.row, l.what.starts_with("durable ingest")) {
                     (1, _) => l.mosquitto = Some(cell(&m.e2e, f.e2e.as_ref().ok().map(|t| t.rate))),
                     (2, true) => {
                         l.mosquitto = Some(cell(&m.ingest, f.ingest.as_ref().ok().map(|i| i.1)))
+                    }
+                    (4, _) if l.what.starts_with(LAT_1K_WHAT) => {
+                        l.mosquitto = Some(latency(&m.lat_1k, f.lat_1k.as_ref().ok()))
                     }
                     _ => {}
                 }
