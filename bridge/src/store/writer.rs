@@ -293,6 +293,61 @@ fn size_of(value_len: usize) -> u64 {
     (KEY_LEN + value_len) as u64
 }
 
+/// The stored sizes of a run of records, read with one range scan: a
+/// draining forwarder acknowledges runs of consecutive records, and one scan
+/// costs far less than a point lookup each.
+struct ScannedSizes {
+    from: u64,
+    /// Stored size of record `from + i`, `None` where there is none.
+    sizes: Vec<Option<u64>>,
+}
+
+impl ScannedSizes {
+    /// Fewer records than this are looked up one by one.
+    const MIN_RUN: usize = 8;
+
+    /// Scans `from..=to` of `seqs` when they are dense enough (at least half
+    /// of the range). Anything unusual (an error from the scan, a bad key)
+    /// gives up the whole scan: point lookups then decide, as for a sparse
+    /// run, so a damaged table is met, and reported, the way it always was.
+    fn scan(ks: &fjall::Keyspace, seqs: &[u64]) -> Self {
+        let none = Self {
+            from: 0,
+            sizes: Vec::new(),
+        };
+        let (Some(&from), Some(&to)) = (seqs.iter().min(), seqs.iter().max()) else {
+            return none;
+        };
+        let span = usize::try_from(to - from)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
+        if seqs.len() < Self::MIN_RUN || span > seqs.len().saturating_mul(2) {
+            return none;
+        }
+        let mut sizes = vec![None; span];
+        for guard in ks.range(record::key(from)..=record::key(to)) {
+            let Ok((k, v)) = guard.into_inner() else {
+                return none;
+            };
+            let Some(slot) = record::seq_of(&k)
+                .ok()
+                .and_then(|seq| usize::try_from(seq.checked_sub(from)?).ok())
+                .and_then(|i| sizes.get_mut(i))
+            else {
+                return none;
+            };
+            *slot = Some(size_of(v.len()));
+        }
+        Self { from, sizes }
+    }
+
+    /// `Some(size or None)` for a record the scan covered.
+    fn get(&self, seq: u64) -> Option<Option<u64>> {
+        let i = usize::try_from(seq.checked_sub(self.from)?).ok()?;
+        self.sizes.get(i).copied()
+    }
+}
+
 impl Writer {
     pub(super) fn new(shared: Arc<Shared>, options: &StoreOptions, state: StoreStats) -> Self {
         let reclaimer = super::space::Reclaimer::start(Arc::downgrade(&shared));
@@ -775,11 +830,22 @@ impl Writer {
                 .collect(),
             Err(_) => Vec::new(),
         };
+        let unknown: Vec<u64> = seqs
+            .iter()
+            .enumerate()
+            .filter(|&(i, seq)| {
+                !matches!(known.get(i), Some(Some(_))) && !batch.deleted.contains(&(area, *seq))
+            })
+            .map(|(_, &seq)| seq)
+            .collect();
+        let scanned = ScannedSizes::scan(&ks, &unknown);
         for (i, &seq) in seqs.iter().enumerate() {
             let stored = if batch.deleted.contains(&(area, seq)) {
                 None
             } else if let Some(Some(known)) = known.get(i) {
                 *known
+            } else if let Some(found) = scanned.get(seq) {
+                found
             } else {
                 ks.size_of(record::key(seq))
                     .map_err(|e| self.engine(e))?
