@@ -43,6 +43,8 @@ pub struct LocalSubscriptions {
 struct Sessions {
     next_connection: u64,
     by_client: HashMap<String, Session>,
+    /// Filters over all sessions, kept as they change.
+    filters: usize,
 }
 
 #[derive(Debug, Default)]
@@ -77,12 +79,12 @@ impl LocalSubscriptions {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn recount(&self, sessions: &Sessions) {
-        let n = sessions.by_client.values().map(|s| s.filters.len()).sum();
-        if n > MAX_FILTERS {
+    /// Publishes the count for the lock-free check.
+    fn publish(&self, sessions: &Sessions) {
+        if sessions.filters > MAX_FILTERS {
             self.overflowed.store(true, Ordering::Release);
         }
-        self.filters.store(n, Ordering::Release);
+        self.filters.store(sessions.filters, Ordering::Release);
     }
 
     /// A connection of `client_id` was accepted by rumqttd. A clean session
@@ -94,10 +96,13 @@ impl LocalSubscriptions {
         let id = s.next_connection;
         let session = s.by_client.entry(client_id.to_string()).or_default();
         session.connection = id;
-        if clean {
-            session.filters.clear();
-        }
-        self.recount(&s);
+        let dropped = if clean {
+            std::mem::take(&mut session.filters).len()
+        } else {
+            0
+        };
+        s.filters = s.filters.saturating_sub(dropped);
+        self.publish(&s);
         Connected {
             local: self,
             client_id: client_id.to_string(),
@@ -113,9 +118,9 @@ impl LocalSubscriptions {
         let ends = s.by_client.get(client_id).is_some_and(|session| {
             session.connection == id && (clean || session.filters.is_empty())
         });
-        if ends {
-            s.by_client.remove(client_id);
-            self.recount(&s);
+        if ends && let Some(session) = s.by_client.remove(client_id) {
+            s.filters = s.filters.saturating_sub(session.filters.len());
+            self.publish(&s);
         }
     }
 
@@ -127,18 +132,24 @@ impl LocalSubscriptions {
         }
         let mut s = self.sessions();
         let session = s.by_client.entry(client_id.to_string()).or_default();
-        session.filters.extend(filters.iter().cloned());
-        self.recount(&s);
+        let added = filters
+            .iter()
+            .filter(|f| session.filters.insert((*f).clone()))
+            .count();
+        s.filters += added;
+        self.publish(&s);
     }
 
     /// `client_id` unsubscribes from `filters`.
     pub fn unsubscribed(&self, client_id: &str, filters: &[String]) {
         let mut s = self.sessions();
         if let Some(session) = s.by_client.get_mut(client_id) {
-            for f in filters {
-                session.filters.remove(f);
-            }
-            self.recount(&s);
+            let removed = filters
+                .iter()
+                .filter(|f| session.filters.remove(*f))
+                .count();
+            s.filters = s.filters.saturating_sub(removed);
+            self.publish(&s);
         }
     }
 
@@ -247,6 +258,44 @@ mod tests {
         assert!(local.any_match("devices/bed-1/vitals/hr"));
         drop(new);
         assert!(!local.any_match("devices/bed-1/vitals/hr"));
+    }
+
+    proptest::proptest! {
+        /// Whatever clients do, the count the lock-free check reads is the
+        /// number of filters held, so a publish skips the broker only when no
+        /// held filter matches it.
+        #[test]
+        fn the_count_follows_the_filters(ops in proptest::collection::vec((0u8..5, 0usize..3, 0usize..4), 0..60)) {
+            const CLIENTS: [&str; 3] = ["display", "station", "bed-1"];
+            const FILTERS: [&str; 4] = ["devices/#", "devices/+/alarms/#", "wards/x", "devices/bed-1/vitals/hr"];
+            const TOPICS: [&str; 3] = ["devices/bed-1/vitals/hr", "devices/bed-2/alarms/spo2", "wards/x"];
+            let local = LocalSubscriptions::default();
+            let mut open: Vec<Connected<'_>> = Vec::new();
+            for (op, c, f) in ops {
+                let client = CLIENTS[c];
+                let filter = vec![FILTERS[f].to_string()];
+                match op {
+                    0 => open.push(local.connected(client, true)),
+                    1 => open.push(local.connected(client, false)),
+                    2 => local.subscribed(client, &filter),
+                    3 => local.unsubscribed(client, &filter),
+                    _ => if !open.is_empty() { drop(open.remove(f % open.len())); },
+                }
+                let held: Vec<String> = local
+                    .sessions()
+                    .by_client
+                    .values()
+                    .flat_map(|s| s.filters.iter().cloned())
+                    .collect();
+                proptest::prop_assert_eq!(local.filters.load(Ordering::Acquire), held.len());
+                for topic in TOPICS {
+                    proptest::prop_assert_eq!(
+                        local.any_match(topic),
+                        held.iter().any(|f| matches(f, topic))
+                    );
+                }
+            }
+        }
     }
 
     #[test]
