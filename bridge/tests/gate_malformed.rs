@@ -165,22 +165,23 @@ async fn malformed_packets_close_only_their_connection() {
     );
 }
 
-#[tokio::test]
-async fn keep_alive_zero_is_accepted() {
-    let t = g::start(|_| {}, |_| {}).await;
-    let mut s = TcpStream::connect(t.addr()).await.unwrap();
-    s.write_all(&connect_v4("no-keepalive", 0)).await.unwrap();
+/// A raw MQTT 3.1.1 connection with keep-alive `ka`, past its CONNACK.
+async fn connected_raw(addr: SocketAddr, id: &str, ka: u16) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect_v4(id, ka)).await.unwrap();
     let mut ack = [0u8; 4];
     tokio::time::timeout(WAIT, s.read_exact(&mut ack))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        ack, CONNACK_OK,
-        "rumqttd alone refuses keep-alive 0 without a CONNACK"
-    );
-    // QoS 1 publish, pkid 5: PUBACK after the commit.
-    s.write_all(&[0x32, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x05, b'x'])
+    assert_eq!(ack, CONNACK_OK, "CONNACK for {id} (keep-alive {ka})");
+    s
+}
+
+/// Publishes one QoS 1 message with packet id `pkid` on `a/b` and waits for
+/// its PUBACK (sent after the commit).
+async fn publish_raw(s: &mut TcpStream, pkid: u8) {
+    s.write_all(&[0x32, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, pkid, b'x'])
         .await
         .unwrap();
     let mut puback = [0u8; 4];
@@ -188,7 +189,15 @@ async fn keep_alive_zero_is_accepted() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(puback, [0x40, 0x02, 0x00, 0x05]);
+    assert_eq!(puback, [0x40, 0x02, 0x00, pkid]);
+}
+
+/// rumqttd alone refuses keep-alive 0 without a CONNACK.
+#[tokio::test]
+async fn keep_alive_zero_is_accepted() {
+    let t = g::start(|_| {}, |_| {}).await;
+    let mut s = connected_raw(t.addr(), "no-keepalive", 0).await;
+    publish_raw(&mut s, 5).await;
 }
 
 /// A device that only publishes sends no PINGREQ, and its publishes skip the
@@ -198,26 +207,11 @@ async fn keep_alive_zero_is_accepted() {
 #[tokio::test]
 async fn a_device_that_only_publishes_outlives_its_keep_alive() {
     let t = g::start(|_| {}, |_| {}).await;
-    let mut s = TcpStream::connect(t.addr()).await.unwrap();
-    s.write_all(&connect_v4("busy-monitor", 1)).await.unwrap();
-    let mut ack = [0u8; 4];
-    tokio::time::timeout(WAIT, s.read_exact(&mut ack))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(ack, CONNACK_OK);
+    let mut s = connected_raw(t.addr(), "busy-monitor", 1).await;
     // QoS 1 publishes every 200 ms for 4 s: four times the 1.5 s rumqttd
     // would allow on a keep-alive of 1 s.
     for pkid in 1..=20u8 {
-        s.write_all(&[0x32, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, pkid, b'x'])
-            .await
-            .unwrap();
-        let mut puback = [0u8; 4];
-        tokio::time::timeout(WAIT, s.read_exact(&mut puback))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(puback, [0x40, 0x02, 0x00, pkid]);
+        publish_raw(&mut s, pkid).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(GateCounters::get(&t.gate.counters().not_routed_locally), 20);
