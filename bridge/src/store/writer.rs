@@ -585,39 +585,51 @@ impl Writer {
     }
 
     fn take_device_seq(&mut self, device: &str, seq: u64, batch: &mut Batch) {
-        self.devices.insert(device.to_string(), seq);
-        batch.devices.insert(device.to_string());
+        // A device's name is copied once per cache entry and batch, not per
+        // message.
+        match self.devices.get_mut(device) {
+            Some(last) => *last = seq,
+            None => {
+                self.devices.insert(device.to_string(), seq);
+            }
+        }
+        if !batch.devices.contains(device) {
+            batch.devices.insert(device.to_string());
+        }
     }
 
     fn append(&mut self, ingest: Ingest, done: Reply<Appended>, batch: &mut Batch) {
         let priority = ingest.priority;
-        let name = match self.shared.lane(priority) {
-            Ok((_, name)) => name.to_string(),
+        // Its own handle, so the lane's name is borrowed, not copied, while
+        // `self` changes below.
+        let shared = self.shared.clone();
+        let name = match shared.lane(priority) {
+            Ok((_, name)) => name,
             Err(e) => return drop(done.send(Err(e))),
+        };
+        // The seq and the device's number stay the same if a flush below
+        // makes room: what is sealed once is kept.
+        let device_seq = match self.peek_device_seq(&ingest.device) {
+            Ok(s) => s,
+            Err(e) => return drop(done.send(Err(e))),
+        };
+        let seq = self.state.next_seq;
+        let event = Event::from_ingest(ingest, Uuid::now_v7(), device_seq);
+        let value = match shared
+            .seal_for(name, seq)
+            .seal(shared.epoch, EVENT_FORMAT, &event)
+        {
+            Ok(v) => v,
+            Err(source) => {
+                return drop(done.send(Err(StoreError::Record {
+                    keyspace: name.to_string(),
+                    seq,
+                    source,
+                })));
+            }
         };
         let mut allow_flush = true;
         loop {
-            let device_seq = match self.peek_device_seq(&ingest.device) {
-                Ok(s) => s,
-                Err(e) => return drop(done.send(Err(e))),
-            };
-            let seq = self.state.next_seq;
-            let event = Event::from_ingest(ingest.clone(), Uuid::now_v7(), device_seq);
-            let value =
-                match self
-                    .shared
-                    .seal_for(&name, seq)
-                    .seal(self.shared.epoch, EVENT_FORMAT, &event)
-                {
-                    Ok(v) => v,
-                    Err(source) => {
-                        return drop(done.send(Err(StoreError::Record {
-                            keyspace: name,
-                            seq,
-                            source,
-                        })));
-                    }
-                };
             let stored_bytes = size_of(value.len());
             if let Some(free) = self.free.map(|f| f.saturating_sub(batch.put_bytes))
                 && free < self.min_free.saturating_add(stored_bytes)
