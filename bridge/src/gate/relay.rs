@@ -775,7 +775,7 @@ fn publish(
             kind: class.kind,
             priority: class.priority,
             device: device.to_string(),
-            topic: topic.clone(),
+            topic,
             qos,
             retain,
             received_at: Timestamp::now(),
