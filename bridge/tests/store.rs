@@ -890,3 +890,62 @@ async fn acknowledged_runs_read_from_disk_leave_exact_figures() {
     }
     store.close().await.unwrap();
 }
+
+/// An append that must evict what its own batch appended commits that batch
+/// first, and the commit writes gap notices, which take seqs. The append is
+/// then stored under a fresh seq (one seq, one AES-GCM nonce), never under
+/// the one it had before the commit.
+#[tokio::test]
+async fn an_append_after_a_flush_for_room_gets_a_seq_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for a handful of records: every batch of the burst holds more
+    // appends than there are committed records to evict.
+    let store = open_with(dir.path(), |o| {
+        o.quota_bytes = 4 * 1024;
+        o.eviction_step_bytes = 0;
+    });
+    for _ in 0..10 {
+        store.append(ingest("bed-a", 3, 200)).await.unwrap();
+    }
+    // Many at once, so they share batches: the first ones evict the
+    // committed records (gap notices pending), the later ones can only evict
+    // their own batch's appends and make the writer commit it first.
+    let mut burst = tokio::task::JoinSet::new();
+    for n in 0..200 {
+        let store = store.clone();
+        let dev = if n % 2 == 0 { "bed-b" } else { "bed-c" };
+        burst.spawn(async move { store.append(ingest(dev, 3, 200)).await });
+    }
+    let mut appended = Vec::new();
+    while let Some(r) = burst.join_next().await {
+        appended.push(r.unwrap().unwrap().seq);
+    }
+    // Most of the burst is evicted again by the rest of it; the gap notices
+    // (lane 0) stay, and so do the seqs each append was told.
+    let mut notices = Vec::new();
+    let mut stored = 0u64;
+    for lane in 0..store.priorities() {
+        for e in read_all(&store, lane).await {
+            if e.body.kind == Kind::GapNotice {
+                notices.push(e.seq);
+            }
+            stored += 1;
+        }
+    }
+    assert!(
+        !notices.is_empty(),
+        "the burst must have evicted and noticed it"
+    );
+    let mut all = appended.clone();
+    all.extend(&notices);
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        appended.len() + notices.len(),
+        "no append shares a seq with a gap notice (or another append)"
+    );
+    let queued: u64 = store.stats().lanes.iter().map(|l| l.messages).sum();
+    assert_eq!(queued, stored, "the figures count what is stored");
+    store.close().await.unwrap();
+}

@@ -607,26 +607,29 @@ impl Writer {
             Ok((_, name)) => name,
             Err(e) => return drop(done.send(Err(e))),
         };
-        // The seq and the device's number stay the same if a flush below
-        // makes room: what is sealed once is kept.
+        // The device's number stays the same if a flush below makes room (it
+        // commits other devices' messages and gap notices only); the seq may
+        // not (the flush's gap notices take seqs), so the event is sealed
+        // again under the seq it is finally stored at.
         let device_seq = match self.peek_device_seq(&ingest.device) {
             Ok(s) => s,
             Err(e) => return drop(done.send(Err(e))),
         };
-        let seq = self.state.next_seq;
         let event = Event::from_ingest(ingest, Uuid::now_v7(), device_seq);
-        let value = match shared
-            .seal_for(name, seq)
-            .seal(shared.epoch, EVENT_FORMAT, &event)
-        {
-            Ok(v) => v,
-            Err(source) => {
-                return drop(done.send(Err(StoreError::Record {
+        let seal = |seq: u64| {
+            shared
+                .seal_for(name, seq)
+                .seal(shared.epoch, EVENT_FORMAT, &event)
+                .map_err(|source| StoreError::Record {
                     keyspace: name.to_string(),
                     seq,
                     source,
-                })));
-            }
+                })
+        };
+        let mut seq = self.state.next_seq;
+        let mut value = match seal(seq) {
+            Ok(v) => v,
+            Err(e) => return drop(done.send(Err(e))),
         };
         let mut allow_flush = true;
         loop {
@@ -701,6 +704,14 @@ impl Writer {
                     self.commit(full);
                     if let Some(reason) = &self.fatal {
                         return drop(done.send(Err(StoreError::Poisoned(reason.clone()))));
+                    }
+                    if self.state.next_seq != seq {
+                        // One seq, one nonce: never reuse the sealed value.
+                        seq = self.state.next_seq;
+                        value = match seal(seq) {
+                            Ok(v) => v,
+                            Err(e) => return drop(done.send(Err(e))),
+                        };
                     }
                     allow_flush = false;
                 }
