@@ -61,7 +61,7 @@
 //! payloads (the whole JSON envelope, device payload inline) the subscriber
 //! received during the drain.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -578,6 +578,9 @@ struct Figures {
     /// (n, msg/s)
     ingest: Fig<(u64, f64)>,
     bare: Fig<f64>,
+    /// CPU while Vigil took row 2's fill, and while the bare rumqttd did.
+    cpu_fill: Option<CpuUse>,
+    cpu_bare: Option<CpuUse>,
     stored: Fig<u64>,
     rss_empty: Fig<Rss>,
     rss_full: Fig<Rss>,
@@ -600,6 +603,8 @@ impl Default for Figures {
             lat_80: not_measured(),
             ingest: not_measured(),
             bare: not_measured(),
+            cpu_fill: None,
+            cpu_bare: None,
             stored: not_measured(),
             rss_empty: not_measured(),
             rss_full: not_measured(),
@@ -1086,9 +1091,11 @@ impl Bench {
             "bench: row 2: {DEVICES} devices publishing {} messages to Vigil (cloud unreachable)",
             thousands(n as f64)
         );
+        let before = CpuSample::take(Some(vigil.pid));
         let loaded = self
             .load("row 2: durable ingest", vigil.listen, run, per, None)
             .await?;
+        f.cpu_fill = CpuSample::take(Some(vigil.pid)).since(&before, n);
         f.ingest = Ok((n, loaded.acked_rate()));
         eprintln!(
             "bench: row 2: {} msg/s, all {} acknowledged",
@@ -1117,10 +1124,10 @@ impl Bench {
         f.bare = match start_bare().await {
             Ok(bare) => {
                 let run = self.next_run();
-                self.load("row 2: bare rumqttd", bare, run, per, None)
-                    .await
-                    .map(|l| l.acked_rate())
-                    .map_err(|e| e.to_string())
+                let before = CpuSample::take(None);
+                let loaded = self.load("row 2: bare rumqttd", bare, run, per, None).await;
+                f.cpu_bare = CpuSample::take(None).since(&before, n);
+                loaded.map(|l| l.acked_rate()).map_err(|e| e.to_string())
             }
             Err(e) => Err(e.to_string()),
         };
@@ -1614,6 +1621,64 @@ impl Bench {
                  generator and loopback carry: {} msg/s",
                 thousands(*n as f64),
                 thousands(*b)
+            ));
+        }
+        if let Some(c) = &f.cpu_fill {
+            notes.push(format!(
+                "row 2: CPU during the fill ({:.2} s): Vigil {}; this process (the 20 devices) {}; \
+                 the machine {}",
+                c.wall,
+                c.process(c.vigil),
+                c.process(c.sim),
+                c.machine_text()
+            ));
+        }
+        if let Some(c) = &f.cpu_bare {
+            notes.push(format!(
+                "row 2: CPU during the bare run ({:.2} s): this process (the 20 devices and the bare \
+                 rumqttd) {}; the machine {}",
+                c.wall,
+                c.process(c.sim),
+                c.machine_text()
+            ));
+        }
+        if let (Some(v), Ok(bare)) = (&f.cpu_fill, &f.bare)
+            && let Some(vm) = v.machine
+            && vm.busy_us_per_msg > 0.0
+            && *bare > 0.0
+        {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            let ceiling = cpus * 1e6 / vm.busy_us_per_msg;
+            notes.push(format!(
+                "row 2: per message the whole machine (every process and the kernel) spent {:.1} µs \
+                 of CPU during Vigil's fill: with all {cpus} CPUs busy that caps the fill at about \
+                 {} msg/s, {:.2} of the bare rate; 0.7 of it needs at most {:.1} µs per message \
+                 machine-wide",
+                vm.busy_us_per_msg,
+                thousands(ceiling),
+                ceiling / bare,
+                cpus * 1e6 / (0.7 * bare)
+            ));
+        }
+        if let Some(c) = &f.cpu_fill
+            && !c.threads.is_empty()
+        {
+            let parts: Vec<String> = c
+                .threads
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{} on a CPU {:.2}, waiting for one {:.2}",
+                        t.name,
+                        t.run_s / c.wall,
+                        t.wait_s / c.wall
+                    )
+                })
+                .collect();
+            notes.push(format!(
+                "row 2: Vigil's threads during the fill, CPU-seconds per second by thread name \
+                 (/proc/PID/task/*/schedstat): {}",
+                parts.join("; ")
             ));
         }
         match &f.stored {
@@ -2350,6 +2415,198 @@ fn rss(pid: u32) -> Result<Rss, BenchError> {
     }
 }
 
+/// Clock ticks per second of `/proc`'s CPU times: `USER_HZ`, fixed at 100 by
+/// Linux's ABI on every architecture this runs on.
+const USER_HZ: f64 = 100.0;
+
+/// User plus system CPU seconds a process has used (`/proc/PID/stat`, or this
+/// process's with `None`), its finished threads included.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name may hold spaces: fields are counted after its ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
+/// The machine's CPU ticks, all CPUs together (`/proc/stat`'s `cpu` line):
+/// (busy, steal, total). Busy is everything but idle, iowait and steal.
+fn machine_ticks() -> Option<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = v[..] else {
+        return None;
+    };
+    let busy = user + nice + system + irq + softirq;
+    Some((busy, steal, busy + idle + iowait + steal))
+}
+
+/// Nanoseconds each thread name of a process has spent on a CPU and waiting
+/// for one (`/proc/PID/task/*/schedstat`), threads of one name summed.
+fn thread_times(pid: u32) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("schedstat")),
+        ) else {
+            continue;
+        };
+        let mut f = stat
+            .split_whitespace()
+            .map(|x| x.parse::<u64>().unwrap_or(0));
+        let (run, wait) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+        let e = out.entry(comm.trim().to_string()).or_insert((0, 0));
+        e.0 += run;
+        e.1 += wait;
+    }
+    out
+}
+
+/// CPU counters at one instant.
+struct CpuSample {
+    at: Instant,
+    vigil: Option<f64>,
+    threads: BTreeMap<String, (u64, u64)>,
+    sim: Option<f64>,
+    machine: Option<(u64, u64, u64)>,
+}
+
+impl CpuSample {
+    /// Vigil's (if `vigil` is given), this process's and the machine's.
+    fn take(vigil: Option<u32>) -> Self {
+        Self {
+            at: Instant::now(),
+            vigil: vigil.and_then(|p| cpu_seconds(Some(p))),
+            threads: vigil.map(thread_times).unwrap_or_default(),
+            sim: cpu_seconds(None),
+            machine: machine_ticks(),
+        }
+    }
+
+    /// What was used between `before` and this sample, over `n` messages.
+    fn since(&self, before: &CpuSample, n: u64) -> Option<CpuUse> {
+        let wall = self.at.saturating_duration_since(before.at).as_secs_f64();
+        if wall <= 0.0 || n == 0 {
+            return None;
+        }
+        let per_msg = |secs: f64| secs * 1e6 / n as f64;
+        let used = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => Some((a - b).max(0.0)),
+            _ => None,
+        };
+        let machine = match (self.machine, before.machine) {
+            (Some((b1, s1, t1)), Some((b0, s0, t0))) if t1 > t0 => {
+                let total = (t1 - t0) as f64;
+                let busy = b1.saturating_sub(b0) as f64;
+                Some(MachineUse {
+                    busy: busy / total,
+                    steal: s1.saturating_sub(s0) as f64 / total,
+                    busy_us_per_msg: per_msg(busy / USER_HZ),
+                })
+            }
+            _ => None,
+        };
+        // Threads that started during the load count from zero; those that
+        // ended are missing (the process totals above still hold them).
+        let mut threads: Vec<ThreadUse> = self
+            .threads
+            .iter()
+            .map(|(name, (run, wait))| {
+                let (r0, w0) = before.threads.get(name).copied().unwrap_or((0, 0));
+                ThreadUse {
+                    name: name.clone(),
+                    run_s: run.saturating_sub(r0) as f64 / 1e9,
+                    wait_s: wait.saturating_sub(w0) as f64 / 1e9,
+                }
+            })
+            .filter(|t| t.run_s + t.wait_s >= 0.01 * wall)
+            .collect();
+        threads.sort_by(|a, b| b.run_s.total_cmp(&a.run_s));
+        Some(CpuUse {
+            wall,
+            n,
+            threads,
+            vigil: used(self.vigil, before.vigil),
+            sim: used(self.sim, before.sim),
+            machine,
+        })
+    }
+}
+
+/// One thread name's share of a load.
+#[derive(Debug, Clone)]
+struct ThreadUse {
+    name: String,
+    /// Seconds on a CPU, and runnable but waiting for one.
+    run_s: f64,
+    wait_s: f64,
+}
+
+/// CPU used during a load of `n` messages.
+#[derive(Debug, Clone)]
+struct CpuUse {
+    wall: f64,
+    n: u64,
+    /// Vigil's threads, busiest first.
+    threads: Vec<ThreadUse>,
+    /// CPU seconds.
+    vigil: Option<f64>,
+    sim: Option<f64>,
+    machine: Option<MachineUse>,
+}
+
+/// The whole machine during a load.
+#[derive(Debug, Clone, Copy)]
+struct MachineUse {
+    /// Fractions of all CPUs' time.
+    busy: f64,
+    steal: f64,
+    busy_us_per_msg: f64,
+}
+
+impl CpuUse {
+    /// "1.02 cores, 7.3 µs per message" for a process's CPU seconds.
+    fn process(&self, secs: Option<f64>) -> String {
+        match secs {
+            Some(s) => format!(
+                "{:.2} cores, {:.1} µs per message",
+                s / self.wall,
+                s * 1e6 / self.n as f64
+            ),
+            None => "not measured".into(),
+        }
+    }
+
+    fn machine_text(&self) -> String {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match self.machine {
+            Some(m) => format!(
+                "{:.0} % busy of its {cpus} CPUs (steal {:.1} %)",
+                m.busy * 100.0,
+                m.steal * 100.0
+            ),
+            None => "not measured".into(),
+        }
+    }
+}
+
 /// Allocated bytes (`st_blocks` × 512, as `du` counts) of a directory tree.
 /// Files that vanish while it is walked (compaction) are skipped.
 fn allocated_bytes(dir: &Path) -> Result<u64, BenchError> {
@@ -2662,6 +2919,41 @@ fn mib_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_accounting_sees_a_busy_thread() {
+        let me = std::process::id();
+        let name = "bench-cpu-test";
+        let busy = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let before = CpuSample::take(Some(me));
+                let started = Instant::now();
+                let mut x = 0u64;
+                while started.elapsed() < Duration::from_millis(300) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                CpuSample::take(Some(me)).since(&before, 1_000)
+            })
+            .unwrap();
+        let used = busy.join().unwrap().expect("a CPU figure");
+        // The spinning thread ran for most of the 300 ms (a loaded machine
+        // may take some of it), and its name is among the threads.
+        let vigil = used.vigil.expect("this process's CPU seconds");
+        assert!((0.05..=used.wall * 4.0).contains(&vigil), "{used:?}");
+        let sim = used.sim.expect("this process's CPU seconds");
+        assert!((sim - vigil).abs() < 0.05, "{used:?}");
+        let t = used
+            .threads
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("{name} not among {:?}", used.threads));
+        assert!(t.run_s >= 0.05 && t.run_s <= used.wall + 0.01, "{t:?}");
+        let m = used.machine.expect("/proc/stat");
+        assert!(m.busy > 0.0 && m.busy <= 1.0 && m.steal >= 0.0, "{m:?}");
+        assert!(m.busy_us_per_msg > 0.0, "{m:?}");
+        assert!(used.process(used.vigil).contains("µs per message"));
+    }
 
     #[test]
     fn payloads_are_json_of_the_right_size_and_their_stamps_read_back() {
