@@ -210,6 +210,28 @@ mod tests {
         }
     }
 
+    /// The associated data is part of the on-disk format: records sealed by
+    /// any earlier Vigil must still open. This is its definition, written out.
+    #[test]
+    fn associated_data_keeps_its_layout() {
+        let id = [7u8; 16];
+        for name in ["p0", "dead-letter", "quarantine", ""] {
+            let c = RecordContext {
+                store_id: &id,
+                keyspace: name,
+                seq: 0x0102_0304_0506_0708,
+                format: 3,
+            };
+            let mut want = b"vigil-v1".to_vec();
+            want.extend_from_slice(&id);
+            want.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+            want.extend_from_slice(name.as_bytes());
+            want.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+            want.push(3);
+            assert_eq!(c.aad(), want, "name {name:?}");
+        }
+    }
+
     fn seal(key: &DataKey, n: Nonce, c: &RecordContext<'_>, msg: &[u8]) -> Vec<u8> {
         let mut buf = msg.to_vec();
         key.seal_in_place(n, c, &mut buf, 0).unwrap();
