@@ -2942,7 +2942,8 @@ mod tests {
         let vigil = used.vigil.expect("this process's CPU seconds");
         assert!((0.05..=used.wall * 4.0).contains(&vigil), "{used:?}");
         let sim = used.sim.expect("this process's CPU seconds");
-        assert!((sim - vigil).abs() < 0.05, "{used:?}");
+        // Two reads of the same counters a moment apart: ticks of 10 ms.
+        assert!((sim - vigil).abs() <= 0.1, "{used:?}");
         let t = used
             .threads
             .iter()
