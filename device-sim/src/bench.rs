@@ -539,6 +539,9 @@ struct Latency {
     /// Vigil's durable store commits during the load (its
     /// `vigil_commit_seconds` histogram), when `/metrics` answered.
     commits: Option<Commits>,
+    /// The whole machine during the load: a p99 taken while the hypervisor
+    /// steals CPU time is partly the neighbours'.
+    machine: Option<MachineUse>,
 }
 
 /// Store commits during one load: how many, and the histogram bucket bounds
@@ -977,9 +980,13 @@ impl Bench {
             Some(http) => commit_histogram(http).await.ok(),
             None => None,
         };
+        let cpu_before = CpuSample::take(None);
         let (mut loaded, mut counted) = self
             .through_cloud(phase, vigil, per, Some(each), true)
             .await?;
+        let machine = CpuSample::take(None)
+            .since(&cpu_before, total(per))
+            .and_then(|c| c.machine);
         let after = match vigil.http {
             Some(http) => commit_histogram(http).await.ok(),
             None => None,
@@ -998,6 +1005,7 @@ impl Bench {
             ack_p50: us(&loaded.ack_latencies, 0.50),
             ack_p99: us(&loaded.ack_latencies, 0.99),
             commits: before.zip(after).and_then(|(b, a)| commits_between(&b, &a)),
+            machine,
         };
         eprintln!(
             "bench: {phase}: p50 {} p99 {} max {} ({} samples)",
@@ -1722,12 +1730,13 @@ impl Bench {
                     "row 4 at {name}: {} samples, max {}; the device's side alone, publish() to \
                      Vigil's PUBACK (gate and store commit): p50 {} / p99 {}{commits}; the load \
                      generator fell at most {} behind its schedule (latency is stamped at the \
-                     actual publish())",
+                     actual publish()){}",
                     l.samples,
                     ms(l.max),
                     ms(l.ack_p50),
                     ms(l.ack_p99),
-                    ms(l.lag)
+                    ms(l.lag),
+                    machine_during(l.machine)
                 ));
             }
         }
@@ -1747,6 +1756,17 @@ impl Bench {
                 "row 6: after the drain: {} running (2 s after /status showed an empty store), {} after SIGTERM",
                 mib_bytes(*running),
                 mib_bytes(*stopped)
+            ));
+        }
+        if let Some(Ok(l)) = mosq.map(|m| &m.lat_1k) {
+            notes.push(format!(
+                "Mosquitto row 4 at 1,000/s: {} samples, max {}; the device's side alone, \
+                 publish() to Mosquitto's PUBACK (no fsync): p50 {} / p99 {}{}",
+                l.samples,
+                ms(l.max),
+                ms(l.ack_p50),
+                ms(l.ack_p99),
+                machine_during(l.machine)
             ));
         }
         if let Some(Ok(r)) = mosq.map(|m| &m.rss_full) {
@@ -2548,6 +2568,17 @@ impl CpuSample {
             machine,
         })
     }
+}
+
+/// "; the machine during it: 12 % busy, 0.4 % stolen", or nothing.
+fn machine_during(m: Option<MachineUse>) -> String {
+    m.map_or(String::new(), |m| {
+        format!(
+            "; the machine during it: {:.0} % busy, {:.1} % stolen by the hypervisor",
+            m.busy * 100.0,
+            m.steal * 100.0
+        )
+    })
 }
 
 /// One thread name's share of a load.
