@@ -337,6 +337,7 @@ fn snapshot(o: &Observed) -> Status {
         ("not_routed_locally", get(&o.gate.not_routed_locally)),
         ("refused_disk_low", get(&o.store.metrics().refused_disk_low)),
         ("reclaims", get(&o.store.metrics().reclaims)),
+        ("lane_disk_reads", get(&o.store.metrics().lane_disk_reads)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -522,6 +523,10 @@ pub fn render_metrics(o: &Observed) -> String {
         (
             "reclaims",
             "Disk space reclaims (memtables flushed and lanes compacted after a drain or on a low disk)",
+        ),
+        (
+            "lane_disk_reads",
+            "Forwarder reads of a lane answered from disk, not from the records kept in memory (a caught-up forwarder makes none)",
         ),
         (
             "refused_broker_unavailable",

@@ -949,3 +949,69 @@ async fn an_append_after_a_flush_for_room_gets_a_seq_of_its_own() {
     assert_eq!(queued, stored, "the figures count what is stored");
     store.close().await.unwrap();
 }
+
+/// A forwarder's reads "from the head" of a lane it has not read yet are
+/// answered from memory while the store knows the lane holds nothing else
+/// (empty at open, or emptied by acknowledgements since), and from disk
+/// otherwise; either way they return exactly what the lane holds.
+#[tokio::test]
+async fn reads_from_the_head_of_a_lane_known_empty_come_from_memory_and_are_exact() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let disk = |s: &Store| s.metrics().lane_disk_reads.load(Ordering::Relaxed);
+
+    // Empty at open: nothing to read, and no disk read to learn it.
+    assert!(seqs_in(&store, 0, 10).await.is_empty());
+    assert!(seqs_in(&store, 1, 10).await.is_empty());
+    assert_eq!(disk(&store), 0);
+
+    // Appends to a lane known empty are kept: read from the head in memory.
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(store.append(ingest("bed-1", 1, 50)).await.unwrap().seq);
+    }
+    assert_eq!(seqs_in(&store, 1, 10).await, first);
+    assert_eq!(seqs_in(&store, 1, 2).await, first[..2]);
+    assert_eq!(disk(&store), 0);
+
+    // Emptied by acknowledgements, then appended to again.
+    store.ack(1, first.clone()).await.unwrap();
+    assert!(seqs_in(&store, 1, 10).await.is_empty());
+    let second = store.append(ingest("bed-1", 1, 50)).await.unwrap().seq;
+    assert_eq!(seqs_in(&store, 1, 10).await, [second]);
+    assert_eq!(disk(&store), 0);
+
+    // More appends than memory keeps: the head is on disk only, and read there.
+    let mut many = vec![second];
+    for _ in 0..300 {
+        many.push(store.append(ingest("bed-1", 1, 50)).await.unwrap().seq);
+    }
+    assert_eq!(
+        read_all(&store, 1)
+            .await
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        many
+    );
+    assert!(disk(&store) > 0);
+
+    // After a restart a lane with records is read from disk, one without is not.
+    store.close().await.unwrap();
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(seqs_in(&store, 1, 1000).await, many);
+    assert_eq!(disk(&store), 1);
+    assert!(seqs_in(&store, 2, 10).await.is_empty());
+    assert_eq!(disk(&store), 1);
+
+    // A lane that was not known whole (its head only on disk) is drained:
+    // the store finds it empty and reads come from memory again.
+    store.ack(1, many).await.unwrap();
+    assert!(seqs_in(&store, 1, 10).await.is_empty());
+    let third = store.append(ingest("bed-1", 1, 50)).await.unwrap().seq;
+    assert_eq!(seqs_in(&store, 1, 10).await, [third]);
+    assert_eq!(disk(&store), 1);
+    store.close().await.unwrap();
+}

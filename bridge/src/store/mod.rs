@@ -129,6 +129,10 @@ pub struct StoreMetrics {
     pub refused_disk_low: std::sync::atomic::AtomicU64,
     /// Reclaims done (memtables flushed and lanes compacted to give space back).
     pub reclaims: std::sync::atomic::AtomicU64,
+    /// Lane reads answered from disk (a blocking thread and a fjall scan)
+    /// rather than from the records kept in memory: a caught-up forwarder
+    /// makes none.
+    pub lane_disk_reads: std::sync::atomic::AtomicU64,
 }
 
 impl StoreMetrics {
@@ -142,6 +146,7 @@ impl StoreMetrics {
             ),
             refused_disk_low: std::sync::atomic::AtomicU64::new(0),
             reclaims: std::sync::atomic::AtomicU64::new(0),
+            lane_disk_reads: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -802,16 +807,16 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        if let Some(after) = after
-            && let Some(recent) = self
-                .shared
-                .recent
-                .lock()
-                .ok()
-                .and_then(|r| r.read(priority, after, limit))
-        {
+        if let Some(recent) = self.shared.recent.lock().ok().and_then(|r| match after {
+            Some(after) => r.read(priority, after, limit),
+            None => r.read_head(priority, limit),
+        }) {
             return Ok(recent.into_iter().map(Arc::unwrap_or_clone).collect());
         }
+        self.shared
+            .metrics
+            .lane_disk_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let shared = self.shared.clone();
         let scanned =
             tokio::task::spawn_blocking(move || scan::lane(&shared, priority, after, limit))
@@ -1191,13 +1196,18 @@ fn open_shared(
     // A lane's persisted head may lag (it is found after each batch and written
     // with the next): find it again. An empty lane's cursor is already a valid
     // lower bound.
+    // Every lane is looked at: one found empty on disk (nothing from its
+    // cursor on) is complete in `recent` from the start, so a forwarder's
+    // reads of it are answered from memory.
+    let mut emptied = Vec::new();
     for p in 0..options.priorities {
+        scan::refresh_head(&shared, &mut state, p)?;
         if state
             .lanes
             .get(usize::from(p))
-            .is_some_and(|l| l.messages > 0)
+            .is_some_and(|l| l.cursor >= state.next_seq && l.oldest.is_none())
         {
-            scan::refresh_head(&shared, &mut state, p)?;
+            emptied.push(recent::Change::Emptied(p, state.next_seq));
         }
     }
     if let Ok(mut s) = shared.stats.write() {
@@ -1205,6 +1215,7 @@ fn open_shared(
     }
     if let Ok(recent) = shared.recent.get_mut() {
         *recent = recent::Recent::new(state.lanes.len(), state.next_seq);
+        recent.apply(emptied);
     }
     Ok((shared, state))
 }

@@ -19,6 +19,19 @@
 //! reader never sees what is not on disk) and before the append signal is
 //! sent (so a woken reader finds them).
 //!
+//! A reader that has sent nothing from a lane yet (a fresh connection, or a
+//! lane that has been empty since) reads "from the head", not "after a seq".
+//! That is answered here too when the lane is known to be *complete*: every
+//! live record of the lane is in `records`. The writer says so when a commit
+//! leaves a lane empty (it finds the head again after deletions; finding
+//! nothing from the old head on, the lane is empty on disk), and at open for
+//! each lane found empty; the lane then stays complete while appends are
+//! kept and stops being complete when one is not (a put without its event, a
+//! record dropped from the bounded window). Without this, each append signal
+//! sent a reader at a lane it never used (lane 0 when devices publish at
+//! priority 1) to the disk through a blocking thread, before the lane the
+//! new message was in: on the latency path of every message.
+//!
 //! Bounded: at most [`MAX_RECORDS`] records and [`MAX_BYTES`] of stored
 //! bytes per lane; the oldest go first and `covers_from` moves past them.
 //! With a backlog (more than [`KEEP_UP_TO_QUEUED`] queued in the lane) the
@@ -47,6 +60,9 @@ pub(super) enum Change {
     Put(u8, u64),
     /// A record deleted from the lane (acknowledged, evicted, moved).
     Delete(u8, u64),
+    /// The lane holds no record: every later one has a seq at or above the
+    /// given one (the store's next seq when it was found empty).
+    Emptied(u8, u64),
 }
 
 /// The last committed records of every lane.
@@ -57,16 +73,22 @@ pub(super) struct Recent {
 struct Lane {
     /// Every record of the lane with a seq at or above this is in `records`.
     covers_from: u64,
+    /// Every live record of the lane is in `records` (none below
+    /// `covers_from`): a read from the head can be answered.
+    complete: bool,
     /// In seq order.
     records: VecDeque<Arc<StoredEvent>>,
     bytes: u64,
 }
 
 impl Lane {
+    /// Forgets every record: only those from `from` on will be known, and
+    /// the lane is not complete (older records may be live).
     fn reset(&mut self, from: u64) {
         self.records.clear();
         self.bytes = 0;
         self.covers_from = from;
+        self.complete = false;
     }
 }
 
@@ -78,6 +100,7 @@ impl Recent {
             lanes: (0..lanes)
                 .map(|_| Lane {
                     covers_from: next_seq,
+                    complete: false,
                     records: VecDeque::new(),
                     bytes: 0,
                 })
@@ -110,6 +133,8 @@ impl Recent {
                         };
                         lane.bytes -= oldest.stored_bytes;
                         lane.covers_from = oldest.seq.saturating_add(1);
+                        // It is still stored, and no longer here.
+                        lane.complete = false;
                     }
                 }
                 Change::Put(priority, seq) => {
@@ -132,6 +157,12 @@ impl Recent {
                         lane.bytes -= gone.stored_bytes;
                     }
                 }
+                Change::Emptied(priority, next_seq) => {
+                    if let Some(lane) = self.lanes.get_mut(usize::from(priority)) {
+                        lane.reset(next_seq);
+                        lane.complete = true;
+                    }
+                }
             }
         }
     }
@@ -151,6 +182,14 @@ impl Recent {
                 .and_then(|i| lane.records.get(i))
                 .map(|r| r.stored_bytes),
         )
+    }
+
+    /// The lane's first records, up to `limit`, if this holds every live
+    /// record of the lane; `None` if the disk must be read.
+    pub(super) fn read_head(&self, priority: u8, limit: usize) -> Option<Vec<Arc<StoredEvent>>> {
+        let lane = self.lanes.get(usize::from(priority))?;
+        lane.complete
+            .then(|| lane.records.iter().take(limit).cloned().collect())
     }
 
     /// The lane's records after `after`, up to `limit`, if this holds every
@@ -203,6 +242,9 @@ mod tests {
         Put,
         Delete(usize),
         Read(usize, usize),
+        /// The writer found the lane empty (only taken when it is).
+        Emptied,
+        ReadHead(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -211,17 +253,21 @@ mod tests {
             1 => Just(Step::Put),
             4 => (0usize..1000).prop_map(Step::Delete),
             4 => (0usize..1000, 1usize..300).prop_map(|(a, l)| Step::Read(a, l)),
+            2 => Just(Step::Emptied),
+            3 => (1usize..300).prop_map(Step::ReadHead),
         ]
     }
 
     proptest! {
         /// Against a model of the lane (the set of seqs in it): whenever
-        /// `read` answers, it answers exactly what a scan of the lane would.
+        /// `read` or `read_head` answers, it answers exactly what a scan of
+        /// the lane would.
         #[test]
         fn a_read_it_answers_is_what_the_lane_holds(steps in proptest::collection::vec(step(), 1..400)) {
             let mut recent = Recent::new(1, 1);
             let mut lane = BTreeSet::new();
             let mut next = 1u64;
+            let (mut emptied_once, mut answered_head) = (false, false);
             for s in steps {
                 match s {
                     Step::Append(bytes) => {
@@ -248,6 +294,20 @@ mod tests {
                             prop_assert_eq!(got, want);
                         }
                     }
+                    Step::Emptied => {
+                        if lane.is_empty() {
+                            recent.apply([Change::Emptied(0, next)]);
+                            emptied_once = true;
+                        }
+                    }
+                    Step::ReadHead(limit) => {
+                        if let Some(got) = recent.read_head(0, limit) {
+                            let got: Vec<u64> = got.iter().map(|r| r.seq).collect();
+                            let want: Vec<u64> = lane.iter().take(limit).copied().collect();
+                            prop_assert_eq!(got, want);
+                            answered_head = true;
+                        }
+                    }
                 }
                 if let Some(known) = recent.stored_bytes(0, next) {
                     prop_assert_eq!(known, None);
@@ -260,7 +320,32 @@ mod tests {
                 let l = &recent.lanes[0];
                 prop_assert!(l.records.len() <= MAX_RECORDS && l.bytes <= MAX_BYTES);
             }
+            // Never complete before the writer says the lane is empty.
+            prop_assert!(emptied_once || !answered_head);
         }
+    }
+
+    #[test]
+    fn a_lane_found_empty_answers_reads_from_its_head_until_a_record_is_not_kept() {
+        let mut recent = Recent::new(2, 10);
+        // Not known to be complete: a head read goes to disk.
+        assert!(recent.read_head(0, 10).is_none());
+        recent.apply([Change::Emptied(0, 10)]);
+        assert_eq!(recent.read_head(0, 10).map(|v| v.len()), Some(0));
+        recent.apply((10..13).map(|s| Change::Append(0, record(s, 100))));
+        let seqs = |v: Vec<Arc<StoredEvent>>| v.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(recent.read_head(0, 2).map(seqs), Some(vec![10, 11]));
+        recent.apply([Change::Delete(0, 10)]);
+        assert_eq!(recent.read_head(0, 10).map(seqs), Some(vec![11, 12]));
+        // A put without its event: older records may be live on disk only.
+        recent.apply([Change::Put(0, 13)]);
+        assert!(recent.read_head(0, 10).is_none());
+        // Empty again, then more appends than the window keeps.
+        recent.apply([Change::Emptied(0, 14)]);
+        recent.apply((14..14 + MAX_RECORDS as u64 + 1).map(|s| Change::Append(0, record(s, 10))));
+        assert!(recent.read_head(0, 10).is_none());
+        // The other lane was never said to be empty.
+        assert!(recent.read_head(1, 10).is_none());
     }
 
     #[test]

@@ -1256,10 +1256,24 @@ impl Writer {
             return;
         }
         let deleted = !batch.heads.is_empty();
+        let mut emptied = Vec::new();
         for lane in std::mem::take(&mut batch.heads) {
-            if let Err(e) = scan::refresh_head(&self.shared, &mut self.state, lane) {
-                tracing::warn!(priority = lane, error = %e, "could not find the lane's new head");
+            match scan::refresh_head(&self.shared, &mut self.state, lane) {
+                Err(e) => {
+                    tracing::warn!(priority = lane, error = %e, "could not find the lane's new head");
+                }
+                // Nothing from the old head on: the lane is empty on disk,
+                // and every later record will pass through `recent`.
+                Ok(()) if self.lane_is_empty(lane) => {
+                    emptied.push(Change::Emptied(lane, self.state.next_seq));
+                }
+                Ok(()) => {}
             }
+        }
+        if !emptied.is_empty()
+            && let Ok(mut recent) = self.shared.recent.lock()
+        {
+            recent.apply(emptied);
         }
         if let Ok(mut shared) = self.shared.stats.write() {
             shared.clone_from(&self.state);
@@ -1280,6 +1294,14 @@ impl Writer {
         if self.gaps.len() > CACHE_LIMIT {
             self.gaps.clear();
         }
+    }
+
+    /// Whether the lane's head, as last found, is past every record.
+    fn lane_is_empty(&self, lane: u8) -> bool {
+        self.state
+            .lanes
+            .get(usize::from(lane))
+            .is_some_and(|l| l.cursor >= self.state.next_seq && l.oldest.is_none())
     }
 
     /// Whether free space is under twice the reserve.
