@@ -1194,11 +1194,9 @@ fn open_shared(
         journal::settle(&shared, &mut state, &journal)?;
     }
     // A lane's persisted head may lag (it is found after each batch and written
-    // with the next): find it again. An empty lane's cursor is already a valid
-    // lower bound.
-    // Every lane is looked at: one found empty on disk (nothing from its
-    // cursor on) is complete in `recent` from the start, so a forwarder's
-    // reads of it are answered from memory.
+    // with the next): find it again, for every lane. One found empty on disk
+    // (nothing from its cursor on) is complete in `recent` from the start, so
+    // a forwarder's reads of it are answered from memory.
     let mut emptied = Vec::new();
     for p in 0..options.priorities {
         scan::refresh_head(&shared, &mut state, p)?;
