@@ -1194,17 +1194,24 @@ fn open_shared(
         journal::settle(&shared, &mut state, &journal)?;
     }
     // A lane's persisted head may lag (it is found after each batch and written
-    // with the next): find it again, for every lane. One found empty on disk
-    // (nothing from its cursor on) is complete in `recent` from the start, so
-    // a forwarder's reads of it are answered from memory.
+    // with the next): find it again. An empty lane's cursor is already a valid
+    // lower bound; one found empty on disk (no key from its cursor on) is
+    // complete in `recent` from the start, so a forwarder's reads of it are
+    // answered from memory.
     let mut emptied = Vec::new();
     for p in 0..options.priorities {
-        scan::refresh_head(&shared, &mut state, p)?;
-        if state
+        let Some((messages, cursor)) = state
             .lanes
             .get(usize::from(p))
-            .is_some_and(|l| l.cursor >= state.next_seq && l.oldest.is_none())
-        {
+            .map(|l| (l.messages, l.cursor))
+        else {
+            continue;
+        };
+        if messages > 0 {
+            scan::refresh_head(&shared, &mut state, p)?;
+        } else if scan::nothing_from(&shared, p, cursor)? {
+            // Its figures stay as they are; only whether anything is there
+            // is looked at.
             emptied.push(recent::Change::Emptied(p, state.next_seq));
         }
     }

@@ -268,6 +268,13 @@ pub(super) fn quarantine(
     Ok(out)
 }
 
+/// Whether lane `priority` holds no key at or after `from`. Nothing is
+/// decrypted; a key fjall cannot read counts as something there.
+pub(super) fn nothing_from(shared: &Shared, priority: u8, from: u64) -> Result<bool, StoreError> {
+    let (ks, _) = shared.lane(priority)?;
+    Ok(ks.range(record::key(from)..).next().is_none())
+}
+
 /// Finds a lane's head after deletions: one seek from the cursor. Sets the
 /// lane's cursor and oldest `received_at`. Corrupt records at the head are
 /// skipped here (they are quarantined when the forwarder reads them).
