@@ -138,10 +138,14 @@ impl Recent {
                     }
                 }
                 Change::Put(priority, seq) => {
-                    if let Some(lane) = self.lanes.get_mut(usize::from(priority))
-                        && seq >= lane.covers_from
-                    {
-                        lane.reset(seq.saturating_add(1));
+                    if let Some(lane) = self.lanes.get_mut(usize::from(priority)) {
+                        if seq >= lane.covers_from {
+                            lane.reset(seq.saturating_add(1));
+                        } else {
+                            // Below what is kept (cannot happen with seqs
+                            // handed out in order): live, and not here.
+                            lane.complete = false;
+                        }
                     }
                 }
                 Change::Delete(priority, seq) => {
