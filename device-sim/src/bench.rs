@@ -2570,14 +2570,10 @@ impl CpuSample {
     }
 }
 
-/// "; the machine during it: 12 % busy, 0.4 % stolen", or nothing.
+/// "; the machine during it: 12 % busy of its 2 CPUs (steal 0.4 %)", or nothing.
 fn machine_during(m: Option<MachineUse>) -> String {
     m.map_or(String::new(), |m| {
-        format!(
-            "; the machine during it: {:.0} % busy, {:.1} % stolen by the hypervisor",
-            m.busy * 100.0,
-            m.steal * 100.0
-        )
+        format!("; the machine during it: {}", m.describe())
     })
 }
 
@@ -2626,15 +2622,20 @@ impl CpuUse {
     }
 
     fn machine_text(&self) -> String {
+        self.machine
+            .map_or_else(|| "not measured".into(), |m| m.describe())
+    }
+}
+
+impl MachineUse {
+    /// "80 % busy of its 2 CPUs (steal 0.1 %)".
+    fn describe(&self) -> String {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        match self.machine {
-            Some(m) => format!(
-                "{:.0} % busy of its {cpus} CPUs (steal {:.1} %)",
-                m.busy * 100.0,
-                m.steal * 100.0
-            ),
-            None => "not measured".into(),
-        }
+        format!(
+            "{:.0} % busy of its {cpus} CPUs (steal {:.1} %)",
+            self.busy * 100.0,
+            self.steal * 100.0
+        )
     }
 }
 
