@@ -235,6 +235,13 @@ pub fn ack(pkid: u16, qos2: bool, reason: Option<u8>) -> Bytes {
     }
 }
 
+/// A PUBACK for `pkid`, success, MQTT 3.1.1 and 5 alike: the gate's own
+/// acknowledgement of a committed QoS 1 publish, built where it is written.
+pub fn puback(pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [0x40, 0x02, hi, lo]
+}
+
 /// A PINGREQ.
 pub fn pingreq() -> Bytes {
     Bytes::from_static(&[kind::PINGREQ << 4, 0])

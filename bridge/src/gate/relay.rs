@@ -96,7 +96,9 @@ enum Out {
     /// The gate's PUBACK or rumqttd's PUBREC for a device publish: sent once
     /// committed.
     Ack {
-        frame: Bytes,
+        /// rumqttd's PUBREC as it sent it; `None`: the gate's own PUBACK,
+        /// written when committed.
+        frame: Option<Bytes>,
         pkid: u16,
         qos2: bool,
         held: Held,
@@ -582,7 +584,7 @@ async fn device_reader<R: AsyncRead + Unpin>(
                             // The gate acknowledges it itself, once committed:
                             // queued now, so PUBACKs leave in publish order.
                             let ack = Out::Ack {
-                                frame: frame::ack(pkid, false, None),
+                                frame: None,
                                 pkid,
                                 qos2: false,
                                 held: Held { pending, permit },
@@ -693,8 +695,8 @@ fn publish(
     let malformed = |e: String| (reason::MALFORMED, e);
     let mut aliased = false;
     let (topic, qos, retain, pkid, payload, content_type, user_properties) = match protocol {
-        Protocol::V5 => match v5::Packet::read(&mut frame.to_buf(), None) {
-            Ok(v5::Packet::Publish(p)) => {
+        Protocol::V5 => match read_publish_v5(frame) {
+            Ok(p) => {
                 let mut topic = String::from_utf8(p.topic.to_vec())
                     .map_err(|_| malformed("topic is not UTF-8".into()))?;
                 let (alias, content_type, user_properties) = match p.properties {
@@ -736,10 +738,10 @@ fn publish(
                     user_properties,
                 )
             }
-            other => return Err(malformed(format!("{:?}", other.err()))),
+            Err(e) => return Err(malformed(format!("{e:?}"))),
         },
-        _ => match v4::Packet::read(&mut frame.to_buf(), max) {
-            Ok(v4::Packet::Publish(p)) => (
+        _ => match read_publish_v4(frame, max) {
+            Ok(p) => (
                 p.topic,
                 match p.qos {
                     rumqttc::mqttbytes::QoS::AtMostOnce => Qos::AtMostOnce,
@@ -752,7 +754,7 @@ fn publish(
                 None,
                 Vec::new(),
             ),
-            other => return Err(malformed(format!("{:?}", other.err()))),
+            Err(e) => return Err(malformed(format!("{e:?}"))),
         },
     };
     validate_topic(&topic).map_err(|why| (reason::TOPIC_NAME_INVALID, why.to_string()))?;
@@ -786,6 +788,25 @@ fn publish(
         pkid,
         aliased,
     ))
+}
+
+/// Decodes an MQTT 3.1.1 PUBLISH frame as `v4::Packet::read` would, from the
+/// frame's own bytes: the payload stays a view of them, not a copy.
+fn read_publish_v4(frame: &Frame, max: usize) -> Result<v4::Publish, rumqttc::mqttbytes::Error> {
+    let header = rumqttc::mqttbytes::check(frame.bytes.iter(), max)?;
+    if header.frame_length() != frame.bytes.len() {
+        return Err(rumqttc::mqttbytes::Error::MalformedPacket);
+    }
+    v4::Publish::read(header, frame.bytes.clone())
+}
+
+/// The MQTT 5 counterpart of [`read_publish_v4`].
+fn read_publish_v5(frame: &Frame) -> Result<v5::Publish, rumqttc::v5::mqttbytes::Error> {
+    let header = v5::check(frame.bytes.iter(), None)?;
+    if header.frame_length() != frame.bytes.len() {
+        return Err(rumqttc::v5::mqttbytes::Error::MalformedPacket);
+    }
+    v5::Publish::read(header, frame.bytes.clone())
 }
 
 /// Decodes a non-PUBLISH device packet to check it is well formed.
@@ -882,7 +903,7 @@ async fn broker_reader<R: AsyncRead + Unpin>(
                 };
                 match held {
                     Some(held) => Out::Ack {
-                        frame: frame.bytes,
+                        frame: Some(frame.bytes),
                         pkid,
                         qos2: true,
                         held,
@@ -1010,7 +1031,10 @@ async fn device_writer<W: AsyncWrite + Unpin>(
                     };
                     ctx.count_commit(&device, &outcome);
                     match outcome {
-                        Ok(_) => buf.extend_from_slice(&frame),
+                        Ok(_) => match &frame {
+                            Some(frame) => buf.extend_from_slice(frame),
+                            None => buf.extend_from_slice(&frame::puback(pkid)),
+                        },
                         Err(StoreError::Full { .. } | StoreError::DiskLow { .. })
                             if protocol == Protocol::V5 =>
                         {
@@ -1120,6 +1144,59 @@ mod tests {
             let _ = check_packet(Protocol::V4, &frame, 1 << 20);
             let _ = check_packet(Protocol::V5, &frame, 1 << 20);
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        /// The gate decodes PUBLISH frames in place; whatever the frame holds,
+        /// it gets what rumqttc's own packet reader gets from a copy of it
+        /// (the same publish, or an error where it errs).
+        #[test]
+        fn publishes_decode_in_place_as_rumqttc_reads_them(
+            flags in 0u8..16,
+            topic in "[a-z/]{0,12}",
+            pkid in any::<u16>(),
+            props in prop::sample::select(vec![vec![0u8], vec![3, 0x23, 0, 7], vec![2, 0x01, 1], vec![]]),
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            junk in proptest::collection::vec(any::<u8>(), 0..8),
+            garble in any::<bool>(),
+        ) {
+            let mut body = Vec::new();
+            body.extend_from_slice(&u16::try_from(topic.len()).unwrap_or(0).to_be_bytes());
+            body.extend_from_slice(topic.as_bytes());
+            if flags & 0b0110 != 0 {
+                body.extend_from_slice(&pkid.to_be_bytes());
+            }
+            let mut v5_body = body.clone();
+            v5_body.extend_from_slice(&props);
+            body.extend_from_slice(&payload);
+            v5_body.extend_from_slice(&payload);
+            if garble {
+                body = junk.clone();
+                v5_body = junk;
+            }
+            let frame = framed(0x30 | flags, &body);
+            let theirs = match v4::Packet::read(&mut frame.to_buf(), 1 << 20) {
+                Ok(v4::Packet::Publish(p)) => Some(p),
+                _ => None,
+            };
+            prop_assert_eq!(read_publish_v4(&frame, 1 << 20).ok(), theirs);
+            let frame = framed(0x30 | flags, &v5_body);
+            let theirs = match v5::Packet::read(&mut frame.to_buf(), None) {
+                Ok(v5::Packet::Publish(p)) => Some(p),
+                _ => None,
+            };
+            prop_assert_eq!(read_publish_v5(&frame).ok(), theirs);
+        }
+    }
+
+    /// A frame the gate's own PUBACK would be is what `ack` builds.
+    #[test]
+    fn the_gates_puback_is_an_mqtt_puback() {
+        for pkid in [1u16, 0x1234, u16::MAX] {
+            assert_eq!(&frame::puback(pkid)[..], &frame::ack(pkid, false, None)[..]);
+        }
+        assert_eq!(frame::puback(0x0102), [0x40, 0x02, 0x01, 0x02]);
     }
 
     /// With nothing to relay for a whole interval the writer pings rumqttd
