@@ -103,16 +103,39 @@ impl Command {
     }
 }
 
-/// Sends a deferred reply: the value on success, the commit's error otherwise.
-type Deferred = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// Sends a reply given the commit's error (`None`: committed).
+type SendReply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// A reply sent once the batch is committed: the value on success, the
+/// commit's error otherwise.
+enum Deferred {
+    /// An append's (one per message: no allocation of its own).
+    Appended(Reply<Appended>, Appended),
+    /// Any other command's, or an append's refusal.
+    Other(SendReply),
+}
+
+impl Deferred {
+    fn send(self, err: Option<&StoreError>) {
+        match self {
+            Deferred::Appended(done, appended) => {
+                let _ = done.send(match err {
+                    None => Ok(appended),
+                    Some(e) => Err(copy_error(e)),
+                });
+            }
+            Deferred::Other(reply) => reply(err),
+        }
+    }
+}
 
 fn defer<T: Send + 'static>(done: Reply<T>, value: T) -> Deferred {
-    Box::new(move |err| {
+    Deferred::Other(Box::new(move |err| {
         let _ = done.send(match err {
             None => Ok(value),
             Some(e) => Err(copy_error(e)),
         });
-    })
+    }))
 }
 
 /// The error every waiter of a failed batch receives.
@@ -647,9 +670,9 @@ impl Writer {
                     needed: stored_bytes,
                     reserve: self.min_free,
                 };
-                batch.replies.push(Box::new(move |err| {
+                batch.replies.push(Deferred::Other(Box::new(move |err| {
                     let _ = done.send(Err(err.map_or(e, copy_error)));
-                }));
+                })));
                 return;
             }
             match self.make_room(priority, stored_bytes, batch, allow_flush) {
@@ -695,7 +718,7 @@ impl Writer {
                         }));
                     }
                     batch.pending_lanes |= 1 << priority;
-                    batch.replies.push(defer(done, appended));
+                    batch.replies.push(Deferred::Appended(done, appended));
                     return;
                 }
                 Err(Room::Flush) => {
@@ -720,9 +743,9 @@ impl Writer {
                     // and in the figures before the device hears of it.
                     self.state.counters.refused_full += 1;
                     batch.dirty = true;
-                    batch.replies.push(Box::new(move |err| {
+                    batch.replies.push(Deferred::Other(Box::new(move |err| {
                         let _ = done.send(Err(err.map_or(e, copy_error)));
-                    }));
+                    })));
                     return;
                 }
             }
@@ -1251,7 +1274,7 @@ impl Writer {
             self.shared.fatal.send_replace(Some(reason));
             let err = StoreError::Persist(self.fatal.clone().unwrap_or_default());
             for reply in batch.replies {
-                reply(Some(&err));
+                reply.send(Some(&err));
             }
             return;
         }
@@ -1282,7 +1305,7 @@ impl Writer {
             counter.fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
         }
         for reply in batch.replies {
-            reply(None);
+            reply.send(None);
         }
         self.deleted_since_reclaim |= deleted;
         if deleted || self.disk_low() {
