@@ -791,7 +791,10 @@ fn publish(
 }
 
 /// Decodes an MQTT 3.1.1 PUBLISH frame as `v4::Packet::read` would, from the
-/// frame's own bytes: the payload stays a view of them, not a copy.
+/// frame's own bytes: the payload stays a view of them, not a copy. It keeps
+/// the 4 KiB chunk of the connection's read buffer it lies in until the store
+/// writer has sealed it; a device's in-flight publishes are consecutive
+/// frames, so what stays pinned is about its in-flight bytes plus a chunk.
 fn read_publish_v4(frame: &Frame, max: usize) -> Result<v4::Publish, rumqttc::mqttbytes::Error> {
     let header = rumqttc::mqttbytes::check(frame.bytes.iter(), max)?;
     if header.frame_length() != frame.bytes.len() {
