@@ -431,6 +431,11 @@ pub fn render_metrics(o: &Observed) -> String {
         "Duration of each durable store commit (write batch and fsync)",
         o.store.metrics().commit_seconds.clone(),
     );
+    r.register(
+        "delivery_seconds",
+        "For each message the cloud acknowledged, seconds from the gate reading it to the cloud's PUBACK (time queued included)",
+        o.forward.delivery_seconds.clone(),
+    );
     let dead = Family::<Labels, Counter>::default();
     for why in crate::forward::DeadLetterReason::ALL {
         let n = o

@@ -139,7 +139,23 @@ impl Rig {
     }
 }
 
+/// The count and sum of a histogram, read from its OpenMetrics text.
+fn histogram_count_sum(h: &prometheus_client::metrics::histogram::Histogram) -> (u64, f64) {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("h", "test", h.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let value = |suffix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(suffix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {suffix} in:\n{text}"))
+    };
+    (value("h_count ") as u64, value("h_sum "))
+}
+
 async fn deliver_in_priority_order(protocol: Protocol) {
+    let started = std::time::Instant::now();
     let rig = Rig::new().await;
     // A backlog before the forwarder starts, so strict priority shows.
     let mut sent = append(&rig.store, 300, 0).await;
@@ -193,6 +209,15 @@ async fn deliver_in_priority_order(protocol: Protocol) {
     })
     .await;
     assert_eq!(delivered(), sent.len() as u64);
+    // Each delivery's time from the gate's read (here: the append) to the
+    // cloud's PUBACK was observed once, and none is longer than the test.
+    let (count, sum) = histogram_count_sum(&counters.delivery_seconds);
+    assert_eq!(count, sent.len() as u64, "one observation per delivery");
+    let bound = started.elapsed().as_secs_f64();
+    assert!(
+        sum > 0.0 && sum <= count as f64 * bound,
+        "delivery seconds: sum {sum} over {count} messages, test ran {bound} s"
+    );
     fwd.stop().await.unwrap();
 }
 

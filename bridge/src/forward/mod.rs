@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -73,7 +74,7 @@ pub enum ForwardError {
 }
 
 /// Counters since the forwarder started.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ForwardCounters {
     /// Publishes handed to the cloud connection (resends included).
     pub published: AtomicU64,
@@ -92,6 +93,27 @@ pub struct ForwardCounters {
     /// When the last PUBACK arrived (microseconds since the Unix epoch; 0:
     /// never).
     pub last_ack_micros: AtomicU64,
+    /// For each message the cloud acknowledged: seconds from the gate reading
+    /// it to the cloud's PUBACK (a backlog's messages count their time queued).
+    /// Wall-clock based: a clock stepped back counts as 0.
+    pub delivery_seconds: Histogram,
+}
+
+impl Default for ForwardCounters {
+    fn default() -> Self {
+        Self {
+            published: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            dead_lettered_by_reason: Default::default(),
+            connections: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            last_ack_micros: AtomicU64::new(0),
+            // 100 µs to about 55 min in powers of two.
+            delivery_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 26)),
+        }
+    }
 }
 
 /// Why the forwarder moved a message to dead-letter.
@@ -457,6 +479,11 @@ impl Driver {
                     match self.session.puback(pkid, reason) {
                         AckOutcome::Delivered(m) => {
                             progressed = true;
+                            let micros = crate::event::Timestamp::now()
+                                .0
+                                .saturating_sub(m.received_at.0)
+                                .max(0);
+                            self.counters.delivery_seconds.observe(micros as f64 / 1e6);
                             self.ack(m).await?;
                         }
                         AckOutcome::Refused(m, code) => {
@@ -565,6 +592,7 @@ impl Driver {
         let m = InFlight {
             priority: lane,
             seq: stored.seq,
+            received_at: stored.body.received_at,
         };
         let body = envelope::encode(&stored.body);
         let topic = format!("{}/{}", self.config.topic_prefix, stored.body.topic);

@@ -21,6 +21,8 @@ pub struct InFlight {
     pub priority: u8,
     /// Its store sequence number.
     pub seq: u64,
+    /// When the gate read it (for the delivery-time histogram).
+    pub received_at: crate::event::Timestamp,
 }
 
 /// What a PUBACK means for the store.
@@ -150,25 +152,24 @@ impl Session {
             self.forget();
             return Vec::new();
         }
-        let mut heads: HashMap<u8, u64> = HashMap::new();
+        let mut heads: HashMap<u8, InFlight> = HashMap::new();
         for m in self.unassigned.iter().chain(self.by_pkid.values()) {
-            let e = heads.entry(m.priority).or_insert(m.seq);
-            *e = (*e).min(m.seq);
+            let e = heads.entry(m.priority).or_insert(*m);
+            if m.seq < e.seq {
+                *e = *m;
+            }
         }
         let mut give_up = Vec::new();
         let mut next = HashMap::new();
-        for (lane, seq) in heads {
+        for (lane, head) in heads {
             let failures = match self.head_failures.get(&lane) {
-                Some((s, n)) if *s == seq => n + 1,
+                Some((s, n)) if *s == head.seq => n + 1,
                 _ => 1,
             };
             if failures >= self.max_head_failures {
-                give_up.push(InFlight {
-                    priority: lane,
-                    seq,
-                });
+                give_up.push(head);
             } else {
-                next.insert(lane, (seq, failures));
+                next.insert(lane, (head.seq, failures));
             }
         }
         self.head_failures = next;
@@ -191,7 +192,11 @@ mod tests {
     use super::*;
 
     fn m(priority: u8, seq: u64) -> InFlight {
-        InFlight { priority, seq }
+        InFlight {
+            priority,
+            seq,
+            received_at: crate::event::Timestamp(0),
+        }
     }
 
     #[test]
