@@ -436,6 +436,11 @@ pub fn render_metrics(o: &Observed) -> String {
         "For each message the cloud acknowledged, seconds from the gate reading it to the cloud's PUBACK (time queued included)",
         o.forward.delivery_seconds.clone(),
     );
+    r.register(
+        "sent_seconds",
+        "For each publish written to the cloud connection (resends included), seconds from the gate reading the message to then",
+        o.forward.sent_seconds.clone(),
+    );
     let dead = Family::<Labels, Counter>::default();
     for why in crate::forward::DeadLetterReason::ALL {
         let n = o

@@ -218,6 +218,14 @@ async fn deliver_in_priority_order(protocol: Protocol) {
         sum > 0.0 && sum <= count as f64 * bound,
         "delivery seconds: sum {sum} over {count} messages, test ran {bound} s"
     );
+    // And one per publish written (no fault: no resend), each before its
+    // PUBACK.
+    let (sent_count, sent_sum) = histogram_count_sum(&counters.sent_seconds);
+    assert_eq!(sent_count, sent.len() as u64, "one observation per publish");
+    assert!(
+        sent_sum > 0.0 && sent_sum <= sum,
+        "sent seconds: sum {sent_sum}, delivery seconds: sum {sum}"
+    );
     fwd.stop().await.unwrap();
 }
 

@@ -97,6 +97,10 @@ pub struct ForwardCounters {
     /// it to the cloud's PUBACK (a backlog's messages count their time queued).
     /// Wall-clock based: a clock stepped back counts as 0.
     pub delivery_seconds: Histogram,
+    /// For each publish written to the cloud connection (resends included):
+    /// seconds from the gate reading the message to then. Vigil's own share
+    /// of a delivery, without the network and the cloud.
+    pub sent_seconds: Histogram,
 }
 
 impl Default for ForwardCounters {
@@ -112,8 +116,15 @@ impl Default for ForwardCounters {
             last_ack_micros: AtomicU64::new(0),
             // 100 µs to about 55 min in powers of two.
             delivery_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 26)),
+            sent_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 26)),
         }
     }
+}
+
+/// Wall-clock seconds since `at`; 0 if the clock was stepped back since.
+fn seconds_since(at: crate::event::Timestamp) -> f64 {
+    let micros = crate::event::Timestamp::now().0.saturating_sub(at.0).max(0);
+    micros as f64 / 1e6
 }
 
 /// Why the forwarder moved a message to dead-letter.
@@ -462,6 +473,9 @@ impl Driver {
                 Ok(Happened::Published(pkid)) => {
                     if let Some(m) = self.session.outgoing(pkid) {
                         self.counters.published.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .sent_seconds
+                            .observe(seconds_since(m.received_at));
                         if self.config.testing_only_delete_on_send {
                             // The deliberate bug: forget it before the PUBACK.
                             self.session.withdraw(m);
@@ -479,11 +493,9 @@ impl Driver {
                     match self.session.puback(pkid, reason) {
                         AckOutcome::Delivered(m) => {
                             progressed = true;
-                            let micros = crate::event::Timestamp::now()
-                                .0
-                                .saturating_sub(m.received_at.0)
-                                .max(0);
-                            self.counters.delivery_seconds.observe(micros as f64 / 1e6);
+                            self.counters
+                                .delivery_seconds
+                                .observe(seconds_since(m.received_at));
                             self.ack(m).await?;
                         }
                         AckOutcome::Refused(m, code) => {
