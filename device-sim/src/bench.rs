@@ -538,16 +538,22 @@ struct Latency {
     ack_p99: Duration,
     /// Vigil's durable store commits during the load (its
     /// `vigil_commit_seconds` histogram), when `/metrics` answered.
-    commits: Option<Commits>,
+    commits: Option<Observed>,
+    /// Vigil's own view of each message during the load: gate read to its
+    /// publish leaving for the cloud (`vigil_sent_seconds`), and to the
+    /// cloud's PUBACK (`vigil_delivery_seconds`).
+    sent: Option<Observed>,
+    deliveries: Option<Observed>,
     /// The whole machine during the load: a p99 taken while the hypervisor
     /// steals CPU time is partly the neighbours'.
     machine: Option<MachineUse>,
 }
 
-/// Store commits during one load: how many, and the histogram bucket bounds
-/// (powers of two from 100 µs) holding their median and 99th percentile.
+/// What one of Vigil's histograms observed during one load: how many, and
+/// the bucket bounds (powers of two from 100 µs) holding their median and
+/// 99th percentile.
 #[derive(Debug, Clone, Copy)]
-struct Commits {
+struct Observed {
     n: u64,
     p50_le: f64,
     p99_le: f64,
@@ -977,7 +983,7 @@ impl Bench {
             thousands(rate_total)
         );
         let before = match vigil.http {
-            Some(http) => commit_histogram(http).await.ok(),
+            Some(http) => histograms(http).await.ok(),
             None => None,
         };
         let cpu_before = CpuSample::take(None);
@@ -988,7 +994,7 @@ impl Bench {
             .since(&cpu_before, total(per))
             .and_then(|c| c.machine);
         let after = match vigil.http {
-            Some(http) => commit_histogram(http).await.ok(),
+            Some(http) => histograms(http).await.ok(),
             None => None,
         };
         counted.latencies.sort_unstable();
@@ -1004,7 +1010,18 @@ impl Bench {
             lag: loaded.lag,
             ack_p50: us(&loaded.ack_latencies, 0.50),
             ack_p99: us(&loaded.ack_latencies, 0.99),
-            commits: before.zip(after).and_then(|(b, a)| commits_between(&b, &a)),
+            commits: before
+                .as_ref()
+                .zip(after.as_ref())
+                .and_then(|(b, a)| observed_between(&b.0, &a.0)),
+            sent: before
+                .as_ref()
+                .zip(after.as_ref())
+                .and_then(|(b, a)| observed_between(&b.1, &a.1)),
+            deliveries: before
+                .as_ref()
+                .zip(after.as_ref())
+                .and_then(|(b, a)| observed_between(&b.2, &a.2)),
             machine,
         };
         eprintln!(
@@ -1726,9 +1743,25 @@ impl Bench {
                         ms(Duration::from_secs_f64(c.p99_le)),
                     )
                 });
+                let own = |what: &str, o: Option<Observed>| {
+                    o.map_or(String::new(), |o| {
+                        format!(
+                            "; Vigil's own time per message, gate read to {what}: {}, p50 ≤ {} \
+                             / p99 ≤ {}",
+                            thousands(o.n as f64),
+                            ms(Duration::from_secs_f64(o.p50_le)),
+                            ms(Duration::from_secs_f64(o.p99_le)),
+                        )
+                    })
+                };
+                let deliveries =
+                    own(
+                        "its publish written to the cloud connection (vigil_sent_seconds)",
+                        l.sent,
+                    ) + &own("the cloud's PUBACK (vigil_delivery_seconds)", l.deliveries);
                 notes.push(format!(
                     "row 4 at {name}: {} samples, max {}; the device's side alone, publish() to \
-                     Vigil's PUBACK (gate and store commit): p50 {} / p99 {}{commits}; the load \
+                     Vigil's PUBACK (gate and store commit): p50 {} / p99 {}{commits}{deliveries}; the load \
                      generator fell at most {} behind its schedule (latency is stamped at the \
                      actual publish()){}",
                     l.samples,
@@ -2710,36 +2743,47 @@ async fn http_get(http: SocketAddr, path: &str) -> Result<Vec<u8>, BenchError> {
         .ok_or_else(|| fail("not an HTTP response".into()))
 }
 
-/// Vigil's `vigil_commit_seconds` histogram from `/metrics`: (upper bound in
+/// Vigil's `vigil_commit_seconds`, `vigil_sent_seconds` and
+/// `vigil_delivery_seconds` histograms from `/metrics`: (upper bound in
 /// seconds, cumulative count) per bucket, `+Inf` last.
-async fn commit_histogram(http: SocketAddr) -> Result<Vec<(f64, u64)>, BenchError> {
+type Histograms = (Vec<(f64, u64)>, Vec<(f64, u64)>, Vec<(f64, u64)>);
+
+async fn histograms(http: SocketAddr) -> Result<Histograms, BenchError> {
     let body = http_get(http, "/metrics").await?;
     let text = String::from_utf8_lossy(&body);
-    let buckets: Vec<(f64, u64)> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("vigil_commit_seconds_bucket{le=\""))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect();
-    if buckets.is_empty() {
-        return Err(BenchError::Status {
-            addr: http,
-            reason: "no vigil_commit_seconds histogram in /metrics".into(),
-        });
-    }
-    Ok(buckets)
+    let buckets = |name: &str| -> Result<Vec<(f64, u64)>, BenchError> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let found: Vec<(f64, u64)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .filter_map(|rest| {
+                let (le, count) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect();
+        if found.is_empty() {
+            return Err(BenchError::Status {
+                addr: http,
+                reason: format!("no {name} histogram in /metrics"),
+            });
+        }
+        Ok(found)
+    };
+    Ok((
+        buckets("vigil_commit_seconds")?,
+        buckets("vigil_sent_seconds")?,
+        buckets("vigil_delivery_seconds")?,
+    ))
 }
 
-/// The commits between two readings of the histogram, with the bucket
+/// The observations between two readings of a histogram, with the bucket
 /// bounds holding their median and 99th percentile.
-fn commits_between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<Commits> {
+fn observed_between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<Observed> {
     if before.len() != after.len() {
         return None;
     }
@@ -2754,7 +2798,7 @@ fn commits_between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<Commit
         delta.iter().find(|(_, c)| *c >= want).map(|(le, _)| *le)
     };
     (n > 0).then_some(())?;
-    Some(Commits {
+    Some(Observed {
         n,
         p50_le: bound(0.50)?,
         p99_le: bound(0.99)?,
@@ -2986,6 +3030,30 @@ mod tests {
         assert!(m.busy > 0.0 && m.busy <= 1.0 && m.steal >= 0.0, "{m:?}");
         assert!(m.busy_us_per_msg > 0.0, "{m:?}");
         assert!(used.process(used.vigil).contains("µs per message"));
+    }
+
+    /// Two readings of a cumulative histogram: only what came between them
+    /// counts, and the bounds are those of the buckets holding the median
+    /// and the 99th percentile.
+    #[test]
+    fn histogram_readings_give_what_was_observed_between_them() {
+        let before = [(0.001, 5), (0.002, 10), (0.004, 10), (f64::INFINITY, 10)];
+        // 100 more: 60 under 1 ms, 39 more under 2 ms, 1 above 4 ms.
+        let after = [
+            (0.001, 65),
+            (0.002, 109),
+            (0.004, 109),
+            (f64::INFINITY, 110),
+        ];
+        let o = observed_between(&before, &after).expect("observations");
+        assert_eq!(o.n, 100);
+        assert_eq!(o.p50_le, 0.001);
+        assert_eq!(o.p99_le, 0.002);
+        assert!(observed_between(&before, &before).is_none(), "none between");
+        assert!(
+            observed_between(&before, &after[..3]).is_none(),
+            "other buckets"
+        );
     }
 
     #[test]
