@@ -370,6 +370,19 @@ impl Driver {
         let silence_limit = self.config.keep_alive.max(Duration::from_secs(5)) * 3 / 2;
         let mut last_heard = Instant::now();
         let mut ping_outstanding = false;
+        // Built once, not for every event: each turn of the loop handles one
+        // event (two per message: its publish written, its PUBACK), and
+        // building the shutdown future and two timers every time cost the
+        // drain a timer-wheel insert and removal each. The two checks share
+        // one timer, armed at the earliest deadline and moved only when a
+        // deadline comes before it (while a connection lasts they only move
+        // later); when it fires early the deadlines are looked at again.
+        let cancel = self.cancel.clone();
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+        let check = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
+        tokio::pin!(check);
+        let mut armed: Option<Instant> = None;
         loop {
             if connected {
                 let before = self.session.in_flight();
@@ -389,7 +402,18 @@ impl Driver {
             let hungry = connected && self.wants_more();
             let waiting = connected && self.session.in_flight() > 0;
             let deadline = last_progress + self.config.ack_timeout;
+            let silent_at = last_heard + silence_limit;
             let listening = connected && (ping_outstanding || self.session.in_flight() > 0);
+            let due = [listening.then_some(silent_at), waiting.then_some(deadline)]
+                .into_iter()
+                .flatten()
+                .min();
+            if let Some(due) = due
+                && armed.is_none_or(|at| at > due)
+            {
+                check.as_mut().reset(due);
+                armed = Some(due);
+            }
             // poll() is raced against shutdown, the ack timeout (after both
             // this event loop is dropped) and the append signal while the
             // window has room. rumqttc keeps its state across a cancelled
@@ -400,41 +424,33 @@ impl Driver {
             // timeout are the backstops). `notes/libraries.md` 2.5.
             let happened = tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => return Ok(Ended::Shutdown),
+                _ = &mut cancelled => return Ok(Ended::Shutdown),
                 r = events.poll() => r,
                 _ = self.appends.changed(), if hungry => continue,
-                _ = tokio::time::sleep_until(last_heard + silence_limit), if listening => {
-                    return Ok(Ended::Failed {
-                        failure: Failure {
-                            text: format!(
-                                "the cloud sent nothing for {silence_limit:?} (1.5 keep-alives) \
-                                 with {} messages in flight{}: the connection is half-open; \
-                                 reconnecting",
-                                self.session.in_flight(),
-                                if ping_outstanding { " and a ping unanswered" } else { "" }
-                            ),
-                            debug: String::new(),
-                            timeout: true,
-                        },
-                        blame_head: false,
-                        progressed,
-                    });
-                }
-                _ = tokio::time::sleep_until(deadline), if waiting => {
-                    return Ok(Ended::Failed {
-                        failure: Failure {
-                            text: format!(
-                                "no PUBACK for {:?} with {} messages in flight; reconnecting \
-                                 to send them again",
-                                self.config.ack_timeout,
-                                self.session.in_flight()
-                            ),
-                            debug: String::new(),
-                            timeout: true,
-                        },
-                        blame_head: false,
-                        progressed,
-                    });
+                _ = &mut check, if armed.is_some() => {
+                    armed = None;
+                    let now = Instant::now();
+                    let text = if listening && now >= silent_at {
+                        format!(
+                            "the cloud sent nothing for {silence_limit:?} (1.5 keep-alives) \
+                             with {} messages in flight{}: the connection is half-open; \
+                             reconnecting",
+                            self.session.in_flight(),
+                            if ping_outstanding { " and a ping unanswered" } else { "" }
+                        )
+                    } else if waiting && now >= deadline {
+                        format!(
+                            "no PUBACK for {:?} with {} messages in flight; reconnecting \
+                             to send them again",
+                            self.config.ack_timeout,
+                            self.session.in_flight()
+                        )
+                    } else {
+                        // Fired for a deadline that has since moved on.
+                        continue;
+                    };
+                    // A timeout: the head of the window is not blamed.
+                    Err(Failure { text, debug: String::new(), timeout: true })
                 }
             };
             match happened {
