@@ -2745,7 +2745,9 @@ async fn http_get(http: SocketAddr, path: &str) -> Result<Vec<u8>, BenchError> {
 
 /// Vigil's `vigil_commit_seconds`, `vigil_sent_seconds` and
 /// `vigil_delivery_seconds` histograms from `/metrics`: (upper bound in
-/// seconds, cumulative count) per bucket, `+Inf` last.
+/// seconds, cumulative count) per bucket, `+Inf` last. The last two are
+/// empty when Vigil does not serve them (a build before session 11, given
+/// with `--vigil` for a comparison).
 type Histograms = (Vec<(f64, u64)>, Vec<(f64, u64)>, Vec<(f64, u64)>);
 
 async fn histograms(http: SocketAddr) -> Result<Histograms, BenchError> {
@@ -2776,8 +2778,8 @@ async fn histograms(http: SocketAddr) -> Result<Histograms, BenchError> {
     };
     Ok((
         buckets("vigil_commit_seconds")?,
-        buckets("vigil_sent_seconds")?,
-        buckets("vigil_delivery_seconds")?,
+        buckets("vigil_sent_seconds").unwrap_or_default(),
+        buckets("vigil_delivery_seconds").unwrap_or_default(),
     ))
 }
 
