@@ -121,9 +121,10 @@ impl Default for ForwardCounters {
     }
 }
 
-/// Wall-clock seconds since `at`; 0 if the clock was stepped back since.
-fn seconds_since(at: crate::event::Timestamp) -> f64 {
-    let micros = crate::event::Timestamp::now().0.saturating_sub(at.0).max(0);
+/// Wall-clock seconds from `at` to `now`; 0 if the clock was stepped back
+/// in between.
+fn seconds_between(at: crate::event::Timestamp, now: crate::event::Timestamp) -> f64 {
+    let micros = now.0.saturating_sub(at.0).max(0);
     micros as f64 / 1e6
 }
 
@@ -489,9 +490,10 @@ impl Driver {
                 Ok(Happened::Published(pkid)) => {
                     if let Some(m) = self.session.outgoing(pkid) {
                         self.counters.published.fetch_add(1, Ordering::Relaxed);
-                        self.counters
-                            .sent_seconds
-                            .observe(seconds_since(m.received_at));
+                        self.counters.sent_seconds.observe(seconds_between(
+                            m.received_at,
+                            crate::event::Timestamp::now(),
+                        ));
                         if self.config.testing_only_delete_on_send {
                             // The deliberate bug: forget it before the PUBACK.
                             self.session.withdraw(m);
@@ -501,17 +503,18 @@ impl Driver {
                 }
                 Ok(Happened::PubAck { pkid, reason }) => {
                     last_progress = Instant::now();
-                    last_heard = Instant::now();
-                    self.counters.last_ack_micros.store(
-                        u64::try_from(crate::event::Timestamp::now().0).unwrap_or(0),
-                        Ordering::Relaxed,
-                    );
+                    last_heard = last_progress;
+                    // One wall-clock reading per PUBACK, for both figures.
+                    let now = crate::event::Timestamp::now();
+                    self.counters
+                        .last_ack_micros
+                        .store(u64::try_from(now.0).unwrap_or(0), Ordering::Relaxed);
                     match self.session.puback(pkid, reason) {
                         AckOutcome::Delivered(m) => {
                             progressed = true;
                             self.counters
                                 .delivery_seconds
-                                .observe(seconds_since(m.received_at));
+                                .observe(seconds_between(m.received_at, now));
                             self.ack(m).await?;
                         }
                         AckOutcome::Refused(m, code) => {
