@@ -997,6 +997,7 @@ impl Bench {
             Some(http) => histograms(http).await.ok(),
             None => None,
         };
+        let readings = before.as_ref().zip(after.as_ref());
         counted.latencies.sort_unstable();
         loaded.ack_latencies.sort_unstable();
         let l = &counted.latencies;
@@ -1010,18 +1011,9 @@ impl Bench {
             lag: loaded.lag,
             ack_p50: us(&loaded.ack_latencies, 0.50),
             ack_p99: us(&loaded.ack_latencies, 0.99),
-            commits: before
-                .as_ref()
-                .zip(after.as_ref())
-                .and_then(|(b, a)| observed_between(&b.0, &a.0)),
-            sent: before
-                .as_ref()
-                .zip(after.as_ref())
-                .and_then(|(b, a)| observed_between(&b.1, &a.1)),
-            deliveries: before
-                .as_ref()
-                .zip(after.as_ref())
-                .and_then(|(b, a)| observed_between(&b.2, &a.2)),
+            commits: readings.and_then(|(b, a)| observed_between(&b.0, &a.0)),
+            sent: readings.and_then(|(b, a)| observed_between(&b.1, &a.1)),
+            deliveries: readings.and_then(|(b, a)| observed_between(&b.2, &a.2)),
             machine,
         };
         eprintln!(
