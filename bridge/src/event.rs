@@ -1,13 +1,12 @@
 //! The event: one device message as Vigil stores and forwards it.
 //!
 //! The gate turns an MQTT PUBLISH into an [`Ingest`]; the store gives it its
-//! identity ([`Event::id`], [`Event::device_seq`], [`Event::sha256`]) in the same
-//! commit that makes it durable; the forwarder wraps the [`Event`] in the cloud
-//! envelope.
+//! identity ([`Event::id`], [`Event::device_seq`]) in the same commit that
+//! makes it durable; the forwarder wraps the [`Event`] in the cloud envelope.
 //!
-//! # Canonical encoding (what `sha256` covers)
+//! # Canonical encoding (what [`Event::compute_sha256`] covers)
 //!
-//! The digest covers every field but itself, in this order, so any consumer can
+//! The digest covers every field, in this order, so any consumer can
 //! recompute it without knowing Rust or postcard. Integers are big-endian,
 //! strings are UTF-8, and `len` is a u32 byte count:
 //!
@@ -32,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-/// Version of the canonical encoding hashed into [`Event::sha256`].
+/// Version of the canonical encoding hashed by [`Event::compute_sha256`].
 pub const CANONICAL_VERSION: u8 = 1;
 
 /// The client id under which Vigil itself emits events (gap notices). The gate
@@ -196,14 +195,12 @@ pub struct Event {
     pub user_properties: Vec<(String, String)>,
     /// The payload.
     pub payload: Bytes,
-    /// SHA-256 of the canonical encoding of every other field.
-    pub sha256: [u8; 32],
 }
 
 impl Event {
-    /// Gives an ingested message its identity and digest.
+    /// Gives an ingested message its identity.
     pub fn from_ingest(ingest: Ingest, id: Uuid, device_seq: u64) -> Self {
-        let mut event = Event {
+        Event {
             id,
             kind: ingest.kind,
             priority: ingest.priority,
@@ -216,13 +213,14 @@ impl Event {
             content_type: ingest.content_type,
             user_properties: ingest.user_properties,
             payload: ingest.payload,
-            sha256: [0; 32],
-        };
-        event.sha256 = event.compute_sha256();
-        event
+        }
     }
 
-    /// Computes the digest of the canonical encoding (see the module docs).
+    /// The SHA-256 of the canonical encoding (see the module docs): a
+    /// fingerprint of every field, printed by `vigil inspect --events`.
+    /// Computed when asked for, not stored: the AES-GCM tag already
+    /// authenticates every stored field (body format 1 stored it; see
+    /// [`crate::store::record::EVENT_FORMAT_WITH_DIGEST`]).
     pub fn compute_sha256(&self) -> [u8; 32] {
         let mut h = Sha256::new();
         let mut bytes = |b: &[u8]| h.update(b);
@@ -258,14 +256,9 @@ impl Event {
         h.finalize().into()
     }
 
-    /// True when the stored digest matches the fields.
-    pub fn verify_sha256(&self) -> bool {
-        self.compute_sha256() == self.sha256
-    }
-
-    /// The digest as lowercase hex.
+    /// [`Self::compute_sha256`] as lowercase hex.
     pub fn sha256_hex(&self) -> String {
-        hex(&self.sha256)
+        hex(&self.compute_sha256())
     }
 }
 
@@ -302,7 +295,8 @@ mod tests {
     #[test]
     fn digest_covers_every_field() {
         let base = Event::from_ingest(sample(), Uuid::nil(), 1);
-        assert!(base.verify_sha256());
+        let digest = base.compute_sha256();
+        assert_eq!(base.clone().compute_sha256(), digest);
         type Mutation = Box<dyn Fn(&mut Event)>;
         let mutations: Vec<Mutation> = vec![
             Box::new(|e| e.id = Uuid::max()),
@@ -321,7 +315,7 @@ mod tests {
         for m in mutations {
             let mut e = base.clone();
             m(&mut e);
-            assert!(!e.verify_sha256(), "{e:?}");
+            assert_ne!(e.compute_sha256(), digest, "{e:?}");
         }
     }
 
@@ -335,7 +329,7 @@ mod tests {
         b.topic = "bc".into();
         let ea = Event::from_ingest(a, Uuid::nil(), 1);
         let eb = Event::from_ingest(b, Uuid::nil(), 1);
-        assert_ne!(ea.sha256, eb.sha256);
+        assert_ne!(ea.compute_sha256(), eb.compute_sha256());
     }
 
     #[test]

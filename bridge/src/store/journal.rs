@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 
 use fjall::{Keyspace, PersistMode};
 
-use super::record::{self, DEAD_LETTER_FORMAT, EVENT_FORMAT, KEY_LEN};
+use super::record::{self, KEY_LEN};
 use super::scan::is_damage;
 use super::{
     AreaFigures, DEAD_LETTER, DeadLetterEntry, QuarantineEntry, STATE_KEY, Shared, StoreError,
@@ -834,17 +834,13 @@ const JOURNAL: &str = "journal";
 /// The area (lane or dead-letter) `value` authenticates in under `seq`.
 fn authentic_area<'a>(shared: &'a Shared, seq: u64, value: &[u8]) -> Option<&'a Keyspace> {
     for (ks, name) in shared.lanes.iter().zip(&shared.lane_names) {
-        if shared
-            .seal_for(name, seq)
-            .open::<Event>(EVENT_FORMAT, value)
-            .is_ok()
-        {
+        if shared.seal_for(name, seq).open::<Event>(value).is_ok() {
             return Some(ks);
         }
     }
     shared
         .seal_for(DEAD_LETTER, seq)
-        .open::<DeadLetterEntry>(DEAD_LETTER_FORMAT, value)
+        .open::<DeadLetterEntry>(value)
         .is_ok()
         .then_some(&shared.dead_letter)
 }

@@ -10,7 +10,7 @@
 
 use fjall::Keyspace;
 
-use super::record::{self, DEAD_LETTER_FORMAT, EVENT_FORMAT, KEY_LEN};
+use super::record::{self, Body, KEY_LEN};
 use super::{
     DEAD_LETTER, DeadLetterEntry, QuarantineEntry, Shared, StoreError, StoreStats, Stored,
 };
@@ -99,11 +99,10 @@ fn start_key(cursor: u64, after: Option<u64>) -> [u8; KEY_LEN] {
     record::key(from)
 }
 
-fn scan<T: serde::de::DeserializeOwned>(
+fn scan<T: Body>(
     shared: &Shared,
     ks: &Keyspace,
     keyspace: &str,
-    body_format: u8,
     start: [u8; KEY_LEN],
     limit: usize,
 ) -> Result<Scanned<T>, StoreError> {
@@ -128,7 +127,7 @@ fn scan<T: serde::de::DeserializeOwned>(
                     error = ?e,
                     "damaged table block in the store; reading on key by key"
                 );
-                probe(shared, ks, keyspace, body_format, next, limit, &mut out)?;
+                probe(shared, ks, keyspace, next, limit, &mut out)?;
                 break;
             }
             Err(e) => return Err(StoreError::engine(&shared.dir, e)),
@@ -139,21 +138,20 @@ fn scan<T: serde::de::DeserializeOwned>(
             Err(_) => continue,
         };
         next = seq.saturating_add(1);
-        open_into(shared, keyspace, body_format, seq, &v, &mut out);
+        open_into(shared, keyspace, seq, &v, &mut out);
     }
     Ok(out)
 }
 
 /// Opens one stored value into `out`: an event, or a corrupt record.
-fn open_into<T: serde::de::DeserializeOwned>(
+fn open_into<T: Body>(
     shared: &Shared,
     keyspace: &str,
-    body_format: u8,
     seq: u64,
     value: &[u8],
     out: &mut Scanned<T>,
 ) {
-    match shared.seal_for(keyspace, seq).open::<T>(body_format, value) {
+    match shared.seal_for(keyspace, seq).open::<T>(value) {
         Ok(body) => out.events.push(Stored {
             seq,
             stored_bytes: (KEY_LEN + value.len()) as u64,
@@ -169,11 +167,10 @@ fn open_into<T: serde::de::DeserializeOwned>(
 /// Reads keys `from`, `from + 1`, ... one at a time (after a range failed on
 /// a damaged block), until `limit` events, the store's next seq, or
 /// [`MAX_PROBES_PER_READ`]. Keys fjall cannot read are reported as unreadable.
-fn probe<T: serde::de::DeserializeOwned>(
+fn probe<T: Body>(
     shared: &Shared,
     ks: &Keyspace,
     keyspace: &str,
-    body_format: u8,
     from: u64,
     limit: usize,
     out: &mut Scanned<T>,
@@ -188,7 +185,7 @@ fn probe<T: serde::de::DeserializeOwned>(
         }
         match ks.get(record::key(seq)) {
             Ok(None) => {}
-            Ok(Some(v)) => open_into(shared, keyspace, body_format, seq, &v, out),
+            Ok(Some(v)) => open_into(shared, keyspace, seq, &v, out),
             Err(e) if is_damage(&e) => out.unreadable.push((seq, format!("{e:?}"))),
             Err(e) => return Err(StoreError::engine(&shared.dir, e)),
         }
@@ -219,7 +216,7 @@ pub(super) fn lane_from(
     limit: usize,
 ) -> Result<ScannedLane, StoreError> {
     let (ks, name) = shared.lane(priority)?;
-    scan(shared, ks, name, EVENT_FORMAT, start, limit)
+    scan(shared, ks, name, start, limit)
 }
 
 /// Scans the dead-letter area.
@@ -232,7 +229,6 @@ pub(super) fn dead_letters(
         shared,
         &shared.dead_letter,
         DEAD_LETTER,
-        DEAD_LETTER_FORMAT,
         start_key(0, after),
         limit,
     )
@@ -302,7 +298,7 @@ pub(super) fn refresh_head(
         if head.is_none() {
             head = Some(seq);
         }
-        if let Ok(event) = shared.seal_for(name, seq).open::<Event>(EVENT_FORMAT, &v) {
+        if let Ok(event) = shared.seal_for(name, seq).open::<Event>(&v) {
             lane.cursor = head.unwrap_or(seq);
             lane.oldest = Some(event.received_at);
             return Ok(());

@@ -18,9 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::recent::Change;
-use super::record::{
-    self, DEAD_LETTER_FORMAT, DeadLetterEntry, EVENT_FORMAT, KEY_LEN, QuarantineEntry,
-};
+use super::record::{self, DeadLetterEntry, KEY_LEN, QuarantineEntry};
 use super::{
     AckReport, Appended, DEAD_LETTER, Durability, Evicted, QUARANTINE, STATE_KEY, Shared,
     StoreError, StoreOptions, StoreStats, scan,
@@ -642,7 +640,7 @@ impl Writer {
         let seal = |seq: u64| {
             shared
                 .seal_for(name, seq)
-                .seal(shared.epoch, EVENT_FORMAT, &event)
+                .seal(shared.epoch, &event)
                 .map_err(|source| StoreError::Record {
                     keyspace: name.to_string(),
                     seq,
@@ -791,11 +789,7 @@ impl Writer {
                 };
                 let vsize = size_of(value.len());
                 let name = super::lane_name(q);
-                match self
-                    .shared
-                    .seal_for(&name, seq)
-                    .open::<Event>(EVENT_FORMAT, &value)
-                {
+                match self.shared.seal_for(&name, seq).open::<Event>(&value) {
                     Ok(event) => {
                         batch.delete(Area::Lane(q), seq);
                         self.figures_sub(Area::Lane(q), vsize);
@@ -926,11 +920,7 @@ impl Writer {
             return Ok(None);
         };
         let name = super::lane_name(priority);
-        let event = match self
-            .shared
-            .seal_for(&name, seq)
-            .open::<Event>(EVENT_FORMAT, &value)
-        {
+        let event = match self.shared.seal_for(&name, seq).open::<Event>(&value) {
             Ok(event) => event,
             Err(e) => {
                 self.stage_quarantine(area, seq, value, e.to_string(), batch);
@@ -947,7 +937,7 @@ impl Writer {
         let sealed = self
             .shared
             .seal_for(DEAD_LETTER, dl_seq)
-            .seal(self.shared.epoch, DEAD_LETTER_FORMAT, &entry)
+            .seal(self.shared.epoch, &entry)
             .map_err(|source| StoreError::Record {
                 keyspace: DEAD_LETTER.into(),
                 seq: dl_seq,
@@ -977,7 +967,7 @@ impl Writer {
         let entry = match self
             .shared
             .seal_for(DEAD_LETTER, dl_seq)
-            .open::<DeadLetterEntry>(DEAD_LETTER_FORMAT, &value)
+            .open::<DeadLetterEntry>(&value)
         {
             Ok(entry) => entry,
             Err(e) => {
@@ -992,7 +982,7 @@ impl Writer {
         let sealed = self
             .shared
             .seal_for(&name, seq)
-            .seal(self.shared.epoch, EVENT_FORMAT, &entry.event)
+            .seal(self.shared.epoch, &entry.event)
             .map_err(|source| StoreError::Record {
                 keyspace: name.clone(),
                 seq,
@@ -1042,10 +1032,8 @@ impl Writer {
         let name = self.area_name(area);
         let seal = self.shared.seal_for(&name, seq);
         let still_bad = match area {
-            Area::Lane(_) => seal.open::<Event>(EVENT_FORMAT, &value).is_err(),
-            Area::DeadLetter => seal
-                .open::<DeadLetterEntry>(DEAD_LETTER_FORMAT, &value)
-                .is_err(),
+            Area::Lane(_) => seal.open::<Event>(&value).is_err(),
+            Area::DeadLetter => seal.open::<DeadLetterEntry>(&value).is_err(),
             Area::Quarantine => false,
         };
         if still_bad {
@@ -1219,7 +1207,7 @@ impl Writer {
             let sealed = self
                 .shared
                 .seal_for(&name, seq)
-                .seal(self.shared.epoch, EVENT_FORMAT, &event)
+                .seal(self.shared.epoch, &event)
                 .map_err(|source| StoreError::Record {
                     keyspace: name,
                     seq,
