@@ -259,6 +259,28 @@ impl VigilConfig {
         }
     }
 
+    /// The deliberately broken settings that are set, when `release` (a
+    /// release build refuses them; debug builds run the negative-control
+    /// tests with them).
+    fn negative_controls_refused(&self, release: bool) -> Vec<String> {
+        let mut p = Vec::new();
+        if release && self.store.testing_only_ack_before_fsync {
+            p.push(
+                "store.testing_only_ack_before_fsync exists only in debug builds, for the \
+                 power-cut test's negative control; remove it"
+                    .into(),
+            );
+        }
+        if release && self.forward.testing_only_delete_on_send {
+            p.push(
+                "forward.testing_only_delete_on_send exists only in debug builds, for the \
+                 oracle's negative control; remove it"
+                    .into(),
+            );
+        }
+        p
+    }
+
     /// Semantic checks across sections. Each message starts with the key.
     pub fn problems(&self) -> Vec<String> {
         let mut p = self.forward.problems();
@@ -287,22 +309,7 @@ impl VigilConfig {
         }
         // The deliberately broken settings of the negative-control tests
         // exist only in debug (test) builds.
-        if !cfg!(debug_assertions) {
-            if s.testing_only_ack_before_fsync {
-                p.push(
-                    "store.testing_only_ack_before_fsync exists only in debug builds, for the \
-                     power-cut test's negative control; remove it"
-                        .into(),
-                );
-            }
-            if self.forward.testing_only_delete_on_send {
-                p.push(
-                    "forward.testing_only_delete_on_send exists only in debug builds, for the \
-                     oracle's negative control; remove it"
-                        .into(),
-                );
-            }
-        }
+        p.extend(self.negative_controls_refused(!cfg!(debug_assertions)));
         let g = &self.gate;
         if g.tcp_listen.is_none() && g.tls.is_none() {
             p.push(
@@ -377,6 +384,24 @@ mod tests {
             VigilConfig::load(None, &env(&[])).unwrap(),
             VigilConfig::default()
         );
+    }
+
+    /// A release build refuses the negative controls' settings, naming each
+    /// and the fix; a debug build (the tests' Vigil) takes them.
+    #[test]
+    fn a_release_build_refuses_the_deliberately_broken_settings() {
+        let mut c = VigilConfig::default();
+        assert!(c.negative_controls_refused(true).is_empty());
+        c.store.testing_only_ack_before_fsync = true;
+        c.forward.testing_only_delete_on_send = true;
+        let refused = c.negative_controls_refused(true);
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused[0].starts_with("store.testing_only_ack_before_fsync exists only"));
+        assert!(refused[1].starts_with("forward.testing_only_delete_on_send exists only"));
+        assert!(refused.iter().all(|m| m.ends_with("remove it")));
+        assert!(c.negative_controls_refused(false).is_empty());
+        // This (debug) build takes them: the negative-control tests need it.
+        assert!(c.problems().iter().all(|m| !m.contains("testing_only")));
     }
 
     #[test]
