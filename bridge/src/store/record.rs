@@ -362,13 +362,12 @@ mod tests {
         let (id, key) = kat_key();
         let seal = kat_seal(&id, &key);
         let event = kat_event();
-        let old = seal
-            .seal_as(
-                0x0a0b,
-                EVENT_FORMAT_WITH_DIGEST,
-                &(&event, event.compute_sha256()),
-            )
-            .unwrap();
+        // The event as body format 1 wrote it, followed by `digest`.
+        let with_digest = |digest: [u8; 32]| {
+            seal.seal_as(0x0a0b, EVENT_FORMAT_WITH_DIGEST, &(&event, digest))
+                .unwrap()
+        };
+        let old = with_digest(event.compute_sha256());
         assert_eq!(crate::event::hex(&old), KAT_EVENT_WITH_DIGEST);
         assert_eq!(seal.open::<Event>(&old).unwrap(), event);
 
@@ -399,15 +398,8 @@ mod tests {
         // A digest that does not match the fields: refused, to quarantine.
         let mut other = event.clone();
         other.device_seq += 1;
-        let wrong = seal
-            .seal_as(
-                0x0a0b,
-                EVENT_FORMAT_WITH_DIGEST,
-                &(&event, other.compute_sha256()),
-            )
-            .unwrap();
         assert!(matches!(
-            seal.open::<Event>(&wrong),
+            seal.open::<Event>(&with_digest(other.compute_sha256())),
             Err(RecordError::DigestMismatch { format: 1 })
         ));
         let wrong = seal
