@@ -219,7 +219,7 @@ impl Seal<'_> {
 
     /// Seals `body` tagged as body format `body_format`: [`Self::seal`], and
     /// the known-answer tests of formats no longer written.
-    pub fn seal_as<T: Serialize>(
+    fn seal_as<T: Serialize>(
         &self,
         epoch: u32,
         body_format: u8,
