@@ -598,6 +598,8 @@ struct Figures {
     du_full: Fig<u64>,
     du_full_stopped: Fig<u64>,
     drain: Fig<Drain>,
+    /// The drain in slices of [`SLICE`]: where its time went while it ran.
+    drain_slices: Vec<Slice>,
     du_drained: Fig<u64>,
     du_drained_stopped: Fig<u64>,
     mosquitto: Option<MosquittoFigures>,
@@ -622,6 +624,7 @@ impl Default for Figures {
             du_full: not_measured(),
             du_full_stopped: not_measured(),
             drain: not_measured(),
+            drain_slices: Vec::new(),
             du_drained: not_measured(),
             du_drained_stopped: not_measured(),
             mosquitto: None,
@@ -906,10 +909,25 @@ impl Bench {
         &self,
         phase: &str,
         mut child: Option<&mut Proc>,
+        mut slices: Option<&mut Vec<Slice>>,
     ) -> Result<Counted, BenchError> {
         let (mut seen, mut moved, mut shown) = (0, Instant::now(), Instant::now());
+        let pid = child.as_deref().map(|c| c.pid);
+        let mut sliced = (CpuSample::take(pid), self.counter.snapshot().unique);
         loop {
             let t = self.counter.snapshot();
+            let done = t.first.is_some() && t.done.is_some();
+            if let Some(out) = slices.as_deref_mut()
+                && (done || sliced.0.at.elapsed() >= SLICE)
+            {
+                let now = CpuSample::take(pid);
+                let n = t.unique.saturating_sub(sliced.1);
+                out.push(Slice {
+                    n,
+                    cpu: now.since(&sliced.0, n.max(1)),
+                });
+                sliced = (now, t.unique);
+            }
             if let (Some(first), Some(done)) = (t.first, t.done) {
                 return Ok(Counted {
                     first,
@@ -957,7 +975,7 @@ impl Bench {
         let loaded = self.load(phase, child.listen, run, per_device, rate).await;
         let counted = match loaded {
             Ok(loaded) => self
-                .wait_counted(phase, Some(child))
+                .wait_counted(phase, Some(child), None)
                 .await
                 .map(|counted| (loaded, counted)),
             Err(e) => Err(e),
@@ -1165,7 +1183,9 @@ impl Bench {
         let mut vigil = self
             .start_vigil("drain", &store, self.cloud.v5.port())
             .await?;
-        let counted = self.wait_counted("row 3: drain", Some(&mut vigil)).await;
+        let counted = self
+            .wait_counted("row 3: drain", Some(&mut vigil), Some(&mut f.drain_slices))
+            .await;
         let phase = "row 3: drain of the backlog";
         self.deliveries.push(self.counter.delivery(phase, n));
         let counted = counted?;
@@ -1718,6 +1738,21 @@ impl Bench {
                 thousands(d.n as f64),
                 secs(d.took),
                 thousands(rate(d.n, after_first))
+            ));
+        }
+        if !f.drain_slices.is_empty() {
+            let slices: Vec<String> = f
+                .drain_slices
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("({}) {}", i + 1, s.describe()))
+                .collect();
+            notes.push(format!(
+                "row 3: the drain in slices of {} s from the restart, counted at the cloud; per \
+                 thread name its CPU-seconds per second on a CPU / waiting for one \
+                 (/proc/PID/task/*/schedstat): {}",
+                SLICE.as_secs(),
+                slices.join("; ")
             ));
         }
         for (name, l) in [
@@ -2530,6 +2565,7 @@ struct CpuSample {
     vigil: Option<f64>,
     threads: BTreeMap<String, (u64, u64)>,
     sim: Option<f64>,
+    sim_threads: BTreeMap<String, (u64, u64)>,
     machine: Option<(u64, u64, u64)>,
 }
 
@@ -2541,6 +2577,7 @@ impl CpuSample {
             vigil: vigil.and_then(|p| cpu_seconds(Some(p))),
             threads: vigil.map(thread_times).unwrap_or_default(),
             sim: cpu_seconds(None),
+            sim_threads: thread_times(std::process::id()),
             machine: machine_ticks(),
         }
     }
@@ -2568,30 +2605,86 @@ impl CpuSample {
             }
             _ => None,
         };
-        // Threads that started during the load count from zero; those that
-        // ended are missing (the process totals above still hold them).
-        let mut threads: Vec<ThreadUse> = self
-            .threads
-            .iter()
-            .map(|(name, (run, wait))| {
-                let (r0, w0) = before.threads.get(name).copied().unwrap_or((0, 0));
-                ThreadUse {
-                    name: name.clone(),
-                    run_s: run.saturating_sub(r0) as f64 / 1e9,
-                    wait_s: wait.saturating_sub(w0) as f64 / 1e9,
-                }
-            })
-            .filter(|t| t.run_s + t.wait_s >= 0.01 * wall)
-            .collect();
-        threads.sort_by(|a, b| b.run_s.total_cmp(&a.run_s));
         Some(CpuUse {
             wall,
             n,
-            threads,
+            threads: thread_use(&self.threads, &before.threads, wall),
+            sim_threads: thread_use(&self.sim_threads, &before.sim_threads, wall),
             vigil: used(self.vigil, before.vigil),
             sim: used(self.sim, before.sim),
             machine,
         })
+    }
+}
+
+/// Each thread name's use between two [`thread_times`] readings, busiest
+/// first, leaving out names that used under 1 % of `wall`. Threads that
+/// started in between count from zero; those that ended are missing (the
+/// process totals still hold them).
+fn thread_use(
+    now: &BTreeMap<String, (u64, u64)>,
+    before: &BTreeMap<String, (u64, u64)>,
+    wall: f64,
+) -> Vec<ThreadUse> {
+    let mut threads: Vec<ThreadUse> = now
+        .iter()
+        .map(|(name, (run, wait))| {
+            let (r0, w0) = before.get(name).copied().unwrap_or((0, 0));
+            ThreadUse {
+                name: name.clone(),
+                run_s: run.saturating_sub(r0) as f64 / 1e9,
+                wait_s: wait.saturating_sub(w0) as f64 / 1e9,
+            }
+        })
+        .filter(|t| t.run_s + t.wait_s >= 0.01 * wall)
+        .collect();
+    threads.sort_by(|a, b| b.run_s.total_cmp(&a.run_s));
+    threads
+}
+
+/// A slice of a phase: messages counted at the cloud in it, and the CPU
+/// used, per thread name of Vigil and of this process.
+struct Slice {
+    n: u64,
+    cpu: Option<CpuUse>,
+}
+
+/// How long a [`Slice`] is.
+const SLICE: Duration = Duration::from_secs(5);
+
+impl Slice {
+    /// "4.98 s, 66,012 msg/s; Vigil 0.74 cores (tokio-runtime-w 0.52/0.10, ...);
+    /// this process 0.86 cores (...); the machine 80 % busy of its 2 CPUs (steal 0.1 %)".
+    /// Per thread: on a CPU / waiting for one, CPU-seconds per second.
+    fn describe(&self) -> String {
+        let Some(c) = &self.cpu else {
+            return format!("{} msgs, CPU not measured", thousands(self.n as f64));
+        };
+        let threads = |ts: &[ThreadUse]| {
+            ts.iter()
+                .take(4)
+                .map(|t| {
+                    format!(
+                        "{} {:.2}/{:.2}",
+                        t.name,
+                        t.run_s / c.wall,
+                        t.wait_s / c.wall
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let cores = |s: Option<f64>| s.map_or_else(|| "?".into(), |s| format!("{:.2}", s / c.wall));
+        format!(
+            "{:.2} s, {} msg/s; Vigil {} cores ({}); this process {} cores ({}); the machine {}",
+            c.wall,
+            thousands(self.n as f64 / c.wall),
+            cores(c.vigil),
+            threads(&c.threads),
+            cores(c.sim),
+            threads(&c.sim_threads),
+            c.machine_text()
+        )
     }
 }
 
@@ -2618,6 +2711,8 @@ struct CpuUse {
     n: u64,
     /// Vigil's threads, busiest first.
     threads: Vec<ThreadUse>,
+    /// This process's threads (the simulator: devices, cloud, subscriber).
+    sim_threads: Vec<ThreadUse>,
     /// CPU seconds.
     vigil: Option<f64>,
     sim: Option<f64>,
