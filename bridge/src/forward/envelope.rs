@@ -178,6 +178,53 @@ mod tests {
         ));
     }
 
+    /// An event with every field fixed, and with content type and user
+    /// properties when `mqtt5`.
+    fn fixed_event(payload: &[u8], mqtt5: bool) -> Event {
+        Event::from_ingest(
+            Ingest {
+                kind: Kind::Measurement,
+                priority: 2,
+                device: "bed-12 \"é\"\\".into(),
+                topic: "devices/bed-12/vitals/hr\n".into(),
+                qos: Qos::AtLeastOnce,
+                retain: false,
+                received_at: Timestamp(1_764_000_000_000_123),
+                content_type: mqtt5.then(|| "application/json".into()),
+                user_properties: if mqtt5 {
+                    vec![
+                        ("unit".into(), "bpm".into()),
+                        ("k\u{1}".into(), String::new()),
+                    ]
+                } else {
+                    Vec::new()
+                },
+                payload: bytes::Bytes::copy_from_slice(payload),
+            },
+            uuid::Uuid::from_u128(0x0193_0a1b_2c3d_7e4f_8a9b_0c1d_2e3f_4a5b),
+            4711,
+        )
+    }
+
+    /// The envelope is the cloud's contract: these are the exact bytes every
+    /// Vigil since envelope version 1 sends for these events.
+    #[test]
+    fn envelopes_have_the_bytes_every_earlier_vigil_sent() {
+        let cases: [(&[u8], bool, &str); 3] = [
+            (b"{\"hr\":72}", false, KAT_JSON),
+            (b"\xff\x00bin", false, KAT_BASE64),
+            (b"[1, 2]", true, KAT_MQTT5),
+        ];
+        for (payload, mqtt5, want) in cases {
+            let got = String::from_utf8(encode(&fixed_event(payload, mqtt5))).unwrap();
+            assert_eq!(got, want);
+        }
+    }
+
+    const KAT_JSON: &str = r#"{"v":1,"id":"01930a1b-2c3d-7e4f-8a9b-0c1d2e3f4a5b","device":"bed-12 \"é\"\\","seq":4711,"kind":"measurement","priority":2,"topic":"devices/bed-12/vitals/hr\n","received_at":"2025-11-24T16:00:00.000123Z","sha256":"1aa6e39327c285650103c8559991cff8aac88467482eea51686baa441dfa7736","payload_encoding":"json","payload":{"hr":72}}"#;
+    const KAT_BASE64: &str = r#"{"v":1,"id":"01930a1b-2c3d-7e4f-8a9b-0c1d2e3f4a5b","device":"bed-12 \"é\"\\","seq":4711,"kind":"measurement","priority":2,"topic":"devices/bed-12/vitals/hr\n","received_at":"2025-11-24T16:00:00.000123Z","sha256":"d78eada1265ca1e181ddb515c040bdd0f1269054e633b145bc79a91b6a4402a1","payload_encoding":"base64","payload":"/wBiaW4="}"#;
+    const KAT_MQTT5: &str = r#"{"v":1,"id":"01930a1b-2c3d-7e4f-8a9b-0c1d2e3f4a5b","device":"bed-12 \"é\"\\","seq":4711,"kind":"measurement","priority":2,"topic":"devices/bed-12/vitals/hr\n","received_at":"2025-11-24T16:00:00.000123Z","sha256":"3a316d6d3226f84c1e46e4447fa8d5fd800bff4a1bc6498152523cd4a602b69b","content_type":"application/json","user_properties":[["unit","bpm"],["k\u0001",""]],"payload_encoding":"json","payload":[1, 2]}"#;
+
     proptest! {
         #[test]
         fn any_payload_round_trips(p in proptest::collection::vec(any::<u8>(), 0..300)) {
