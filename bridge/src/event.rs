@@ -107,7 +107,12 @@ impl Timestamp {
 
     /// RFC 3339 in UTC with microseconds, e.g. `2026-11-22T10:00:00.000123Z`.
     pub fn to_rfc3339(self) -> String {
-        humantime::format_rfc3339_micros(self.to_system()).to_string()
+        self.rfc3339().to_string()
+    }
+
+    /// [`Self::to_rfc3339`] without the `String`: formats where it is written.
+    pub fn rfc3339(self) -> impl std::fmt::Display {
+        humantime::format_rfc3339_micros(self.to_system())
     }
 
     /// How long ago this was, or zero if it is in the future.
