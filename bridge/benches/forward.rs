@@ -117,9 +117,9 @@ async fn drain(pki: &common::gate::Pki, cloud: std::net::SocketAddr, n: usize) -
         .ok()
         .and_then(|w| w.parse().ok())
     {
-        config.window = w;
+        config.window = Some(w);
     }
-    let window = config.window;
+    let window = config.window();
     let start = Instant::now();
     let fwd = Forwarder::start(config, store.clone())?;
     let mut last_report = Instant::now();

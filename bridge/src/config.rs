@@ -377,7 +377,8 @@ mod tests {
         .unwrap();
         let c = VigilConfig::load(Some(&path), &env(&[("VIGIL__FORWARD__WINDOW", "8")])).unwrap();
         assert_eq!(c.forward.host, "cloud.example");
-        assert_eq!(c.forward.window, 8);
+        assert_eq!(c.forward.window, Some(8));
+        assert_eq!(c.forward.window(), 8);
         assert_eq!(c.forward.ack_timeout, Duration::from_secs(5));
         assert_eq!(c.store, StoreConfig::default());
         assert_eq!(
@@ -444,7 +445,9 @@ mod tests {
     fn the_annotated_example_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker-config/vigil.toml");
         let c = VigilConfig::load(Some(&path), &env(&[])).unwrap();
-        assert_eq!(c.forward.window, 64);
+        // Left to the protocol's default, as documented there.
+        assert_eq!(c.forward.window, None);
+        assert_eq!(c.forward.window(), 256);
         assert!(!c.gate.rules.is_empty());
     }
 }

@@ -162,7 +162,7 @@ async fn deliver_in_priority_order(protocol: Protocol) {
     let proxy = Proxy::start(&rig.pki, rig.cloud().addr(protocol)).await;
     let mut config = rig.config(protocol);
     config.port = proxy.addr.port();
-    config.window = 16;
+    config.window = Some(16);
     let fwd = Forwarder::start(config, rig.store.clone()).unwrap();
     // And some while it runs.
     sent.extend(append(&rig.store, 60, 300).await);
@@ -246,7 +246,7 @@ async fn cloud_killed_and_restarted_mid_stream_loses_nothing() {
     let mut config = rig.config(Protocol::V5);
     config.port = proxy.addr.port();
     let window = 32;
-    config.window = window;
+    config.window = Some(window);
     let fwd = Forwarder::start(config, rig.store.clone()).unwrap();
     let faults = 3;
     let mut sent = Vec::new();

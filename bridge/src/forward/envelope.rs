@@ -91,7 +91,8 @@ pub fn encode(event: &Event) -> Vec<u8> {
 
 /// The envelope, member by member. Written by hand rather than derived: a
 /// derived `Serialize` escapes every member name and every value, and the
-/// drain encodes one envelope per message (a tenth of its CPU in a profile).
+/// drain encodes one envelope per message (15 % of Vigil's samples in a
+/// profile of the drain, 10 % since).
 /// Only what a device chose (device id, topic, content type, user properties)
 /// can need escaping, and goes through serde_json; the rest is ASCII that
 /// JSON takes as it is: names, a UUID, an RFC 3339 time, hex, fixed words and
@@ -253,8 +254,9 @@ mod tests {
         )
     }
 
-    /// The envelope is the cloud's contract: these are the exact bytes every
-    /// Vigil since envelope version 1 sends for these events.
+    /// The envelope is the cloud's contract: these are the exact bytes the
+    /// derived encoder of sessions 1 to 12 sent for these events (captured
+    /// from it before the hand-written one replaced it).
     #[test]
     fn envelopes_have_the_bytes_every_earlier_vigil_sent() {
         let cases: [(&[u8], bool, &str); 3] = [

@@ -193,7 +193,7 @@ impl Forwarder {
         let cancel = CancellationToken::new();
         let lanes = store.priorities();
         let driver = Driver {
-            session: Session::new(lanes, config.window, config.max_head_failures),
+            session: Session::new(lanes, config.window(), config.max_head_failures),
             max_packet: config.max_packet_size as usize,
             appends: store.appends(),
             exhausted: vec![None; usize::from(lanes)],

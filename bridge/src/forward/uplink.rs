@@ -87,7 +87,7 @@ pub enum Events {
 /// A client and event loop that will connect on the first poll. The request
 /// channel holds the whole window, so [`Publisher::publish`] never waits.
 pub fn connect(config: &ForwardConfig, tls: Arc<rustls::ClientConfig>) -> (Publisher, Events) {
-    let window = config.window.max(1);
+    let window = config.window().max(1);
     let cap = usize::from(window) + 8;
     let transport = rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls));
     let timeout_secs = config.connect_timeout.as_secs().max(1);
