@@ -20,7 +20,7 @@
 //! stops telling and every publish is routed.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::acl::covers;
@@ -36,7 +36,9 @@ pub struct LocalSubscriptions {
     filters: AtomicUsize,
     /// Set once [`MAX_FILTERS`] was passed: everything is routed from then.
     overflowed: AtomicBool,
-    sessions: Mutex<Sessions>,
+    /// Written on (rare) subscription changes; read on every publish that
+    /// may be routed, by any number of device connections at once.
+    sessions: RwLock<Sessions>,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +47,29 @@ struct Sessions {
     by_client: HashMap<String, Session>,
     /// Filters over all sessions, kept as they change.
     filters: usize,
+    /// Each distinct filter and how many sessions hold it: what a publish is
+    /// matched against (ten displays on one filter cost one match, not ten).
+    distinct: HashMap<String, usize>,
+}
+
+impl Sessions {
+    fn hold(&mut self, filter: &str) {
+        match self.distinct.get_mut(filter) {
+            Some(n) => *n += 1,
+            None => {
+                self.distinct.insert(filter.to_string(), 1);
+            }
+        }
+    }
+
+    fn release(&mut self, filter: &str) {
+        if let Some(n) = self.distinct.get_mut(filter) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.distinct.remove(filter);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -72,10 +97,10 @@ impl Drop for Connected<'_> {
 }
 
 impl LocalSubscriptions {
-    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+    fn sessions(&self) -> std::sync::RwLockWriteGuard<'_, Sessions> {
         // Plain map operations: a poisoned lock is recovered.
         self.sessions
-            .lock()
+            .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -97,11 +122,14 @@ impl LocalSubscriptions {
         let session = s.by_client.entry(client_id.to_string()).or_default();
         session.connection = id;
         let dropped = if clean {
-            std::mem::take(&mut session.filters).len()
+            std::mem::take(&mut session.filters)
         } else {
-            0
+            HashSet::new()
         };
-        s.filters = s.filters.saturating_sub(dropped);
+        s.filters = s.filters.saturating_sub(dropped.len());
+        for f in &dropped {
+            s.release(f);
+        }
         self.publish(&s);
         Connected {
             local: self,
@@ -120,6 +148,9 @@ impl LocalSubscriptions {
         });
         if ends && let Some(session) = s.by_client.remove(client_id) {
             s.filters = s.filters.saturating_sub(session.filters.len());
+            for f in &session.filters {
+                s.release(f);
+            }
             self.publish(&s);
         }
     }
@@ -132,11 +163,14 @@ impl LocalSubscriptions {
         }
         let mut s = self.sessions();
         let session = s.by_client.entry(client_id.to_string()).or_default();
-        let added = filters
+        let added: Vec<&String> = filters
             .iter()
             .filter(|f| session.filters.insert((*f).clone()))
-            .count();
-        s.filters += added;
+            .collect();
+        s.filters += added.len();
+        for f in added {
+            s.hold(f);
+        }
         self.publish(&s);
     }
 
@@ -144,11 +178,14 @@ impl LocalSubscriptions {
     pub fn unsubscribed(&self, client_id: &str, filters: &[String]) {
         let mut s = self.sessions();
         if let Some(session) = s.by_client.get_mut(client_id) {
-            let removed = filters
+            let removed: Vec<&String> = filters
                 .iter()
                 .filter(|f| session.filters.remove(*f))
-                .count();
-            s.filters = s.filters.saturating_sub(removed);
+                .collect();
+            s.filters = s.filters.saturating_sub(removed.len());
+            for f in removed {
+                s.release(f);
+            }
             self.publish(&s);
         }
     }
@@ -161,10 +198,13 @@ impl LocalSubscriptions {
         if self.filters.load(Ordering::Acquire) == 0 {
             return false;
         }
-        self.sessions()
-            .by_client
-            .values()
-            .flat_map(|s| s.filters.iter())
+        // A read lock: device connections match concurrently; only a
+        // subscription change waits for them.
+        self.sessions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .distinct
+            .keys()
             .any(|f| matches(f, topic))
     }
 }
@@ -288,6 +328,13 @@ mod tests {
                     .flat_map(|s| s.filters.iter().cloned())
                     .collect();
                 proptest::prop_assert_eq!(local.filters.load(Ordering::Acquire), held.len());
+                let distinct: HashSet<&String> = held.iter().collect();
+                let counted = local.sessions().distinct.clone();
+                proptest::prop_assert_eq!(counted.len(), distinct.len());
+                for f in &distinct {
+                    let holders = held.iter().filter(|h| h == f).count();
+                    proptest::prop_assert_eq!(counted.get(*f).copied(), Some(holders));
+                }
                 for topic in TOPICS {
                     proptest::prop_assert_eq!(
                         local.any_match(topic),
@@ -296,6 +343,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A filter two clients hold is matched once and stays until both let go.
+    #[test]
+    fn a_filter_held_twice_routes_until_both_let_go() {
+        let local = LocalSubscriptions::default();
+        let (a, b) = (
+            local.connected("display-a", true),
+            local.connected("display-b", true),
+        );
+        let alarms = strings(&["devices/+/alarms/#"]);
+        local.subscribed("display-a", &alarms);
+        local.subscribed("display-b", &alarms);
+        assert_eq!(local.sessions().distinct.len(), 1);
+        local.unsubscribed("display-a", &alarms);
+        assert!(local.any_match("devices/bed-1/alarms/spo2"));
+        drop(b);
+        assert!(!local.any_match("devices/bed-1/alarms/spo2"));
+        drop(a);
+        assert!(local.sessions().distinct.is_empty());
     }
 
     #[test]
