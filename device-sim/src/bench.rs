@@ -598,6 +598,9 @@ struct Figures {
     du_full: Fig<u64>,
     du_full_stopped: Fig<u64>,
     drain: Fig<Drain>,
+    /// The disk's own fdatasync latency in the work directory, appending and
+    /// overwriting a preallocated file, measured just before row 4.
+    disk_sync: Option<Fig<(SyncProbe, SyncProbe)>>,
     /// The drain in slices of [`SLICE`]: where its time went while it ran.
     drain_slices: Vec<Slice>,
     du_drained: Fig<u64>,
@@ -624,6 +627,7 @@ impl Default for Figures {
             du_full: not_measured(),
             du_full_stopped: not_measured(),
             drain: not_measured(),
+            disk_sync: None,
             drain_slices: Vec::new(),
             du_drained: not_measured(),
             du_drained_stopped: not_measured(),
@@ -1057,6 +1061,19 @@ impl Bench {
         );
         self.through_cloud("warm-up", &mut vigil, WARM_UP_PER_DEVICE, None, false)
             .await?;
+        // The floor under row 4's device side: the disk's own fsync.
+        let dir = self.work.clone();
+        f.disk_sync = Some(
+            tokio::task::spawn_blocking(move || {
+                Ok::<_, BenchError>((
+                    sync_probe(&dir, SYNC_PROBES, false)?,
+                    sync_probe(&dir, SYNC_PROBES, true)?,
+                ))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        );
         // Row 4's target is measured on a store in steady state; the same
         // rate right after row 1's burst (while its compactions run) is
         // shown as a reference.
@@ -1754,6 +1771,20 @@ impl Bench {
                 SLICE.as_secs(),
                 slices.join("; ")
             ));
+        }
+        match &f.disk_sync {
+            Some(Ok((append, overwrite))) => notes.push(format!(
+                "row 4: the disk's own floor, just before it, in the work directory: {} \
+                 400-byte appends each followed by fdatasync, about 1,000 a second (a one-message \
+                 commit to fjall's journal): {}; the same overwriting a preallocated file (no \
+                 size change to record): {}; a message that arrives during a commit waits for \
+                 that fsync and then its own",
+                thousands(SYNC_PROBES as f64),
+                append.describe(),
+                overwrite.describe()
+            )),
+            Some(Err(e)) => notes.push(format!("row 4: the disk's fsync probe failed: {e}")),
+            None => {}
         }
         for (name, l) in [
             ("1,000/s", &f.lat_1k),
@@ -2759,6 +2790,76 @@ impl MachineUse {
     }
 }
 
+/// Samples of the disk's fsync probe.
+const SYNC_PROBES: usize = 2_000;
+
+/// Percentiles of one fsync probe.
+#[derive(Debug, Clone, Copy)]
+struct SyncProbe {
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    max: Duration,
+}
+
+impl SyncProbe {
+    /// "p50 0.25 ms / p99 0.90 ms / p99.9 1.10 ms / max 5.91 ms".
+    fn describe(&self) -> String {
+        format!(
+            "p50 {} / p99 {} / p99.9 {} / max {}",
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.p999),
+            ms(self.max)
+        )
+    }
+}
+
+/// Writes `n` 400-byte records to a file in `dir`, each followed by
+/// `fdatasync` (`sync_data`) and a 0.7 ms pause (about 1,000 a second, as in
+/// row 4), and returns the percentiles of write plus sync. Appending grows the
+/// file, so each sync also records its size, as fjall's journal's do; with
+/// `preallocated` the records overwrite a file already written and synced to
+/// its full length. The file is removed afterwards.
+fn sync_probe(dir: &Path, n: usize, preallocated: bool) -> Result<SyncProbe, BenchError> {
+    use std::io::{Seek as _, Write as _};
+    let path = dir.join(if preallocated {
+        "sync-probe-preallocated"
+    } else {
+        "sync-probe-append"
+    });
+    let record = [0x5a_u8; 400];
+    let mut file = std::fs::File::create(&path).map_err(io_error(&path))?;
+    if preallocated {
+        file.write_all(&vec![0u8; n * record.len()])
+            .and_then(|()| file.sync_all())
+            .and_then(|()| file.rewind())
+            .map_err(io_error(&path))?;
+    }
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        file.write_all(&record)
+            .and_then(|()| file.sync_data())
+            .map_err(io_error(&path))?;
+        took.push(started.elapsed());
+        std::thread::sleep(Duration::from_micros(700));
+    }
+    drop(file);
+    std::fs::remove_file(&path).map_err(io_error(&path))?;
+    took.sort_unstable();
+    let at = |q: f64| {
+        let i = ((took.len() as f64 * q).ceil() as usize).saturating_sub(1);
+        took.get(i).copied().unwrap_or_default()
+    };
+    Ok(SyncProbe {
+        p50: at(0.5),
+        p99: at(0.99),
+        p999: at(0.999),
+        max: took.last().copied().unwrap_or_default(),
+    })
+}
+
 /// Allocated bytes (`st_blocks` × 512, as `du` counts) of a directory tree.
 /// Files that vanish while it is walked (compaction) are skipped.
 fn allocated_bytes(dir: &Path) -> Result<u64, BenchError> {
@@ -3196,5 +3297,21 @@ mod tests {
         assert_eq!(percentile(&[1, 2, 3, 4], 0.99), 4);
         assert_eq!(percentile(&[], 0.5), 0);
         assert_eq!(per_device(200_000.0, 0.002), 20);
+    }
+
+    /// The fsync probe writes and syncs for real, orders its percentiles and
+    /// leaves nothing behind.
+    #[test]
+    fn the_fsync_probe_measures_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        for preallocated in [false, true] {
+            let p = sync_probe(dir.path(), 50, preallocated).unwrap();
+            assert!(p.p50 > Duration::ZERO, "{p:?}");
+            assert!(
+                p.p50 <= p.p99 && p.p99 <= p.p999 && p.p999 <= p.max,
+                "{p:?}"
+            );
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
