@@ -53,7 +53,9 @@ struct Sessions {
 }
 
 impl Sessions {
+    /// One more session holds `filter`.
     fn hold(&mut self, filter: &str) {
+        self.filters += 1;
         match self.distinct.get_mut(filter) {
             Some(n) => *n += 1,
             None => {
@@ -62,7 +64,9 @@ impl Sessions {
         }
     }
 
+    /// One session fewer holds `filter`.
     fn release(&mut self, filter: &str) {
+        self.filters = self.filters.saturating_sub(1);
         if let Some(n) = self.distinct.get_mut(filter) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -126,7 +130,6 @@ impl LocalSubscriptions {
         } else {
             HashSet::new()
         };
-        s.filters = s.filters.saturating_sub(dropped.len());
         for f in &dropped {
             s.release(f);
         }
@@ -147,7 +150,6 @@ impl LocalSubscriptions {
             session.connection == id && (clean || session.filters.is_empty())
         });
         if ends && let Some(session) = s.by_client.remove(client_id) {
-            s.filters = s.filters.saturating_sub(session.filters.len());
             for f in &session.filters {
                 s.release(f);
             }
@@ -167,7 +169,6 @@ impl LocalSubscriptions {
             .iter()
             .filter(|f| session.filters.insert((*f).clone()))
             .collect();
-        s.filters += added.len();
         for f in added {
             s.hold(f);
         }
@@ -182,7 +183,6 @@ impl LocalSubscriptions {
                 .iter()
                 .filter(|f| session.filters.remove(*f))
                 .collect();
-            s.filters = s.filters.saturating_sub(removed.len());
             for f in removed {
                 s.release(f);
             }
