@@ -2842,21 +2842,19 @@ fn sync_probe(dir: &Path, n: usize, preallocated: bool) -> Result<SyncProbe, Ben
         file.write_all(&record)
             .and_then(|()| file.sync_data())
             .map_err(io_error(&path))?;
-        took.push(started.elapsed());
+        // Whole microseconds, rounded up, as `percentile` takes them.
+        took.push(u32::try_from(started.elapsed().as_nanos().div_ceil(1_000)).unwrap_or(u32::MAX));
         std::thread::sleep(Duration::from_micros(700));
     }
     drop(file);
     std::fs::remove_file(&path).map_err(io_error(&path))?;
     took.sort_unstable();
-    let at = |q: f64| {
-        let i = ((took.len() as f64 * q).ceil() as usize).saturating_sub(1);
-        took.get(i).copied().unwrap_or_default()
-    };
+    let at = |q: f64| Duration::from_micros(u64::from(percentile(&took, q)));
     Ok(SyncProbe {
         p50: at(0.5),
         p99: at(0.99),
         p999: at(0.999),
-        max: took.last().copied().unwrap_or_default(),
+        max: at(1.0),
     })
 }
 
