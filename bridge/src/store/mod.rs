@@ -47,9 +47,10 @@
 //! # Reads: from the cursor, never from the head
 //!
 //! Each lane has a cursor: no live record in that lane has a smaller seq. After a
-//! batch deletes from a lane the writer seeks `range(cursor..)` once to find the
-//! new head (its seq and `received_at`), so reads and the backlog figures never
-//! scan the tombstones that acked records leave behind.
+//! batch deletes from a lane the writer seeks once to find the new head (its seq
+//! and `received_at`), from the cursor or, when the batch deleted the records
+//! there, from just past that run, so reads, the backlog figures and the seek
+//! itself never step over the tombstones that acked records leave behind.
 //!
 //! A reader that has caught up is answered from memory: after each commit the
 //! writer hands the lane records of the batch to [`recent`] (the last 256 of
@@ -1208,7 +1209,7 @@ fn open_shared(
             continue;
         };
         if messages > 0 {
-            scan::refresh_head(&shared, &mut state, p)?;
+            scan::refresh_head(&shared, &mut state, p, |_| false)?;
         } else if scan::nothing_from(&shared, p, cursor)? {
             // Its figures stay as they are; only whether anything is there
             // is looked at.

@@ -271,24 +271,28 @@ pub(super) fn nothing_from(shared: &Shared, priority: u8, from: u64) -> Result<b
     Ok(ks.range(record::key(from)..).next().is_none())
 }
 
-/// Finds a lane's head after deletions: one seek from the cursor. Sets the
-/// lane's cursor and oldest `received_at`. Corrupt records at the head are
-/// skipped here (they are quarantined when the forwarder reads them).
+/// Finds a lane's head after deletions: one seek from the cursor, or past it
+/// over the seqs `gone` says were just deleted (a commit's acknowledged run:
+/// seeking from the old cursor would step over each of their tombstones).
+/// Sets the lane's cursor and oldest `received_at`. Corrupt records at the
+/// head are skipped here (they are quarantined when the forwarder reads them).
 pub(super) fn refresh_head(
     shared: &Shared,
     state: &mut StoreStats,
     priority: u8,
+    gone: impl Fn(u64) -> bool,
 ) -> Result<(), StoreError> {
     let (ks, name) = shared.lane(priority)?;
     let next_seq = state.next_seq;
     let Some(lane) = state.lanes.get_mut(usize::from(priority)) else {
         return Ok(());
     };
+    let mut from = lane.cursor;
+    while from < next_seq && gone(from) {
+        from += 1;
+    }
     let mut head = None;
-    for guard in ks
-        .range(record::key(lane.cursor)..)
-        .take(MAX_CORRUPT_PER_READ)
-    {
+    for guard in ks.range(record::key(from)..).take(MAX_CORRUPT_PER_READ) {
         let (k, v) = guard
             .into_inner()
             .map_err(|e| StoreError::engine(&shared.dir, e))?;

@@ -1269,7 +1269,8 @@ impl Writer {
         let deleted = !batch.heads.is_empty();
         let mut emptied = Vec::new();
         for lane in std::mem::take(&mut batch.heads) {
-            match scan::refresh_head(&self.shared, &mut self.state, lane) {
+            let gone = |seq| batch.deleted.contains(&(Area::Lane(lane), seq));
+            match scan::refresh_head(&self.shared, &mut self.state, lane, gone) {
                 Err(e) => {
                     tracing::warn!(priority = lane, error = %e, "could not find the lane's new head");
                 }
