@@ -112,6 +112,8 @@ const QUOTA_BYTES: u64 = 64 << 30;
 const VERIFY_EVERY: u64 = 1024;
 /// Shown for a figure no phase got to.
 const NOT_MEASURED: &str = "not measured";
+/// What a row skipped by `--ingest-only` says.
+const INGEST_ONLY: &str = "not run (--ingest-only)";
 
 /// Why the bench, or one of its phases, could not measure something. A
 /// phase's error becomes its rows' `error: ...` cells; only set-up errors
@@ -227,6 +229,9 @@ pub struct BenchOptions {
     /// Also run rows 1, 2 and 4 (1,000/s) through a Mosquitto bridge, when
     /// `mosquitto` is on `PATH`.
     pub mosquitto: bool,
+    /// Only row 2 (the fill and the bare rumqttd); every other row is
+    /// reported as not run.
+    pub ingest_only: bool,
 }
 
 /// One line of the table.
@@ -439,13 +444,19 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         notes: Vec::new(),
     };
     let mut f = Figures::default();
-    if let Err(e) = bench.online_phase(&mut f).await {
+    if opts.ingest_only {
+        f.fail_online(INGEST_ONLY);
+    } else if let Err(e) = bench.online_phase(&mut f).await {
         eprintln!("bench: the online phase failed: {e}");
         f.fail_online(&e.to_string());
     }
     if let Err(e) = bench.backlog_phase(&mut f).await {
         eprintln!("bench: the backlog phase failed: {e}");
         f.fail_backlog(&e.to_string());
+    }
+    if opts.ingest_only {
+        // Rows 3, 5 (at 1M), 6 and 7 need the drain that was not run.
+        f.fail_backlog(INGEST_ONLY);
     }
     if opts.ten_million {
         let mut ten = Err(NOT_MEASURED.to_string());
@@ -1185,6 +1196,10 @@ impl Bench {
         };
         if let Ok(r) = &f.bare {
             eprintln!("bench: row 2: bare rumqttd {} msg/s", thousands(*r));
+        }
+        if self.opts.ingest_only {
+            self.stop(vigil).await;
+            return Ok(());
         }
         eprintln!(
             "bench: row 3: stopping Vigil (SIGTERM) with {} queued",

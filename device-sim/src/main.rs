@@ -149,6 +149,12 @@ enum Command {
         /// (needs `mosquitto` on PATH) and print the two side by side.
         #[arg(long)]
         mosquitto: bool,
+        /// Only row 2: the durable ingest and the same load to a bare
+        /// rumqttd, with the CPU notes (about 15 s at scale 1). For quick
+        /// comparisons of builds, such as the ablation build the README's
+        /// performance section describes.
+        #[arg(long, conflicts_with_all = ["ten_million", "mosquitto"])]
+        ingest_only: bool,
     },
 }
 
@@ -428,6 +434,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vigil,
             ten_million,
             mosquitto,
+            ingest_only,
         } => {
             let opts = vigil_sim::bench::BenchOptions {
                 scale,
@@ -435,6 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 vigil: vigil_next_to_me(vigil)?,
                 ten_million,
                 mosquitto,
+                ingest_only,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let report = runtime.block_on(vigil_sim::bench::run(&opts))?;

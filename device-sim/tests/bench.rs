@@ -33,6 +33,7 @@ fn a_tiny_bench_fills_every_row_and_loses_nothing() {
         vigil,
         ten_million: false,
         mosquitto: false,
+        ingest_only: false,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let report = runtime.block_on(run(&opts)).unwrap();
@@ -72,5 +73,67 @@ fn a_tiny_bench_fills_every_row_and_loses_nothing() {
             d.want
         );
     }
+    assert!(report.complete());
+}
+
+#[test]
+fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
+    let vigil = debug_vigil();
+    if !vigil.is_file() {
+        eprintln!(
+            "SKIP: no {} (cargo build -p vigil first); the bench test needs the real binary",
+            vigil.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let opts = BenchOptions {
+        scale: 0.002,
+        out: Some(dir.path().to_path_buf()),
+        vigil,
+        ten_million: false,
+        mosquitto: false,
+        ingest_only: true,
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let report = runtime.block_on(run(&opts)).unwrap();
+    let text = report.to_string();
+    println!("{text}");
+
+    let row2: Vec<_> = report.lines.iter().filter(|l| l.row == 2).collect();
+    assert_eq!(row2.len(), 3, "fill, bare rumqttd, ratio: {row2:?}");
+    for l in &row2 {
+        assert!(l.measured, "row 2 not measured: {l:?}");
+        assert!(l.vigil.chars().any(|c| c.is_ascii_digit()), "{l:?}");
+    }
+    // Row 5's empty-store RSS is taken on the way; everything that needs the
+    // online phase or the drain says it was not run, and why.
+    for l in report.lines.iter().filter(|l| l.row != 2) {
+        assert!(
+            l.measured
+                || l.vigil == "not run (--ingest-only)"
+                || l.vigil == "not run (--ten-million)",
+            "row {}: {}",
+            l.row,
+            l.vigil
+        );
+    }
+    for row in [1u8, 3, 4, 7] {
+        assert!(
+            report
+                .lines
+                .iter()
+                .filter(|l| l.row == row)
+                .all(|l| l.vigil == "not run (--ingest-only)"),
+            "row {row} ran:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("row 2: CPU during the fill"),
+        "the fill's CPU note is missing:\n{text}"
+    );
+    // Only the fill was loaded, and Vigil stored all of it.
+    assert_eq!(report.deliveries.len(), 1, "{:?}", report.deliveries);
+    assert!(report.deliveries[0].ok(), "{:?}", report.deliveries[0]);
     assert!(report.complete());
 }
