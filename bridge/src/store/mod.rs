@@ -90,6 +90,8 @@
 //! the batches after it (`journal.rs`). Either way each lost record is counted
 //! and quarantined, without its bytes when they cannot be read.
 
+#[cfg(feature = "ablation")]
+pub mod ablation;
 mod identity;
 mod journal;
 mod recent;
@@ -631,6 +633,9 @@ struct Shared {
     recent: Mutex<recent::Recent>,
     hold: Hold,
     metrics: StoreMetrics,
+    /// A benchmark-only build's ablation (`VIGIL_ABLATE`).
+    #[cfg(feature = "ablation")]
+    ablation: Option<ablation::Ablation>,
 }
 
 impl Shared {
@@ -729,6 +734,18 @@ impl Store {
     /// device's PUBACK when [`PendingAppend::committed`] resolves.
     pub async fn submit(&self, ingest: Ingest) -> Result<PendingAppend, StoreError> {
         let (done, wait) = oneshot::channel();
+        #[cfg(feature = "ablation")]
+        if self.shared.ablation == Some(ablation::Ablation::Gate) {
+            drop(ingest);
+            let _ = done.send(Ok(Appended {
+                seq: 0,
+                device_seq: 0,
+                id: uuid::Uuid::nil(),
+                stored_bytes: 0,
+                evicted: Vec::new(),
+            }));
+            return Ok(PendingAppend { wait });
+        }
         self.tx
             .send(writer::Command::Append { ingest, done })
             .await
@@ -1174,6 +1191,8 @@ fn open_shared(
         recent: Mutex::new(recent::Recent::new(configured, u64::MAX)),
         hold: Hold::default(),
         metrics: StoreMetrics::new(configured),
+        #[cfg(feature = "ablation")]
+        ablation: ablation::Ablation::from_env()?,
     };
 
     // Defensive: the seq counter is written in the same batch as the records it

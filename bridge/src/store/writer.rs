@@ -1242,6 +1242,10 @@ impl Writer {
     }
 
     fn commit(&mut self, mut batch: Batch) {
+        #[cfg(feature = "ablation")]
+        if self.shared.ablation == Some(super::ablation::Ablation::Engine) {
+            batch.dirty = false;
+        }
         let outcome = if self.fatal.is_some() || !batch.dirty {
             Ok(())
         } else {
