@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vigil_sim::bench::{BenchOptions, run};
+use vigil_sim::bench::{BenchOptions, Report, run};
 
 fn debug_vigil() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -16,15 +16,16 @@ fn debug_vigil() -> PathBuf {
         .join("debug/vigil")
 }
 
-#[test]
-fn a_tiny_bench_fills_every_row_and_loses_nothing() {
+/// Runs the bench at a tiny scale against the debug binary and prints its
+/// report; `None` (after a SKIP line) when the binary is not built.
+fn tiny_bench(ingest_only: bool) -> Option<(Report, String)> {
     let vigil = debug_vigil();
     if !vigil.is_file() {
         eprintln!(
             "SKIP: no {} (cargo build -p vigil first); the bench test needs the real binary",
             vigil.display()
         );
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let opts = BenchOptions {
@@ -33,12 +34,20 @@ fn a_tiny_bench_fills_every_row_and_loses_nothing() {
         vigil,
         ten_million: false,
         mosquitto: false,
-        ingest_only: false,
+        ingest_only,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let report = runtime.block_on(run(&opts)).unwrap();
     let text = report.to_string();
     println!("{text}");
+    Some((report, text))
+}
+
+#[test]
+fn a_tiny_bench_fills_every_row_and_loses_nothing() {
+    let Some((report, text)) = tiny_bench(false) else {
+        return;
+    };
 
     for row in 1..=7u8 {
         let lines: Vec<_> = report.lines.iter().filter(|l| l.row == row).collect();
@@ -78,27 +87,9 @@ fn a_tiny_bench_fills_every_row_and_loses_nothing() {
 
 #[test]
 fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
-    let vigil = debug_vigil();
-    if !vigil.is_file() {
-        eprintln!(
-            "SKIP: no {} (cargo build -p vigil first); the bench test needs the real binary",
-            vigil.display()
-        );
+    let Some((report, text)) = tiny_bench(true) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let opts = BenchOptions {
-        scale: 0.002,
-        out: Some(dir.path().to_path_buf()),
-        vigil,
-        ten_million: false,
-        mosquitto: false,
-        ingest_only: true,
     };
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let report = runtime.block_on(run(&opts)).unwrap();
-    let text = report.to_string();
-    println!("{text}");
 
     let row2: Vec<_> = report.lines.iter().filter(|l| l.row == 2).collect();
     assert_eq!(row2.len(), 3, "fill, bare rumqttd, ratio: {row2:?}");
