@@ -150,7 +150,7 @@ enum Command {
         #[arg(long)]
         mosquitto: bool,
         /// Only row 2: the durable ingest and the same load to a bare
-        /// rumqttd, with the CPU notes (about 15 s at scale 1). For quick
+        /// rumqttd, with the CPU notes (under half a minute at scale 1). For quick
         /// comparisons of builds, such as the ablation build the README's
         /// performance section describes.
         #[arg(long, conflicts_with_all = ["ten_million", "mosquitto"])]
