@@ -18,13 +18,17 @@
 //! cargo bench -p vigil --bench local
 //! ```
 //!
+//! The last two columns ask through a per-connection [`MatchMemo`], as the
+//! gate does: the topic is matched once and its answer remembered until the
+//! filters change.
+//!
 //! `VIGIL_BENCH_SCALE` (a float, default 1.0) multiplies the iterations.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use vigil::gate::local::LocalSubscriptions;
+use vigil::gate::local::{LocalSubscriptions, MatchMemo};
 
 /// Distinct filters held.
 const FILTERS: [usize; 5] = [1, 10, 100, 1_000, 10_000];
@@ -48,21 +52,42 @@ fn main() -> Result<()> {
          best of {ROUNDS} rounds; ns per question per thread"
     );
     println!(
-        "{:>9} {:>10} {:>14} {:>16} {:>18}",
-        "filters", "questions", "1 thread", "2 threads, each", "x10 sessions, 1 thr"
+        "{:>9} {:>10} {:>14} {:>16} {:>18} {:>16} {:>18}",
+        "filters",
+        "questions",
+        "1 thread",
+        "2 threads, each",
+        "x10 sessions, 1 thr",
+        "memo, 1 thread",
+        "memo, 2 thr, each"
     );
     for n in FILTERS {
         let questions = ((WORK as f64 * scale) as usize / n).max(100);
         let alone = held(n, 1);
         let shared = held(n, SHARING);
-        let one = best(|| per_question(&alone, questions, 1));
-        let two = best(|| per_question(&alone, questions, 2));
-        let tenfold = best(|| per_question(&shared, questions, 1));
+        let (alone, shared) = (&alone, &shared);
+        // Asking the set directly, as the gate did before each connection
+        // kept a memo.
+        let ask_alone = || move |topic: &str| alone.any_match(topic);
+        let ask_shared = || move |topic: &str| shared.any_match(topic);
+        // Through a memo of each thread's own, as each device connection has.
+        let ask_memo = || {
+            let mut memo = MatchMemo::default();
+            move |topic: &str| memo.any_match(alone, topic)
+        };
+        let one = best(|| per_question(questions, 1, ask_alone));
+        let two = best(|| per_question(questions, 2, ask_alone));
+        let tenfold = best(|| per_question(questions, 1, ask_shared));
+        let memo_questions = (WORK as f64 * scale) as usize / 10;
+        let memo_one = best(|| per_question(memo_questions, 1, ask_memo));
+        let memo_two = best(|| per_question(memo_questions, 2, ask_memo));
         println!(
-            "{n:>9} {questions:>10} {:>14.1} {:>16.1} {:>18.1}",
+            "{n:>9} {questions:>10} {:>14.1} {:>16.1} {:>18.1} {:>16.1} {:>18.1}",
             ns(one),
             ns(two),
-            ns(tenfold)
+            ns(tenfold),
+            ns(memo_one),
+            ns(memo_two)
         );
     }
     Ok(())
@@ -82,16 +107,22 @@ fn held(n: usize, sessions: usize) -> LocalSubscriptions {
     local
 }
 
-/// Time per question on each of `threads` threads asking at once.
-fn per_question(local: &LocalSubscriptions, questions: usize, threads: usize) -> Duration {
+/// Time per question on each of `threads` threads asking at once, each
+/// through the asker `make` gives it.
+fn per_question<A: FnMut(&str) -> bool>(
+    questions: usize,
+    threads: usize,
+    make: impl Fn() -> A + Sync,
+) -> Duration {
     let elapsed = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
+                    let mut ask = make();
                     let started = Instant::now();
                     let mut hits = 0usize;
                     for _ in 0..questions {
-                        hits += usize::from(local.any_match(black_box(TOPIC)));
+                        hits += usize::from(ask(black_box(TOPIC)));
                     }
                     assert_eq!(hits, 0, "no filter matches {TOPIC}");
                     started.elapsed()
@@ -104,7 +135,7 @@ fn per_question(local: &LocalSubscriptions, questions: usize, threads: usize) ->
             .max()
             .unwrap_or_default()
     });
-    elapsed / u32::try_from(questions).unwrap_or(u32::MAX)
+    elapsed / u32::try_from(questions.max(1)).unwrap_or(u32::MAX)
 }
 
 fn best(mut f: impl FnMut() -> Duration) -> Duration {

@@ -21,12 +21,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::acl::covers;
 
 /// Filters tracked before the set gives up and routes everything.
 pub const MAX_FILTERS: usize = 100_000;
+/// Topics one connection's [`MatchMemo`] remembers before it starts afresh.
+pub const MEMO_TOPICS: usize = 64;
+/// Longest topic a [`MatchMemo`] remembers (longer ones are matched each time).
+pub const MEMO_TOPIC_BYTES: usize = 256;
 
 /// Which topics some local client subscribes to.
 #[derive(Debug, Default)]
@@ -36,6 +40,9 @@ pub struct LocalSubscriptions {
     filters: AtomicUsize,
     /// Set once [`MAX_FILTERS`] was passed: everything is routed from then.
     overflowed: AtomicBool,
+    /// Bumped after every change to the filters: a [`MatchMemo`]'s answers
+    /// hold only for the generation they were found in.
+    generation: AtomicU64,
     /// Written on (rare) subscription changes; read on every publish that
     /// may be routed, by any number of device connections at once.
     sessions: RwLock<Sessions>,
@@ -108,12 +115,14 @@ impl LocalSubscriptions {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Publishes the count for the lock-free check.
+    /// Publishes the count for the lock-free check and ends the memos'
+    /// generation (called under the write lock, after every change).
     fn publish(&self, sessions: &Sessions) {
         if sessions.filters > MAX_FILTERS {
             self.overflowed.store(true, Ordering::Release);
         }
         self.filters.store(sessions.filters, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A connection of `client_id` was accepted by rumqttd. A clean session
@@ -206,6 +215,48 @@ impl LocalSubscriptions {
             .distinct
             .keys()
             .any(|f| matches(f, topic))
+    }
+}
+
+/// One device connection's answers of [`LocalSubscriptions::any_match`], by
+/// topic, while the filters do not change: a device publishes on a handful
+/// of topics, so with local subscribers each topic is matched against the
+/// filters once per change instead of once per publish (and without the
+/// shared lock's counter). Bounded: [`MEMO_TOPICS`] topics of at most
+/// [`MEMO_TOPIC_BYTES`] each.
+#[derive(Debug, Default)]
+pub struct MatchMemo {
+    generation: u64,
+    answers: HashMap<String, bool>,
+}
+
+impl MatchMemo {
+    /// What [`LocalSubscriptions::any_match`] answers for `topic`.
+    pub fn any_match(&mut self, local: &LocalSubscriptions, topic: &str) -> bool {
+        if local.overflowed.load(Ordering::Acquire) {
+            return true;
+        }
+        if local.filters.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        // Read before matching: a change from here on bumps it, so an answer
+        // found under the old filters is never kept past that change.
+        let generation = local.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.answers.clear();
+            self.generation = generation;
+        }
+        if let Some(&answer) = self.answers.get(topic) {
+            return answer;
+        }
+        let answer = local.any_match(topic);
+        if topic.len() <= MEMO_TOPIC_BYTES {
+            if self.answers.len() >= MEMO_TOPICS {
+                self.answers.clear();
+            }
+            self.answers.insert(topic.to_owned(), answer);
+        }
+        answer
     }
 }
 
@@ -310,6 +361,7 @@ mod tests {
             const FILTERS: [&str; 4] = ["devices/#", "devices/+/alarms/#", "wards/x", "devices/bed-1/vitals/hr"];
             const TOPICS: [&str; 3] = ["devices/bed-1/vitals/hr", "devices/bed-2/alarms/spo2", "wards/x"];
             let local = LocalSubscriptions::default();
+            let mut memo = MatchMemo::default();
             let mut open: Vec<Connected<'_>> = Vec::new();
             for (op, c, f) in ops {
                 let client = CLIENTS[c];
@@ -336,10 +388,11 @@ mod tests {
                     proptest::prop_assert_eq!(counted.get(*f).copied(), Some(holders));
                 }
                 for topic in TOPICS {
-                    proptest::prop_assert_eq!(
-                        local.any_match(topic),
-                        held.iter().any(|f| matches(f, topic))
-                    );
+                    let truth = held.iter().any(|f| matches(f, topic));
+                    proptest::prop_assert_eq!(local.any_match(topic), truth);
+                    // Asked twice: the second answer may come from the memo.
+                    proptest::prop_assert_eq!(memo.any_match(&local, topic), truth);
+                    proptest::prop_assert_eq!(memo.any_match(&local, topic), truth);
                 }
             }
         }
@@ -363,6 +416,40 @@ mod tests {
         assert!(!local.any_match("devices/bed-1/alarms/spo2"));
         drop(a);
         assert!(local.sessions().distinct.is_empty());
+    }
+
+    /// The memo stays within its bounds and right past them.
+    #[test]
+    fn a_memo_forgets_past_its_bounds_and_stays_right() {
+        let local = LocalSubscriptions::default();
+        let _c = local.connected("display", true);
+        local.subscribed("display", &strings(&["devices/+/alarms/#"]));
+        let mut memo = MatchMemo::default();
+        for i in 0..3 * MEMO_TOPICS {
+            let alarm = format!("devices/bed-{i}/alarms/spo2");
+            let vital = format!("devices/bed-{i}/vitals/hr");
+            assert!(memo.any_match(&local, &alarm));
+            assert!(!memo.any_match(&local, &vital));
+            assert!(memo.answers.len() <= MEMO_TOPICS);
+        }
+        let long = format!("devices/bed-1/alarms/{}", "x".repeat(MEMO_TOPIC_BYTES));
+        memo.answers.clear();
+        assert!(memo.any_match(&local, &long));
+        assert!(memo.answers.is_empty(), "a long topic is not remembered");
+        // A change of filters is seen at once, both ways, while the
+        // remembered answer would say otherwise.
+        let vitals = "devices/bed-1/vitals/hr";
+        assert!(!memo.any_match(&local, vitals));
+        let bed = strings(&["devices/bed-1/#"]);
+        local.subscribed("display", &bed);
+        assert!(memo.any_match(&local, vitals));
+        local.unsubscribed("display", &bed);
+        assert!(!memo.any_match(&local, vitals));
+        let station = local.connected("station", true);
+        local.subscribed("station", &bed);
+        assert!(memo.any_match(&local, vitals));
+        drop(station);
+        assert!(!memo.any_match(&local, vitals));
     }
 
     #[test]

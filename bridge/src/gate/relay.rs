@@ -501,6 +501,7 @@ async fn device_reader<R: AsyncRead + Unpin>(
 ) {
     let counters = &ctx.counters;
     let mut aliases: HashMap<u16, String> = HashMap::new();
+    let mut memo = super::local::MatchMemo::default();
     let close = |code: u8| {
         if protocol == Protocol::V5
             && shared
@@ -560,7 +561,7 @@ async fn device_reader<R: AsyncRead + Unpin>(
                     let route = retained
                         || qos == Qos::ExactlyOnce
                         || aliased
-                        || ctx.local.any_match(&ingest.topic);
+                        || memo.any_match(&ctx.local, &ingest.topic);
                     let pending = match ctx.store.submit(ingest).await {
                         Ok(p) => p,
                         Err(e) => {
