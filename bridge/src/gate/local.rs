@@ -28,9 +28,9 @@ use super::acl::covers;
 /// Filters tracked before the set gives up and routes everything.
 pub const MAX_FILTERS: usize = 100_000;
 /// Topics one connection's [`MatchMemo`] remembers before it starts afresh.
-pub const MEMO_TOPICS: usize = 64;
+pub const MEMO_TOPICS: usize = 32;
 /// Longest topic a [`MatchMemo`] remembers (longer ones are matched each time).
-pub const MEMO_TOPIC_BYTES: usize = 256;
+pub const MEMO_TOPIC_BYTES: usize = 128;
 
 /// Which topics some local client subscribes to.
 #[derive(Debug, Default)]
@@ -223,7 +223,8 @@ impl LocalSubscriptions {
 /// of topics, so with local subscribers each topic is matched against the
 /// filters once per change instead of once per publish (and without the
 /// shared lock's counter). Bounded: [`MEMO_TOPICS`] topics of at most
-/// [`MEMO_TOPIC_BYTES`] each.
+/// [`MEMO_TOPIC_BYTES`] each, about 6 KiB per connection at most (6 MiB
+/// over `gate.max_connections` = 1,000).
 #[derive(Debug, Default)]
 pub struct MatchMemo {
     generation: u64,
