@@ -199,13 +199,19 @@ impl LocalSubscriptions {
         }
     }
 
+    /// The answer for any topic when it needs no matching: past the bound
+    /// (route), or nothing held (skip). Lock-free.
+    fn settled(&self) -> Option<bool> {
+        if self.overflowed.load(Ordering::Acquire) {
+            return Some(true);
+        }
+        (self.filters.load(Ordering::Acquire) == 0).then_some(false)
+    }
+
     /// Whether some local filter may match `topic` (a valid topic name).
     pub fn any_match(&self, topic: &str) -> bool {
-        if self.overflowed.load(Ordering::Acquire) {
-            return true;
-        }
-        if self.filters.load(Ordering::Acquire) == 0 {
-            return false;
+        if let Some(answer) = self.settled() {
+            return answer;
         }
         // A read lock: device connections match concurrently; only a
         // subscription change waits for them.
@@ -234,11 +240,8 @@ pub struct MatchMemo {
 impl MatchMemo {
     /// What [`LocalSubscriptions::any_match`] answers for `topic`.
     pub fn any_match(&mut self, local: &LocalSubscriptions, topic: &str) -> bool {
-        if local.overflowed.load(Ordering::Acquire) {
-            return true;
-        }
-        if local.filters.load(Ordering::Acquire) == 0 {
-            return false;
+        if let Some(answer) = local.settled() {
+            return answer;
         }
         // Read before matching: a change from here on bumps it, so an answer
         // found under the old filters is never kept past that change.
