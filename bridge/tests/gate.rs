@@ -858,3 +858,44 @@ async fn a_persistent_local_subscriber_gets_what_was_published_while_it_was_away
     let missed = station.publish(WAIT).await.unwrap();
     assert_eq!(&missed.payload[..], b"88");
 }
+
+/// The embedded broker's port is someone else's: another Vigil's embedded
+/// broker here (tests in one process, or a second daemon on the gateway).
+/// Its bind fails, and the start must fail and say so, not probe the other
+/// broker, find it answering, and relay this gate's devices into it.
+#[tokio::test]
+async fn an_embedded_broker_port_held_by_another_broker_fails_the_start() {
+    let a = g::start(|_| {}, |_| {}).await;
+    let taken = a.gate.broker_v4_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rumqttd.toml");
+    let text = vigil::gate::broker::BUILT_IN.replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{taken}\""),
+        1,
+    );
+    assert!(text.contains(&taken.to_string()), "the v4 listener moved");
+    std::fs::write(&file, text).unwrap();
+    let store = common::open_with(&dir.path().join("store"), |_| {});
+    let mut cfg = g::config();
+    cfg.broker_config = Some(file);
+    let started = std::time::Instant::now();
+    let err = match vigil::gate::Gate::start(cfg, store).await {
+        Ok(b) => panic!(
+            "gate B started with its v4 listener on gate A's port {taken} (B relays to {})",
+            b.broker_v4_addr()
+        ),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("internal-v4"), "names the listener: {err}");
+    assert!(err.contains(&taken.to_string()), "names the address: {err}");
+    assert!(err.contains("in use"), "says why: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "fails at once, not after the probe's retries: {:?}",
+        started.elapsed()
+    );
+    // Gate A is untouched.
+    let mut dev = g::v4_device(g::v4_options(a.addr(), "bed-1"));
+    dev.connected().await;
+}

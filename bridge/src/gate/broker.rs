@@ -15,13 +15,17 @@
 //! connection tasks on two threads, two CONNECTs with one client id can race
 //! inside rumqttd, leave a dead will handle behind, and panic every later
 //! CONNECT on that listener (bytebeamio/rumqtt#1062). Stopping the gate
-//! cancels the listener runtimes, which drops their connections. rumqttd has
+//! cancels the listener runtimes, which drops their connections. The start
+//! waits for each listener's own bind before probing it: a port held by
+//! another socket (another Vigil's embedded broker included) would otherwise
+//! answer the probe, and the gate would relay its devices there. rumqttd has
 //! no shutdown for the router thread (rumqtt#771); it parks until the process
 //! exits.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -191,7 +195,22 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     /// Starts the router thread and both loopback listeners, and waits until
     /// each answers an MQTT CONNECT.
+    ///
+    /// A listener answers only once its own bind has succeeded: a port held by
+    /// someone else (another Vigil's embedded broker, any program) fails its
+    /// bind, and the probe would otherwise reach that other listener and take
+    /// it for this one. A port Vigil chose (`listen` port 0) can be taken
+    /// between the choice and the bind; then another is chosen, up to
+    /// [`PORT_ATTEMPTS`] in all.
     pub async fn start(file: &BrokerFile) -> Result<Self, GateError> {
+        Self::start_with(file, resolve_port).await
+    }
+
+    /// [`Self::start`], with the port choice given (tests hand out taken ports).
+    async fn start_with(
+        file: &BrokerFile,
+        mut pick: impl FnMut(SocketAddr) -> std::io::Result<SocketAddr>,
+    ) -> Result<Self, GateError> {
         let start_err = |reason: String| GateError::Broker(reason);
         let (v4, v5) = file.listeners().map_err(start_err)?;
         let router = rumqttd::RouterConfig {
@@ -219,37 +238,54 @@ impl EmbeddedBroker {
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for (section, level) in [(v4, 4u8), (v5, 5u8)] {
-            let listen = resolve_port(section.listen).map_err(|e| {
-                start_err(format!("no free loopback port for {}: {e}", section.name))
-            })?;
-            let settings = rumqttd::ServerSettings {
-                name: section.name.clone(),
-                listen,
-                tls: None,
-                next_connection_delay_ms: section.next_connection_delay_ms,
-                connections: rumqttd::ConnectionSettings {
-                    connection_timeout_ms: section.connections.connection_timeout_ms,
-                    max_payload_size: section.connections.max_payload_size,
-                    max_inflight_count: section.connections.max_inflight_count,
-                    auth: None,
-                    external_auth: None,
-                    dynamic_filters: false,
-                },
+            let mut attempt = 1;
+            let (listener, listen) = loop {
+                let listen = pick(section.listen).map_err(|e| {
+                    start_err(format!("no free loopback port for {}: {e}", section.name))
+                })?;
+                let settings = server_settings(section, listen);
+                let name = section.name.clone();
+                let tx = router_tx.clone();
+                let bound = if level == 4 {
+                    spawn_listener(
+                        name,
+                        rumqttd::Server::new(settings, tx, rumqttd::protocol::v4::V4),
+                    )
+                    .await
+                } else {
+                    spawn_listener(
+                        name,
+                        rumqttd::Server::new(settings, tx, rumqttd::protocol::v5::V5),
+                    )
+                    .await
+                };
+                match bound {
+                    Ok(listener) => break (listener, listen),
+                    Err(ListenerError::Bind(e))
+                        if section.listen.port() == 0 && attempt < PORT_ATTEMPTS =>
+                    {
+                        tracing::warn!(listener = %section.name, %listen, error = %e, "the free port chosen for the embedded broker was taken before it could bind it; choosing another");
+                        attempt += 1;
+                    }
+                    Err(ListenerError::Bind(e)) if section.listen.port() == 0 => {
+                        return Err(start_err(format!(
+                            "listener {} cannot listen on a free loopback port: each of the \
+                             {PORT_ATTEMPTS} chosen was taken before it could be bound, the \
+                             last {listen}: {e}",
+                            section.name
+                        )));
+                    }
+                    Err(ListenerError::Bind(e)) => {
+                        return Err(start_err(format!(
+                            "listener {} cannot listen on {listen}: {e}; another program holds \
+                             that port: set another port in its `listen`, or 0 for a free one",
+                            section.name
+                        )));
+                    }
+                    Err(ListenerError::Thread(e)) => return Err(start_err(e)),
+                }
             };
-            let name = section.name.clone();
-            let tx = router_tx.clone();
-            let listener = if level == 4 {
-                spawn_listener(
-                    name,
-                    rumqttd::Server::new(settings, tx, rumqttd::protocol::v4::V4),
-                )
-            } else {
-                spawn_listener(
-                    name,
-                    rumqttd::Server::new(settings, tx, rumqttd::protocol::v5::V5),
-                )
-            };
-            listeners.push(listener.map_err(start_err)?);
+            listeners.push(listener);
             addrs.push((listen, level, section.name.clone()));
         }
         let broker = Self {
@@ -293,32 +329,91 @@ impl Drop for EmbeddedBroker {
     }
 }
 
-/// One rumqttd listener on its own thread.
+/// Free ports a listener configured with port 0 tries before the start fails.
+pub const PORT_ATTEMPTS: usize = 5;
+
+/// One rumqttd listener on its own thread; dropping it stops the listener.
 #[derive(Debug)]
 struct Listener {
     cancel: CancellationToken,
 }
 
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Why a listener did not start.
+#[derive(Debug)]
+enum ListenerError {
+    /// Its address could not be bound (held by another socket).
+    Bind(String),
+    /// No runtime or thread for it.
+    Thread(String),
+}
+
+/// rumqttd's settings for one listener on `listen`.
+fn server_settings(section: &ListenerSection, listen: SocketAddr) -> rumqttd::ServerSettings {
+    rumqttd::ServerSettings {
+        name: section.name.clone(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: section.next_connection_delay_ms,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: section.connections.connection_timeout_ms,
+            max_payload_size: section.connections.max_payload_size,
+            max_inflight_count: section.connections.max_inflight_count,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: false,
+        },
+    }
+}
+
 /// Runs one rumqttd listener on a thread of its own, on a single-threaded
-/// runtime that ends (dropping its connections) when the listener is stopped.
-fn spawn_listener<P>(name: String, mut server: rumqttd::Server<P>) -> Result<Listener, String>
+/// runtime that ends (dropping its connections) when the listener is stopped,
+/// and returns once it is bound.
+///
+/// rumqttd's `Server::start` binds before anything it awaits can be pending
+/// (the address is a `SocketAddr`, resolved without waiting), so its first
+/// poll either fails with the bind's error or is pending in its accept loop,
+/// bound. The gate test `an_embedded_broker_port_held_by_another_broker_fails_the_start`
+/// fails if a later rumqttd stops doing so.
+async fn spawn_listener<P>(
+    name: String,
+    mut server: rumqttd::Server<P>,
+) -> Result<Listener, ListenerError>
 where
     P: rumqttd::protocol::Protocol + Clone + Send + Sync + 'static,
 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("no runtime for listener {name}: {e}"))?;
+        .map_err(|e| ListenerError::Thread(format!("no runtime for listener {name}: {e}")))?;
     let cancel = CancellationToken::new();
     let stop = cancel.clone();
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let thread_name = format!("broker-{name}");
     let what = format!("no thread for listener {name}");
     std::thread::Builder::new()
         .name(thread_name)
         .spawn(move || {
             runtime.block_on(async move {
+                let mut serving = std::pin::pin!(server.start(rumqttd::LinkType::Remote));
+                let first =
+                    std::future::poll_fn(|cx| Poll::Ready(serving.as_mut().poll(cx))).await;
+                if let Poll::Ready(outcome) = first {
+                    let why = match outcome {
+                        Err(e) => e.to_string(),
+                        Ok(()) => "rumqttd's listener ended as soon as it started".into(),
+                    };
+                    let _ = bound_tx.send(Err(why));
+                    return;
+                }
+                let _ = bound_tx.send(Ok(()));
                 tokio::select! {
-                    outcome = server.start(rumqttd::LinkType::Remote) => {
+                    outcome = serving => {
                         if let Err(e) = outcome {
                             tracing::error!(listener = %name, error = %e, "embedded broker listener stopped");
                         }
@@ -327,8 +422,15 @@ where
                 }
             });
         })
-        .map_err(|e| format!("{what}: {e}"))?;
-    Ok(Listener { cancel })
+        .map_err(|e| ListenerError::Thread(format!("{what}: {e}")))?;
+    let listener = Listener { cancel };
+    match bound_rx.await {
+        Ok(Ok(())) => Ok(listener),
+        Ok(Err(why)) => Err(ListenerError::Bind(why)),
+        Err(_) => Err(ListenerError::Thread(
+            "the listener's thread ended before it bound its address".into(),
+        )),
+    }
 }
 
 /// Port 0 becomes a free port now (rumqttd cannot report the port it bound).
@@ -437,5 +539,51 @@ mod tests {
         assert!(e.contains("not a loopback"), "{e}");
         let e = write(&BUILT_IN.replace("max_segment_size = 262144", "max_segment_size = 10"));
         assert!(e.contains("1024"), "{e}");
+    }
+
+    /// A port Vigil chose, taken by someone else before rumqttd could bind
+    /// it: another is chosen, and the broker listens where it says it does.
+    #[tokio::test]
+    async fn a_chosen_port_taken_before_the_bind_is_replaced() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_addr = taken.local_addr().unwrap();
+        let file = BrokerFile::load(None).unwrap();
+        let mut picks = 0;
+        let broker = EmbeddedBroker::start_with(&file, |addr| {
+            picks += 1;
+            if picks == 1 {
+                Ok(taken_addr)
+            } else {
+                resolve_port(addr)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(picks, 3, "v4 twice, v5 once");
+        assert_ne!(broker.v4_addr(), taken_addr);
+        for (addr, level) in [(broker.v4_addr(), 4), (broker.v5_addr(), 5)] {
+            probe(addr, level).await.unwrap();
+        }
+    }
+
+    /// Every chosen port taken: the start gives up after `PORT_ATTEMPTS` and
+    /// says so.
+    #[tokio::test]
+    async fn a_start_gives_up_when_every_chosen_port_is_taken() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_addr = taken.local_addr().unwrap();
+        let file = BrokerFile::load(None).unwrap();
+        let mut picks = 0;
+        let e = EmbeddedBroker::start_with(&file, |_| {
+            picks += 1;
+            Ok(taken_addr)
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert_eq!(picks, PORT_ATTEMPTS);
+        assert!(e.contains("internal-v4"), "{e}");
+        assert!(e.contains(&format!("each of the {PORT_ATTEMPTS}")), "{e}");
+        assert!(e.contains(&taken_addr.to_string()), "{e}");
     }
 }
