@@ -102,6 +102,7 @@ struct Rig {
 
 impl Rig {
     async fn new() -> Self {
+        common::log_to_test();
         let dir = tempfile::tempdir().unwrap();
         let store = common::open(&dir.path().join("store"));
         let pki = c::cloud_pki();

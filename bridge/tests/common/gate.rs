@@ -43,6 +43,7 @@ pub async fn start(
     tweak_store: impl FnOnce(&mut StoreOptions),
     tweak_gate: impl FnOnce(&mut GateConfig),
 ) -> TestGate {
+    super::log_to_test();
     let dir = tempfile::tempdir().unwrap();
     let store = super::open_with(dir.path(), tweak_store);
     let mut cfg = config();

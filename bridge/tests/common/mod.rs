@@ -11,6 +11,20 @@ use vigil::store::{Store, StoreOptions};
 
 pub const KEY: [u8; 32] = [0x42; 32];
 
+/// Sends Vigil's tracing to the test harness, which prints it with a failing
+/// test's output only (`info`, or what `RUST_LOG` says). Once per process;
+/// later calls do nothing.
+pub fn log_to_test() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rumqttd=off,fjall=off,lsm_tree=off")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_ansi(false)
+        .with_env_filter(filter)
+        .try_init();
+}
+
 pub fn key() -> MasterKey {
     MasterKey::from_bytes(KEY)
 }
