@@ -415,6 +415,57 @@ async fn oversized_and_refused_messages_go_to_dead_letter_and_the_rest_flow() {
     fwd.stop().await.unwrap();
 }
 
+/// A cloud that announces a Maximum Packet Size in its MQTT 5 CONNACK smaller
+/// than `forward.max_packet_size`: Vigil never sends it a bigger packet (the
+/// cloud would close the connection, again at every reconnect); a message
+/// too large for it goes to dead letter with the limit in its reason, and the
+/// rest flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clouds_announced_maximum_packet_size_is_honoured() {
+    const ANNOUNCED: u32 = 2048;
+    let rig = Rig::new().await;
+    let proxy = Proxy::start(&rig.pki, rig.cloud().v5).await;
+    proxy.set(|p| p.announce_max_packet = Some(ANNOUNCED));
+    let mut config = rig.config(Protocol::V5);
+    config.port = proxy.addr.port();
+    assert!(
+        config.max_packet_size > 4 * ANNOUNCED,
+        "the announced limit is the smaller"
+    );
+    let mut ids = Vec::new();
+    for size in [10, 1000, 3000, 10] {
+        let mut m = message(1, 0);
+        m.payload = Bytes::from(vec![b'a'; size]);
+        ids.push(rig.store.append(m).await.unwrap().id.to_string());
+    }
+    let fwd = Forwarder::start(config, rig.store.clone()).unwrap();
+    drained(&rig.store).await;
+    c::eventually(LONG, "the messages that fit", || {
+        let a = rig.arrivals.lock().unwrap();
+        [0, 1, 3].iter().all(|i| a.count.contains_key(&ids[*i]))
+    })
+    .await;
+    let dead = rig.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "only the 3,000-byte payload is too large");
+    assert_eq!(dead[0].body.event.id.to_string(), ids[2]);
+    let reason = &dead[0].body.reason;
+    assert!(
+        reason.contains("too large") && reason.contains(&ANNOUNCED.to_string()),
+        "{reason}"
+    );
+    let (largest, published) = {
+        let c = proxy.control.lock().unwrap();
+        (c.largest_publish, c.published.len())
+    };
+    assert!(published >= 3, "{published} publishes");
+    assert!(
+        largest <= ANNOUNCED as usize && largest > 1336,
+        "the largest publish was {largest} bytes, the cloud announced {ANNOUNCED}"
+    );
+    assert!(!rig.arrivals.lock().unwrap().count.contains_key(&ids[2]));
+    fwd.stop().await.unwrap();
+}
+
 /// Starts a forwarder that cannot connect, waits for the explanation, checks
 /// the messages are still buffered, and stops it.
 async fn fails_with(rig: &Rig, config: ForwardConfig, needle: &str) -> Forwarder {

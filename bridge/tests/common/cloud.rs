@@ -306,6 +306,13 @@ pub struct ProxyControl {
     /// Answer a PUBLISH whose topic contains this with an MQTT 5 PUBACK
     /// reason 0x87 (not authorized) instead of passing it on.
     pub refuse_topic: Option<String>,
+    /// Add this Maximum Packet Size (property 0x27) to the cloud's MQTT 5
+    /// CONNACK, as a cloud with a limit would announce it (rumqttd announces
+    /// none).
+    pub announce_max_packet: Option<u32>,
+    /// The largest PUBLISH packet Vigil sent, whole (fixed header included),
+    /// in bytes.
+    pub largest_publish: usize,
     /// Where the cloud is.
     pub upstream: Option<SocketAddr>,
     /// Ids (from the envelopes) in the order Vigil published them.
@@ -377,8 +384,8 @@ impl Proxy {
                     let dw = Arc::new(tokio::sync::Mutex::new(dw));
                     let pkids: Arc<Mutex<HashMap<u16, String>>> = Arc::default();
                     let v5 = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let a = pump_up(dr, uw, dw.clone(), ctl.clone(), pkids.clone(), v5);
-                    let b = pump_down(ur, dw, ctl, pkids);
+                    let a = pump_up(dr, uw, dw.clone(), ctl.clone(), pkids.clone(), v5.clone());
+                    let b = pump_down(ur, dw, ctl, pkids, v5);
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = a => {}
@@ -510,6 +517,8 @@ async fn pump_up<R, W, D>(
                 {
                     let refuse = {
                         let mut c = ctl.lock().unwrap();
+                        let whole = encode_packet(first, &body).len();
+                        c.largest_publish = c.largest_publish.max(whole);
                         if let Some((id, prio)) = envelope_id_priority(payload) {
                             c.published.push((id.clone(), prio));
                             pkids.lock().unwrap().insert(pkid, id);
@@ -543,11 +552,19 @@ async fn pump_down<R, D>(
     down_w: Arc<tokio::sync::Mutex<D>>,
     ctl: Arc<Mutex<ProxyControl>>,
     pkids: Arc<Mutex<HashMap<u16, String>>>,
+    v5: Arc<std::sync::atomic::AtomicBool>,
 ) where
     R: AsyncRead + Unpin,
     D: AsyncWrite + Unpin,
 {
-    while let Some((first, body)) = read_packet(&mut up).await {
+    while let Some((first, mut body)) = read_packet(&mut up).await {
+        let announce = ctl.lock().unwrap().announce_max_packet;
+        if first >> 4 == 2
+            && v5.load(std::sync::atomic::Ordering::Relaxed)
+            && let Some(limit) = announce
+        {
+            body = with_max_packet(&body, limit).expect("an MQTT 5 CONNACK");
+        }
         if first >> 4 == 4 {
             let mut c = ctl.lock().unwrap();
             if c.drop_pubacks {
@@ -564,6 +581,19 @@ async fn pump_down<R, D>(
             return;
         }
     }
+}
+
+/// An MQTT 5 CONNACK body with a Maximum Packet Size property added.
+fn with_max_packet(body: &[u8], limit: u32) -> Option<Vec<u8>> {
+    let (len, n) = varint(body.get(2..)?)?;
+    let mut props = body.get(2 + n..2 + n + len)?.to_vec();
+    props.push(0x27);
+    props.extend_from_slice(&limit.to_be_bytes());
+    let mut out = body.get(..2)?.to_vec();
+    // The property length as a variable byte integer: the packet encoding's.
+    let header = encode_packet(0, &props);
+    out.extend_from_slice(header.get(1..)?);
+    Some(out)
 }
 
 /// Waits until `f` holds, panicking with `what` after `limit`.
