@@ -114,6 +114,7 @@ const VERIFY_EVERY: u64 = 1024;
 const NOT_MEASURED: &str = "not measured";
 /// What a row skipped by `--ingest-only` says.
 const INGEST_ONLY: &str = "not run (--ingest-only)";
+const LATENCY_ONLY: &str = "not run (--latency-only)";
 
 /// Why the bench, or one of its phases, could not measure something. A
 /// phase's error becomes its rows' `error: ...` cells; only set-up errors
@@ -229,9 +230,21 @@ pub struct BenchOptions {
     /// Also run rows 1, 2 and 4 (1,000/s) through a Mosquitto bridge, when
     /// `mosquitto` is on `PATH`.
     pub mosquitto: bool,
-    /// Only row 2 (the fill and the bare rumqttd); every other row is
-    /// reported as not run.
-    pub ingest_only: bool,
+    /// Which rows run; the others are reported as not run.
+    pub rows: Rows,
+}
+
+/// Which rows a bench runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Rows {
+    /// Every row.
+    #[default]
+    All,
+    /// Only row 2: the fill and the bare rumqttd (`--ingest-only`).
+    Ingest,
+    /// Only row 4 at 1,000 msg/s, after the warm-up and the disk's fsync
+    /// probe (`--latency-only`).
+    Latency,
 }
 
 /// One line of the table.
@@ -444,17 +457,19 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         notes: Vec::new(),
     };
     let mut f = Figures::default();
-    if opts.ingest_only {
+    if opts.rows == Rows::Ingest {
         f.fail_online(INGEST_ONLY);
     } else if let Err(e) = bench.online_phase(&mut f).await {
         eprintln!("bench: the online phase failed: {e}");
         f.fail_online(&e.to_string());
     }
-    if let Err(e) = bench.backlog_phase(&mut f).await {
+    if opts.rows == Rows::Latency {
+        f.fail_backlog(LATENCY_ONLY);
+    } else if let Err(e) = bench.backlog_phase(&mut f).await {
         eprintln!("bench: the backlog phase failed: {e}");
         f.fail_backlog(&e.to_string());
     }
-    if opts.ingest_only {
+    if opts.rows == Rows::Ingest {
         // Rows 3 and 7, and row 6's figures (the envelope size and the
         // store after the drain), need the drain that was not run.
         f.fail_backlog(INGEST_ONLY);
@@ -1093,6 +1108,13 @@ impl Bench {
             .paced("row 4: latency at 1,000/s", &mut vigil, PACED_RATE)
             .await
             .map_err(|e| e.to_string());
+        if self.opts.rows == Rows::Latency {
+            self.stop(vigil).await;
+            fail(&mut f.e2e, LATENCY_ONLY);
+            fail(&mut f.lat_1k_after, LATENCY_ONLY);
+            fail(&mut f.lat_80, LATENCY_ONLY);
+            return Ok(());
+        }
         let per = per_device(E2E_MESSAGES, self.opts.scale);
         let n = total(per);
         eprintln!(
@@ -1198,7 +1220,7 @@ impl Bench {
         if let Ok(r) = &f.bare {
             eprintln!("bench: row 2: bare rumqttd {} msg/s", thousands(*r));
         }
-        if self.opts.ingest_only {
+        if self.opts.rows == Rows::Ingest {
             self.stop(vigil).await;
             return Ok(());
         }

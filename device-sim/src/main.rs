@@ -155,6 +155,11 @@ enum Command {
         /// performance section describes.
         #[arg(long, conflicts_with_all = ["ten_million", "mosquitto"])]
         ingest_only: bool,
+        /// Only row 4 at 1,000 msg/s (after the warm-up and the disk's fsync
+        /// probe), with its breakdown notes (about 20 s). For quick looks at
+        /// latency: a build, a disk, a file system (`--out` on it).
+        #[arg(long, conflicts_with_all = ["ten_million", "mosquitto", "ingest_only"])]
+        latency_only: bool,
     },
 }
 
@@ -435,14 +440,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ten_million,
             mosquitto,
             ingest_only,
+            latency_only,
         } => {
+            let rows = match (ingest_only, latency_only) {
+                (true, _) => vigil_sim::bench::Rows::Ingest,
+                (_, true) => vigil_sim::bench::Rows::Latency,
+                _ => vigil_sim::bench::Rows::All,
+            };
             let opts = vigil_sim::bench::BenchOptions {
                 scale,
                 out,
                 vigil: vigil_next_to_me(vigil)?,
                 ten_million,
                 mosquitto,
-                ingest_only,
+                rows,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let report = runtime.block_on(vigil_sim::bench::run(&opts))?;

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vigil_sim::bench::{BenchOptions, Report, run};
+use vigil_sim::bench::{BenchOptions, Report, Rows, run};
 
 fn debug_vigil() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -18,7 +18,7 @@ fn debug_vigil() -> PathBuf {
 
 /// Runs the bench at a tiny scale against the debug binary and prints its
 /// report; `None` (after a SKIP line) when the binary is not built.
-fn tiny_bench(ingest_only: bool) -> Option<(Report, String)> {
+fn tiny_bench(rows: Rows) -> Option<(Report, String)> {
     let vigil = debug_vigil();
     if !vigil.is_file() {
         eprintln!(
@@ -34,7 +34,7 @@ fn tiny_bench(ingest_only: bool) -> Option<(Report, String)> {
         vigil,
         ten_million: false,
         mosquitto: false,
-        ingest_only,
+        rows,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let report = runtime.block_on(run(&opts)).unwrap();
@@ -45,7 +45,7 @@ fn tiny_bench(ingest_only: bool) -> Option<(Report, String)> {
 
 #[test]
 fn a_tiny_bench_fills_every_row_and_loses_nothing() {
-    let Some((report, text)) = tiny_bench(false) else {
+    let Some((report, text)) = tiny_bench(Rows::All) else {
         return;
     };
 
@@ -87,7 +87,7 @@ fn a_tiny_bench_fills_every_row_and_loses_nothing() {
 
 #[test]
 fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
-    let Some((report, text)) = tiny_bench(true) else {
+    let Some((report, text)) = tiny_bench(Rows::Ingest) else {
         return;
     };
 
@@ -126,5 +126,38 @@ fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
     // Only the fill was loaded, and Vigil stored all of it.
     assert_eq!(report.deliveries.len(), 1, "{:?}", report.deliveries);
     assert!(report.deliveries[0].ok(), "{:?}", report.deliveries[0]);
+    assert!(report.complete());
+}
+
+#[test]
+fn a_latency_only_bench_measures_row_4_at_1000_and_says_what_it_skipped() {
+    let Some((report, text)) = tiny_bench(Rows::Latency) else {
+        return;
+    };
+
+    let row4: Vec<_> = report.lines.iter().filter(|l| l.row == 4).collect();
+    assert_eq!(row4.len(), 3, "1,000/s, after row 1, 80 %: {row4:?}");
+    assert!(
+        row4[0].measured,
+        "row 4 at 1,000/s not measured: {:?}",
+        row4[0]
+    );
+    assert!(row4[0].vigil.contains("p99"), "{:?}", row4[0]);
+    for l in report.lines.iter().filter(|l| !std::ptr::eq(*l, row4[0])) {
+        assert!(
+            l.vigil == "not run (--latency-only)" || l.vigil == "not run (--ten-million)",
+            "row {} ran:\n{text}",
+            l.row
+        );
+    }
+    assert!(
+        text.contains("the disk's own floor") && text.contains("row 4 at 1,000/s:"),
+        "row 4's notes are missing:\n{text}"
+    );
+    // The warm-up and the paced load, each counted whole at the cloud.
+    assert_eq!(report.deliveries.len(), 2, "{:?}", report.deliveries);
+    for d in &report.deliveries {
+        assert!(d.unique >= d.want && d.ok(), "{d:?}");
+    }
     assert!(report.complete());
 }
