@@ -335,6 +335,7 @@ fn snapshot(o: &Observed) -> Status {
             get(&o.gate.broker_unavailable),
         ),
         ("not_routed_locally", get(&o.gate.not_routed_locally)),
+        ("resends_acknowledged", get(&o.gate.resends_acknowledged)),
         ("refused_disk_low", get(&o.store.metrics().refused_disk_low)),
         ("reclaims", get(&o.store.metrics().reclaims)),
         ("lane_disk_reads", get(&o.store.metrics().lane_disk_reads)),
@@ -545,6 +546,10 @@ pub fn render_metrics(o: &Observed) -> String {
         (
             "not_routed_locally",
             "Device publishes not relayed to the embedded broker because no local subscription matched them (stored and forwarded as usual)",
+        ),
+        (
+            "resends_acknowledged",
+            "Device QoS 1 re-deliveries (DUP) of a publish already committed: acknowledged, not stored again",
         ),
     ] {
         counter(

@@ -899,3 +899,145 @@ async fn an_embedded_broker_port_held_by_another_broker_fails_the_start() {
     let mut dev = g::v4_device(g::v4_options(a.addr(), "bed-1"));
     dev.connected().await;
 }
+
+/// An MQTT 3.1.1 QoS 1 PUBLISH, DUP set or not.
+fn publish_v4(dup: bool, pkid: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.extend_from_slice(payload);
+    let mut p = vec![if dup { 0x3a } else { 0x32 }];
+    let mut len = body.len();
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        p.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+    p.extend(body);
+    p
+}
+
+/// Reads one PUBACK from a raw connection; its packet id.
+async fn raw_puback(s: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut ack))
+        .await
+        .expect("a PUBACK")
+        .unwrap();
+    assert_eq!(ack[..2], [0x40, 0x02], "{ack:02x?}");
+    u16::from_be_bytes([ack[2], ack[3]])
+}
+
+/// A device that did not get a PUBACK (its connection dropped) sends the
+/// publish again with DUP set. If the gate had committed it, the resend is
+/// acknowledged and not stored again, so the cloud gets one message with one
+/// id, not two. Anything short of the same client id, packet id and bytes of
+/// a committed publish is stored: a duplicate at worst, never a loss.
+#[tokio::test]
+async fn a_resent_publish_already_committed_is_acknowledged_not_stored_twice() {
+    use tokio::io::AsyncWriteExt;
+    let t = g::start(|_| {}, |_| {}).await;
+    let topic = "wards/3/bed-7/vitals";
+    let reading = br#"{"hr":72,"t":"2026-11-30T23:30:00Z"}"#;
+    let queued = || t.store.stats().queued();
+    let resends = || GateCounters::get(&t.gate.counters().resends_acknowledged);
+
+    let mut s = g::connected_raw(t.addr(), "pump-3", 30).await;
+    s.write_all(&publish_v4(false, 7, topic, reading))
+        .await
+        .unwrap();
+    assert_eq!(raw_puback(&mut s).await, 7);
+    assert_eq!(queued(), 1);
+    // The connection drops; the device resends on its next connection.
+    drop(s);
+    let mut s = g::connected_raw(t.addr(), "pump-3", 30).await;
+    s.write_all(&publish_v4(true, 7, topic, reading))
+        .await
+        .unwrap();
+    assert_eq!(raw_puback(&mut s).await, 7);
+    assert_eq!(queued(), 1, "the resend was stored again");
+    assert_eq!(resends(), 1);
+
+    // Same packet id and bytes, DUP not set: a new message, stored.
+    s.write_all(&publish_v4(false, 7, topic, reading))
+        .await
+        .unwrap();
+    assert_eq!(raw_puback(&mut s).await, 7);
+    assert_eq!(queued(), 2);
+    // Same packet id, DUP set, other bytes: stored.
+    s.write_all(&publish_v4(true, 7, topic, br#"{"hr":73}"#))
+        .await
+        .unwrap();
+    assert_eq!(raw_puback(&mut s).await, 7);
+    assert_eq!(queued(), 3);
+    // The bytes of a committed publish, DUP set, from another client id: stored.
+    let mut other = g::connected_raw(t.addr(), "pump-4", 30).await;
+    other
+        .write_all(&publish_v4(true, 7, topic, br#"{"hr":73}"#))
+        .await
+        .unwrap();
+    assert_eq!(raw_puback(&mut other).await, 7);
+    assert_eq!(queued(), 4);
+    assert_eq!(resends(), 1);
+
+    // A resend's PUBACK keeps its place: behind the one before it.
+    let mut both = publish_v4(false, 11, topic, br#"{"hr":74}"#);
+    both.extend(publish_v4(true, 7, topic, br#"{"hr":73}"#));
+    s.write_all(&both).await.unwrap();
+    assert_eq!(raw_puback(&mut s).await, 11);
+    assert_eq!(raw_puback(&mut s).await, 7);
+    assert_eq!(queued(), 5);
+    assert_eq!(resends(), 2);
+}
+
+/// The other side of the resend rule: a publish the store refused (full, so
+/// an MQTT 3.1.1 device gets no PUBACK and is disconnected to resend it) was
+/// never committed, so its resend is not taken for a duplicate: it is
+/// refused again, not acknowledged.
+#[tokio::test]
+async fn a_resend_of_a_publish_the_store_refused_is_not_acknowledged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = g::start(|o| o.quota_bytes = 8 * 1024, |_| {}).await;
+    let topic = "devices/alarm-box/alarms/x";
+    let alarm = [b'a'; 400];
+    let mut s = g::connected_raw(t.addr(), "alarm-box", 30).await;
+    let mut refused = None;
+    for pkid in 1..100u16 {
+        s.write_all(&publish_v4(false, pkid, topic, &alarm))
+            .await
+            .unwrap();
+        let mut ack = [0u8; 4];
+        match tokio::time::timeout(WAIT, s.read_exact(&mut ack)).await {
+            Ok(Ok(_)) => assert_eq!(ack, [0x40, 0x02, 0, pkid as u8]),
+            Ok(Err(_)) => {
+                refused = Some(pkid);
+                break;
+            }
+            Err(_) => panic!("neither a PUBACK nor a disconnect for {pkid}"),
+        }
+    }
+    let pkid = refused.expect("the store filled up and the gate disconnected");
+    assert!(pkid > 1, "the first alarms fit");
+    assert_eq!(GateCounters::get(&t.gate.counters().refused_full), 1);
+    let stored_before = t.store.stats().queued();
+
+    let mut s = g::connected_raw(t.addr(), "alarm-box", 30).await;
+    s.write_all(&publish_v4(true, pkid, topic, &alarm))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let outcome = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await;
+    assert!(
+        outcome.is_ok() && got.is_empty(),
+        "the refused publish's resend was acknowledged or left open: {got:02x?}"
+    );
+    assert_eq!(t.store.stats().queued(), stored_before);
+    assert_eq!(
+        GateCounters::get(&t.gate.counters().resends_acknowledged),
+        0
+    );
+}

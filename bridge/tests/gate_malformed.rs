@@ -7,22 +7,11 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::gate::{self as g, WAIT};
+use common::gate::{self as g, CONNACK_OK, WAIT, connect_v4, connected_raw};
 use rumqttc::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vigil::gate::GateCounters;
-
-/// A valid MQTT 3.1.1 CONNECT for `id` with keep-alive `ka`.
-fn connect_v4(id: &str, ka: u16) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
-    body.extend_from_slice(&ka.to_be_bytes());
-    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    body.extend_from_slice(id.as_bytes());
-    let mut p = vec![0x10, body.len() as u8];
-    p.extend(body);
-    p
-}
 
 /// Sends `bytes` and reads until the gate closes the connection. Returns what
 /// the gate sent; panics if it keeps the connection open.
@@ -39,8 +28,6 @@ async fn closed_after(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
         }
     }
 }
-
-const CONNACK_OK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 
 #[tokio::test]
 async fn malformed_packets_close_only_their_connection() {
@@ -163,19 +150,6 @@ async fn malformed_packets_close_only_their_connection() {
         1,
         "only the healthy device's message"
     );
-}
-
-/// A raw MQTT 3.1.1 connection with keep-alive `ka`, past its CONNACK.
-async fn connected_raw(addr: SocketAddr, id: &str, ka: u16) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&connect_v4(id, ka)).await.unwrap();
-    let mut ack = [0u8; 4];
-    tokio::time::timeout(WAIT, s.read_exact(&mut ack))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(ack, CONNACK_OK, "CONNACK for {id} (keep-alive {ka})");
-    s
 }
 
 /// Publishes one QoS 1 message with packet id `pkid` on `a/b` and waits for

@@ -19,6 +19,8 @@
 //! * [`auth`]: password hashes, client certificates, CONNACK codes.
 //! * [`acl`]: who may subscribe to what on the embedded broker.
 //! * [`local`]: what local clients subscribe to, so other publishes skip it.
+//! * [`resend`]: a device's re-delivery of a publish already committed is
+//!   acknowledged, not stored twice.
 //! * [`tls`]: the TLS listener's rustls configuration.
 //!
 //! Bounds: connections (`max_connections`), unacknowledged publishes per
@@ -33,6 +35,7 @@ pub mod config;
 pub mod frame;
 pub mod local;
 mod relay;
+pub mod resend;
 pub mod rules;
 pub mod tls;
 
@@ -153,6 +156,9 @@ pub struct GateCounters {
     /// Device publishes not relayed to the embedded broker because no local
     /// subscription matches them (stored and forwarded as every other).
     pub not_routed_locally: AtomicU64,
+    /// QoS 1 re-deliveries (DUP) of a publish already committed: acknowledged,
+    /// not stored again ([`resend`]).
+    pub resends_acknowledged: AtomicU64,
 }
 
 impl GateCounters {
@@ -190,6 +196,9 @@ struct Context {
     live: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// What local clients subscribe to in the embedded broker.
     local: local::LocalSubscriptions,
+    /// The committed QoS 1 publishes of each client id lately seen, so a
+    /// re-delivery of one is not stored again.
+    resends: resend::Resends,
 }
 
 /// Counts one live connection of a client id until dropped.
@@ -420,6 +429,10 @@ impl Gate {
             started: std::time::Instant::now(),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
             local: local::LocalSubscriptions::default(),
+            resends: resend::Resends::new(
+                config.max_connections.saturating_mul(2),
+                usize::from(config.max_inflight),
+            ),
             config,
         });
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));

@@ -50,6 +50,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use super::Context;
 use super::auth::{PeerCert, Refusal};
 use super::frame::{self, Frame, FrameError, FrameReader, Protocol, kind};
+use super::resend;
 use super::rules::validate_topic;
 use crate::event::{Ingest, Qos, Timestamp, VIGIL_DEVICE};
 use crate::store::{PendingAppend, StoreError};
@@ -102,6 +103,9 @@ enum Out {
         pkid: u16,
         qos2: bool,
         held: Held,
+        /// A QoS 1 publish's fingerprint, recorded in the connection's
+        /// [`resend::Window`] once committed.
+        fingerprint: Option<resend::Fingerprint>,
     },
 }
 
@@ -119,6 +123,9 @@ struct Shared {
     connack_sent: std::sync::atomic::AtomicBool,
     /// PINGREQs the gate sent rumqttd itself whose PINGRESP has not come.
     gate_pings: std::sync::atomic::AtomicU32,
+    /// The client id's committed QoS 1 publishes, kept across its
+    /// connections (the default remembers nothing).
+    resends: Arc<Mutex<resend::Window>>,
 }
 
 /// Locks shared state. The critical sections are plain map operations that
@@ -436,7 +443,10 @@ async fn relay<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        resends: ctx.resends.window(&hello.client_id),
+        ..Shared::default()
+    });
     let inflight = Arc::new(Semaphore::new(usize::from(ctx.config.max_inflight.max(1))));
     let (to_broker, to_broker_rx) = mpsc::channel::<Bytes>(64);
     let (to_device, to_device_rx) =
@@ -537,6 +547,28 @@ async fn device_reader<R: AsyncRead + Unpin>(
         match frame.kind() {
             kind::PUBLISH => match publish(&ctx, &device, protocol, &frame, &mut aliases) {
                 Ok((ingest, pkid, aliased)) => {
+                    // A QoS 1 re-delivery of a publish already committed is
+                    // acknowledged, in order, and not stored or relayed
+                    // again ([`resend`]). With a topic alias the bytes of
+                    // the two copies may differ: stored again, as before.
+                    let fingerprint = (ingest.qos == Qos::AtLeastOnce && !aliased)
+                        .then(|| resend::fingerprint(&frame.bytes));
+                    if let Some(f) = &fingerprint
+                        && resend::is_dup(&frame.bytes)
+                        && resend::lock(&shared.resends).holds(pkid, f)
+                    {
+                        counters.inc(&counters.resends_acknowledged);
+                        tracing::debug!(%device, pkid, "re-delivery of a committed publish: acknowledged, not stored again");
+                        match to_device.upgrade() {
+                            Some(tx)
+                                if tx
+                                    .send(Out::Frame(Bytes::copy_from_slice(&frame::puback(pkid))))
+                                    .await
+                                    .is_ok() => {}
+                            _ => return,
+                        }
+                        continue;
+                    }
                     let mut retained = ingest.retain;
                     if ingest.retain && !ctx.may_retain(&ingest.topic, ingest.payload.len()) {
                         retained = false;
@@ -589,6 +621,7 @@ async fn device_reader<R: AsyncRead + Unpin>(
                                 pkid,
                                 qos2: false,
                                 held: Held { pending, permit },
+                                fingerprint,
                             };
                             match to_device.upgrade() {
                                 Some(tx) if tx.send(ack).await.is_ok() => {}
@@ -911,6 +944,7 @@ async fn broker_reader<R: AsyncRead + Unpin>(
                         pkid,
                         qos2: true,
                         held,
+                        fingerprint: None,
                     },
                     // rumqttd acknowledging a publish the gate never
                     // submitted to the store: passing it on could tell a
@@ -1021,6 +1055,7 @@ async fn device_writer<W: AsyncWrite + Unpin>(
                     pkid,
                     qos2,
                     mut held,
+                    fingerprint,
                 } => {
                     let outcome = match held.pending.try_committed() {
                         Some(outcome) => outcome,
@@ -1035,10 +1070,15 @@ async fn device_writer<W: AsyncWrite + Unpin>(
                     };
                     ctx.count_commit(&device, &outcome);
                     match outcome {
-                        Ok(_) => match &frame {
-                            Some(frame) => buf.extend_from_slice(frame),
-                            None => buf.extend_from_slice(&frame::puback(pkid)),
-                        },
+                        Ok(_) => {
+                            if let Some(f) = fingerprint {
+                                resend::lock(&shared.resends).committed(pkid, f);
+                            }
+                            match &frame {
+                                Some(frame) => buf.extend_from_slice(frame),
+                                None => buf.extend_from_slice(&frame::puback(pkid)),
+                            }
+                        }
                         Err(StoreError::Full { .. } | StoreError::DiskLow { .. })
                             if protocol == Protocol::V5 =>
                         {

@@ -367,3 +367,30 @@ pub fn write_private(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
+
+/// A valid MQTT 3.1.1 CONNECT for `id` with keep-alive `ka` (clean session).
+pub fn connect_v4(id: &str, ka: u16) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+    body.extend_from_slice(&ka.to_be_bytes());
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+pub const CONNACK_OK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+
+/// A raw MQTT 3.1.1 connection with keep-alive `ka`, past its CONNACK.
+pub async fn connected_raw(addr: SocketAddr, id: &str, ka: u16) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect_v4(id, ka)).await.unwrap();
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut ack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ack, CONNACK_OK, "CONNACK for {id} (keep-alive {ka})");
+    s
+}
