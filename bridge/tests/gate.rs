@@ -1041,3 +1041,54 @@ async fn a_resend_of_a_publish_the_store_refused_is_not_acknowledged() {
         0
     );
 }
+
+/// The same for an MQTT 5 device: its resend (DUP set, no properties) is
+/// acknowledged once, not stored twice.
+#[tokio::test]
+async fn an_mqtt5_resend_of_a_committed_publish_is_acknowledged_not_stored_twice() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = g::start(|_| {}, |_| {}).await;
+    let connect = |id: &str| {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30, 0];
+        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        body.extend_from_slice(id.as_bytes());
+        let mut p = vec![0x10, body.len() as u8];
+        p.extend(body);
+        p
+    };
+    // PUBLISH QoS 1: topic, packet id, no properties, payload.
+    let publish = |dup: bool, pkid: u16| {
+        let topic = b"wards/3/bed-8/vitals";
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic);
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.push(0);
+        body.extend_from_slice(br#"{"spo2":97}"#);
+        let mut p = vec![if dup { 0x3a } else { 0x32 }, body.len() as u8];
+        p.extend(body);
+        p
+    };
+    let connected = || async {
+        let mut s = tokio::net::TcpStream::connect(t.addr()).await.unwrap();
+        s.write_all(&connect("monitor-8")).await.unwrap();
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[0], 0x20, "CONNACK");
+        let mut rest = vec![0u8; usize::from(head[1])];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(rest[1], 0, "CONNACK success");
+        s
+    };
+    let mut s = connected().await;
+    s.write_all(&publish(false, 3)).await.unwrap();
+    assert_eq!(raw_puback(&mut s).await, 3);
+    drop(s);
+    let mut s = connected().await;
+    s.write_all(&publish(true, 3)).await.unwrap();
+    assert_eq!(raw_puback(&mut s).await, 3);
+    assert_eq!(t.store.stats().queued(), 1, "the resend was stored again");
+    assert_eq!(
+        GateCounters::get(&t.gate.counters().resends_acknowledged),
+        1
+    );
+}
