@@ -28,6 +28,9 @@
 //!   with the device passes through). Either acknowledgement waits in the
 //!   device's queue until the commit, and everything behind it waits too, so
 //!   order is kept;
+//! - a QoS 1 re-delivery (DUP set) of a publish the store already committed
+//!   for this client id is acknowledged by the gate, in order, and neither
+//!   stored nor passed on ([`super::resend`]);
 //! - MQTT 5 CONNACK gains the gate's Receive Maximum, Maximum Packet Size and
 //!   Topic Alias Maximum;
 //! - when the store refuses a message (quota full of what cannot be evicted),
