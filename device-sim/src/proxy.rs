@@ -306,6 +306,12 @@ async fn relay<C: Link, S: Link>(
                 if changed.is_err() || (silenced && *modes.borrow() != Mode::Blackhole) {
                     return;
                 }
+                // Reset means every open connection, idle ones too, at once.
+                if *modes.borrow() == Mode::Reset {
+                    let _ = client.tcp().set_zero_linger();
+                    let _ = server.tcp().set_zero_linger();
+                    return;
+                }
             }
         }
         // Apply the mode to what has arrived, unit by unit.

@@ -95,6 +95,21 @@ async fn refuse_closes_new_connections_and_reset_kills_open_ones() {
     assert!(r.is_err(), "a reset connection still echoed: {r:?}");
 }
 
+/// A reset reaches an idle connection at once: its client hears the reset
+/// without sending anything (a device waiting for a PUBACK).
+#[tokio::test]
+async fn reset_kills_idle_connections_at_once() {
+    let p = proxy().await;
+    let mut idle = TcpStream::connect(p.addr()).await.unwrap();
+    assert!(round_trip(&mut idle, b"a", LIMIT).await.is_ok());
+    p.set(Mode::Reset);
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(LIMIT, idle.read(&mut buf))
+        .await
+        .expect("the idle connection was not reset");
+    assert!(matches!(r, Ok(0) | Err(_)), "an idle connection got {r:?}");
+}
+
 #[tokio::test]
 async fn latency_and_bandwidth_slow_the_link_down() {
     let p = proxy().await;
