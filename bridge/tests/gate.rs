@@ -1092,3 +1092,75 @@ async fn an_mqtt5_resend_of_a_committed_publish_is_acknowledged_not_stored_twice
         1
     );
 }
+
+/// End to end with a real client: a rumqttc device (persistent session)
+/// whose connection is reset after the gate read its publish and before the
+/// PUBACK reached it. The commit completes; the device reconnects and
+/// re-delivers the publish with DUP set (Vigil's rumqttc patch, as MQTT
+/// asks), and the gate acknowledges it without storing a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_resending_after_a_lost_puback_makes_no_second_copy() {
+    use rumqttc::{Event, Outgoing, Packet};
+    use vigil_sim::proxy::{Mode, Proxy};
+    let t = g::start(|_| {}, |_| {}).await;
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), t.addr())
+        .await
+        .unwrap();
+    let mut o = g::v4_options(proxy.addr(), "pump-7");
+    o.set_clean_session(false);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 16);
+    async fn until(
+        eventloop: &mut rumqttc::EventLoop,
+        what: &str,
+        mut f: impl FnMut(&Result<Event, rumqttc::ConnectionError>) -> bool,
+    ) {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let e = eventloop.poll().await;
+                if f(&e) {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+    until(&mut eventloop, "the CONNACK", |e| {
+        matches!(e, Ok(Event::Incoming(Packet::ConnAck(_))))
+    })
+    .await;
+
+    let hold = t.store.hold_commits();
+    client
+        .publish("wards/3/pump-7/rate", QoS::AtLeastOnce, false, "12 ml/h")
+        .await
+        .unwrap();
+    until(&mut eventloop, "the PUBLISH sent", |e| {
+        matches!(e, Ok(Event::Outgoing(Outgoing::Publish(_))))
+    })
+    .await;
+    // The gate has it (submitted, its commit held) when the link resets.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(Mode::Reset);
+    until(&mut eventloop, "the reset", |e| e.is_err()).await;
+    drop(hold);
+    let queued = || t.store.stats().queued();
+    let deadline = std::time::Instant::now() + WAIT;
+    while queued() < 1 {
+        assert!(std::time::Instant::now() < deadline, "never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The old connection's writer records the commit just after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    proxy.set(Mode::Pass);
+    until(&mut eventloop, "the resent publish's PUBACK", |e| {
+        matches!(e, Ok(Event::Incoming(Packet::PubAck(_))))
+    })
+    .await;
+    assert_eq!(queued(), 1, "the resend was stored as a second copy");
+    assert_eq!(
+        GateCounters::get(&t.gate.counters().resends_acknowledged),
+        1
+    );
+}

@@ -145,7 +145,9 @@ impl MqttState {
         let mut pending = Vec::with_capacity(100);
         // remove and collect pending publishes
         for publish in self.outgoing_pub.iter_mut() {
-            if let Some(publish) = publish.take() {
+            if let Some(mut publish) = publish.take() {
+                // VIGIL-PATCH: a re-delivery carries DUP (MQTT 5 3.3.1.1).
+                publish.dup = true;
                 let request = Request::Publish(publish);
                 pending.push(request);
             }
