@@ -114,6 +114,7 @@ const VERIFY_EVERY: u64 = 1024;
 const NOT_MEASURED: &str = "not measured";
 /// What a row skipped by `--ingest-only` says.
 const INGEST_ONLY: &str = "not run (--ingest-only)";
+/// What a row skipped by `--latency-only` says.
 const LATENCY_ONLY: &str = "not run (--latency-only)";
 
 /// Why the bench, or one of its phases, could not measure something. A
