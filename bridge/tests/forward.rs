@@ -487,6 +487,49 @@ async fn fails_with(rig: &Rig, config: ForwardConfig, needle: &str) -> Forwarder
     fwd
 }
 
+/// A cloud that checks a user name and password (the proxy plays that part,
+/// answering a wrong login with the spec's CONNACK refusal): Vigil sends
+/// `forward.username` and the password file's content, says what a refusal
+/// means while it keeps buffering, and uses a rotated password file on its
+/// next attempt, without a restart, losing nothing.
+async fn a_login_is_sent_and_a_refused_one_is_explained(protocol: Protocol) {
+    let rig = Rig::new().await;
+    let proxy = Proxy::start(&rig.pki, rig.cloud().addr(protocol)).await;
+    proxy.set(|p| p.require_login = Some(("ward-3".into(), "correct horse".into())));
+    let password = rig.pki.path("cloud.pass");
+    common::gate::write_private(&password, "battery staple\n");
+    let mut config = rig.config(protocol);
+    config.port = proxy.addr.port();
+    config.username = Some("ward-3".into());
+    config.password_file = Some(password.clone());
+    let mut sent = append(&rig.store, 20, 0).await;
+    let fwd = fails_with(&rig, config, "refused Vigil's user name or password").await;
+    sent.extend(append(&rig.store, 5, 20).await);
+    assert_eq!(rig.store.stats().queued(), 25, "still buffering");
+    common::gate::write_private(&password, "correct horse\n");
+    drained(&rig.store).await;
+    c::eventually(LONG, "every message at the subscriber", || {
+        rig.arrivals.lock().unwrap().unique() == sent.len()
+    })
+    .await;
+    check_delivery(&sent, &rig.arrivals.lock().unwrap(), &[]);
+    let logins = proxy.control.lock().unwrap().logins.clone();
+    let login = |p: &str| (Some("ward-3".to_string()), Some(p.to_string()));
+    assert!(logins.contains(&login("battery staple")), "{logins:?}");
+    assert_eq!(logins.last(), Some(&login("correct horse")), "{logins:?}");
+    fwd.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_is_sent_and_a_refused_one_is_explained_mqtt5() {
+    a_login_is_sent_and_a_refused_one_is_explained(Protocol::V5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_is_sent_and_a_refused_one_is_explained_mqtt311() {
+    a_login_is_sent_and_a_refused_one_is_explained(Protocol::V311).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_failures_are_explained_while_vigil_keeps_buffering() {
     let rig = Rig::new().await;

@@ -40,6 +40,21 @@ pub struct ForwardConfig {
     pub protocol: Protocol,
     /// Client id Vigil connects with.
     pub client_id: String,
+    /// User name sent in CONNECT, for clouds that want one as well as (or
+    /// instead of proving identity by) the client certificate: Azure IoT Hub
+    /// wants `<hub>.azure-devices.net/<device>/?api-version=...` with X.509,
+    /// username/password brokers (EMQX, HiveMQ Cloud, Mosquitto with a
+    /// password file) want their account name. Unset: none is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// A file holding the password sent with [`Self::username`] (the whole
+    /// file, one trailing line break removed; UTF-8, as rumqttc sends it).
+    /// Like a private key it must not be readable by group or others, and it
+    /// is re-read before every connection attempt, so a rotated password is
+    /// used without a restart. The password itself never goes in
+    /// `vigil.toml`, the environment or the log. Unset: none is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     /// Certificates: TLS is always on.
     pub tls: UplinkTls,
     /// Messages go to `<topic_prefix>/<device topic>`.
@@ -92,6 +107,8 @@ impl Default for ForwardConfig {
             port: 8883,
             protocol: Protocol::V5,
             client_id: "vigil".into(),
+            username: None,
+            password_file: None,
             tls: UplinkTls::default(),
             topic_prefix: "vigil".into(),
             window: None,
@@ -164,6 +181,20 @@ impl ForwardConfig {
         }
         if self.client_id.is_empty() || self.client_id.len() > 65535 {
             p.push("forward.client_id must be 1 to 65535 bytes".into());
+        }
+        match (&self.username, &self.password_file) {
+            (Some(u), _) if u.is_empty() || u.len() > 65535 => p.push(
+                "forward.username must be 1 to 65535 bytes: set the name the cloud expects, \
+                 or remove the key to send none"
+                    .into(),
+            ),
+            (None, Some(_)) => p.push(
+                "forward.password_file is set without forward.username: MQTT 3.1.1 sends a \
+                 password only with a user name, and clouds that check one check both; set \
+                 forward.username"
+                    .into(),
+            ),
+            _ => {}
         }
         let prefix = &self.topic_prefix;
         if prefix.is_empty()
@@ -266,6 +297,36 @@ mod tests {
             };
             assert_eq!(set.window(), 10);
             assert!(set.problems().is_empty());
+        }
+    }
+
+    /// A password needs a user name to go with it, and a user name must fit
+    /// MQTT's 16-bit length.
+    #[test]
+    fn a_login_must_be_a_user_name_with_an_optional_password_file() {
+        let with = |username: Option<&str>, password_file: Option<&str>| ForwardConfig {
+            username: username.map(str::to_string),
+            password_file: password_file.map(PathBuf::from),
+            ..ForwardConfig::default()
+        };
+        assert!(with(Some("ward-3"), None).problems().is_empty());
+        assert!(
+            with(Some("ward-3"), Some("/etc/vigil/cloud.pass"))
+                .problems()
+                .is_empty()
+        );
+        let none = with(None, Some("/etc/vigil/cloud.pass")).problems();
+        assert!(
+            none.iter()
+                .any(|m| m.contains("forward.password_file") && m.contains("set forward.username")),
+            "{none:?}"
+        );
+        for bad in [String::new(), "u".repeat(65536)] {
+            let p = with(Some(&bad), None).problems();
+            assert!(
+                p.iter().any(|m| m.contains("forward.username must be")),
+                "{p:?}"
+            );
         }
     }
 

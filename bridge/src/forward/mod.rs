@@ -5,7 +5,8 @@
 //! ([`uplink`]); the in-flight window, packet ids and replay rules are plain
 //! state in [`session`]. The loop:
 //!
-//! 1. Connect (TLS files re-read each time, [`tls`]); on CONNACK the window is
+//! 1. Connect (TLS files and the password file re-read each time, [`tls`],
+//!    [`login`]); on CONNACK the window is
 //!    capped by the cloud's Receive Maximum and envelopes by its Maximum
 //!    Packet Size (MQTT 5).
 //! 2. Fill the window in strict priority order: lane 0 until it is empty,
@@ -29,6 +30,7 @@
 
 pub mod config;
 pub mod envelope;
+pub mod login;
 pub mod session;
 pub mod tls;
 pub mod uplink;
@@ -345,21 +347,26 @@ impl Driver {
 
     /// One connection attempt, from TLS set-up to its end.
     async fn connection(&mut self) -> Result<Ended, ForwardError> {
+        // A file that cannot be used fails the attempt before any byte is
+        // sent; the message names the setting and the fix.
+        let not_sent = |text: String| Ended::Failed {
+            failure: Failure {
+                text,
+                debug: String::new(),
+                timeout: false,
+            },
+            blame_head: false,
+            progressed: false,
+        };
         let tls = match tls::client_config(&self.config.tls, &self.config.host) {
             Ok(tls) => tls,
-            Err(e) => {
-                return Ok(Ended::Failed {
-                    failure: Failure {
-                        text: e.to_string(),
-                        debug: String::new(),
-                        timeout: false,
-                    },
-                    blame_head: false,
-                    progressed: false,
-                });
-            }
+            Err(e) => return Ok(not_sent(e.to_string())),
         };
-        let (publisher, mut events) = uplink::connect(&self.config, tls);
+        let login = match login::load(&self.config) {
+            Ok(login) => login,
+            Err(e) => return Ok(not_sent(e.to_string())),
+        };
+        let (publisher, mut events) = uplink::connect(&self.config, tls, login);
         let mut connected = false;
         let mut progressed = false;
         let mut last_progress = Instant::now();

@@ -194,6 +194,16 @@ pub fn explain(detail: &str, debug: &str) -> String {
             "nothing accepts connections at forward.host:forward.port",
         ),
         (
+            "BadUserNamePassword",
+            "the cloud refused Vigil's user name or password (check forward.username and the \
+             password in forward.password_file; a fixed file is read on the next attempt)",
+        ),
+        (
+            "NotAuthorized",
+            "the cloud says Vigil is not authorized to connect (check forward.username, \
+             forward.password_file, forward.client_id and the cloud's rules for them)",
+        ),
+        (
             "Connection refused, return code",
             "the cloud broker refused the MQTT connection (check forward.client_id and its ACLs)",
         ),
@@ -204,5 +214,71 @@ pub fn explain(detail: &str, debug: &str) -> String {
     match hint {
         Some(hint) => format!("{hint} ({detail})"),
         None => detail.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain;
+
+    /// A CONNACK refusal of the login, as rumqttc reports it on either
+    /// protocol, names the settings to check.
+    #[test]
+    fn a_refused_login_is_explained_on_both_protocols() {
+        use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5;
+        let cases = [
+            (
+                format!(
+                    "{}",
+                    rumqttc::ConnectionError::ConnectionRefused(
+                        rumqttc::ConnectReturnCode::BadUserNamePassword
+                    )
+                ),
+                format!(
+                    "{:?}",
+                    rumqttc::ConnectionError::ConnectionRefused(
+                        rumqttc::ConnectReturnCode::BadUserNamePassword
+                    )
+                ),
+                "refused Vigil's user name or password",
+            ),
+            (
+                rumqttc::v5::ConnectionError::ConnectionRefused(V5::BadUserNamePassword)
+                    .to_string(),
+                format!(
+                    "{:?}",
+                    rumqttc::v5::ConnectionError::ConnectionRefused(V5::BadUserNamePassword)
+                ),
+                "refused Vigil's user name or password",
+            ),
+            (
+                rumqttc::ConnectionError::ConnectionRefused(
+                    rumqttc::ConnectReturnCode::NotAuthorized,
+                )
+                .to_string(),
+                format!(
+                    "{:?}",
+                    rumqttc::ConnectionError::ConnectionRefused(
+                        rumqttc::ConnectReturnCode::NotAuthorized
+                    )
+                ),
+                "not authorized to connect",
+            ),
+            (
+                rumqttc::v5::ConnectionError::ConnectionRefused(V5::NotAuthorized).to_string(),
+                format!(
+                    "{:?}",
+                    rumqttc::v5::ConnectionError::ConnectionRefused(V5::NotAuthorized)
+                ),
+                "not authorized to connect",
+            ),
+        ];
+        for (text, debug, want) in cases {
+            let said = explain(&text, &debug);
+            assert!(
+                said.contains(want) && said.contains("forward.username"),
+                "{said}"
+            );
+        }
     }
 }

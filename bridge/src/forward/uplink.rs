@@ -15,6 +15,7 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
 
 use super::config::{ForwardConfig, Protocol};
+use super::login::Login;
 
 /// What the driver needs to know from one `poll`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,9 +85,14 @@ pub enum Events {
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
-/// A client and event loop that will connect on the first poll. The request
-/// channel holds the whole window, so [`Publisher::publish`] never waits.
-pub fn connect(config: &ForwardConfig, tls: Arc<rustls::ClientConfig>) -> (Publisher, Events) {
+/// A client and event loop that will connect on the first poll, sending
+/// `login` in CONNECT when there is one. The request channel holds the whole
+/// window, so [`Publisher::publish`] never waits.
+pub fn connect(
+    config: &ForwardConfig,
+    tls: Arc<rustls::ClientConfig>,
+    login: Option<Login>,
+) -> (Publisher, Events) {
     let window = config.window().max(1);
     let cap = usize::from(window) + 8;
     let transport = rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls));
@@ -116,6 +122,9 @@ pub fn connect(config: &ForwardConfig, tls: Arc<rustls::ClientConfig>) -> (Publi
                 .set_inflight(window)
                 .set_max_request_batch(batch)
                 .set_max_packet_size(incoming_limit, config.max_packet_size as usize);
+            if let Some(Login { username, password }) = login {
+                o.set_credentials(username, password);
+            }
             let (client, mut eventloop) = rumqttc::AsyncClient::new(o, cap);
             eventloop.set_network_options(net);
             (Publisher::V4(client), Events::V4(Box::new(eventloop)))
@@ -129,6 +138,9 @@ pub fn connect(config: &ForwardConfig, tls: Arc<rustls::ClientConfig>) -> (Publi
                 .set_max_request_batch(batch)
                 .set_max_packet_size(Some(incoming_limit as u32))
                 .set_network_options(net);
+            if let Some(Login { username, password }) = login {
+                o.set_credentials(username, password);
+            }
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, cap);
             (Publisher::V5(client), Events::V5(Box::new(eventloop)))
         }

@@ -313,6 +313,13 @@ pub struct ProxyControl {
     /// The largest PUBLISH packet Vigil sent, whole (fixed header included),
     /// in bytes.
     pub largest_publish: usize,
+    /// Check each CONNECT's login as a cloud with accounts does (rumqttd
+    /// behind the proxy checks none): any other user name and password get
+    /// a CONNACK refusing them (MQTT 3.1.1 return code 4, MQTT 5 reason
+    /// 0x86, "bad user name or password") and the connection is closed.
+    pub require_login: Option<(String, String)>,
+    /// The user name and password of every CONNECT seen (`None`: not sent).
+    pub logins: Vec<(Option<String>, Option<String>)>,
     /// Where the cloud is.
     pub upstream: Option<SocketAddr>,
     /// Ids (from the envelopes) in the order Vigil published them.
@@ -486,6 +493,46 @@ fn parse_publish(first: u8, body: &[u8], v5: bool) -> Option<(String, u16, &[u8]
     Some((topic, pkid, body.get(at..)?))
 }
 
+/// The user name and password of a CONNECT body (MQTT 3.1.1 or 5).
+fn parse_login(body: &[u8], v5: bool) -> Option<(Option<String>, Option<String>)> {
+    let flags = *body.get(7)?;
+    let mut at = 10;
+    let field = |at: &mut usize| -> Option<Vec<u8>> {
+        let len = usize::from(u16::from_be_bytes([*body.get(*at)?, *body.get(*at + 1)?]));
+        let v = body.get(*at + 2..*at + 2 + len)?.to_vec();
+        *at += 2 + len;
+        Some(v)
+    };
+    let skip_props = |at: &mut usize| -> Option<()> {
+        let (len, n) = varint(body.get(*at..)?)?;
+        *at += n + len;
+        Some(())
+    };
+    if v5 {
+        skip_props(&mut at)?;
+    }
+    field(&mut at)?; // client id
+    if flags & 0x04 != 0 {
+        if v5 {
+            skip_props(&mut at)?;
+        }
+        field(&mut at)?; // will topic
+        field(&mut at)?; // will payload
+    }
+    let text = |v: Vec<u8>| String::from_utf8(v).ok();
+    let user = if flags & 0x80 != 0 {
+        text(field(&mut at)?)
+    } else {
+        None
+    };
+    let pass = if flags & 0x40 != 0 {
+        text(field(&mut at)?)
+    } else {
+        None
+    };
+    Some((user, pass))
+}
+
 fn envelope_id_priority(payload: &[u8]) -> Option<(String, u8)> {
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
     Some((v["id"].as_str()?.to_string(), v["priority"].as_u64()? as u8))
@@ -508,8 +555,27 @@ async fn pump_up<R, W, D>(
         match first >> 4 {
             1 => {
                 // CONNECT: protocol level after the protocol name.
-                if let Some(level) = body.get(6) {
-                    v5.store(*level == 5, Relaxed);
+                let level5 = body.get(6) == Some(&5);
+                v5.store(level5, Relaxed);
+                let login = parse_login(&body, level5).unwrap_or_default();
+                let refused = {
+                    let mut c = ctl.lock().unwrap();
+                    c.logins.push(login.clone());
+                    c.require_login.as_ref().is_some_and(|(user, pass)| {
+                        login != (Some(user.clone()), Some(pass.clone()))
+                    })
+                };
+                if refused {
+                    let ack = if level5 {
+                        encode_packet(0x20, &[0, 0x86, 0])
+                    } else {
+                        encode_packet(0x20, &[0, 4])
+                    };
+                    let mut w = down_w.lock().await;
+                    let _ = w.write_all(&ack).await;
+                    let _ = w.flush().await;
+                    let _ = w.shutdown().await;
+                    return;
                 }
             }
             3 => {
