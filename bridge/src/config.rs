@@ -102,7 +102,9 @@ impl StoreConfig {
         o.queue_depth = self.queue_depth;
         o.cache_bytes = self.cache_bytes;
         o.min_free_bytes = self.min_free_bytes;
-        if self.testing_only_ack_before_fsync {
+        // Compiled out of release builds, whose configuration check refuses
+        // the setting anyway.
+        if cfg!(debug_assertions) && self.testing_only_ack_before_fsync {
             o.durability = crate::store::Durability::UnsafeBuffered;
         }
         o
@@ -271,13 +273,7 @@ impl VigilConfig {
                     .into(),
             );
         }
-        if release && self.forward.testing_only_delete_on_send {
-            p.push(
-                "forward.testing_only_delete_on_send exists only in debug builds, for the \
-                 oracle's negative control; remove it"
-                    .into(),
-            );
-        }
+        p.extend(self.forward.negative_control_refused(release));
         p
     }
 

@@ -170,6 +170,17 @@ impl ForwardConfig {
         })
     }
 
+    /// The refusal of `testing_only_delete_on_send` when it is set in a
+    /// `release` build (debug builds run the oracle's negative control with
+    /// it; a release build never acts on it).
+    pub fn negative_control_refused(&self, release: bool) -> Option<String> {
+        (release && self.testing_only_delete_on_send).then(|| {
+            "forward.testing_only_delete_on_send exists only in debug builds, for the \
+             oracle's negative control; remove it"
+                .into()
+        })
+    }
+
     /// Every problem at once, each naming the key and the fix.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();

@@ -176,6 +176,9 @@ impl Forwarder {
         if !problems.is_empty() {
             return Err(ForwardError::Config(problems));
         }
+        if let Some(refused) = config.negative_control_refused(!cfg!(debug_assertions)) {
+            return Err(ForwardError::Config(vec![refused]));
+        }
         if config.testing_only_delete_on_send {
             tracing::error!(
                 "forward.testing_only_delete_on_send is ON: messages are deleted when sent, not \
@@ -501,7 +504,9 @@ impl Driver {
                             m.received_at,
                             crate::event::Timestamp::now(),
                         ));
-                        if self.config.testing_only_delete_on_send {
+                        // Compiled out of release builds (refused by
+                        // `start` there).
+                        if cfg!(debug_assertions) && self.config.testing_only_delete_on_send {
                             // The deliberate bug: forget it before the PUBACK.
                             self.session.withdraw(m);
                             self.ack(m).await?;
