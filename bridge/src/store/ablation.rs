@@ -1,5 +1,8 @@
 //! Benchmark-only ablations of the ingest path: cargo feature `ablation`, off
-//! by default, so no production build contains this module.
+//! by default, so no production build contains this module. The library's
+//! own unit tests compile it too (`cfg(test)`), so `cargo test` type-checks
+//! every ablation branch and runs the test below: the code cannot rot unseen
+//! between the sessions that measure with it.
 //!
 //! Row 2 of `vigil-sim bench` compares Vigil's durable ingest with a bare
 //! rumqttd that stores nothing. To say what the gap is made of (a measurement,

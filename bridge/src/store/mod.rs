@@ -90,7 +90,7 @@
 //! the batches after it (`journal.rs`). Either way each lost record is counted
 //! and quarantined, without its bytes when they cannot be read.
 
-#[cfg(feature = "ablation")]
+#[cfg(any(test, feature = "ablation"))]
 pub mod ablation;
 mod identity;
 mod journal;
@@ -634,7 +634,7 @@ struct Shared {
     hold: Hold,
     metrics: StoreMetrics,
     /// A benchmark-only build's ablation (`VIGIL_ABLATE`).
-    #[cfg(feature = "ablation")]
+    #[cfg(any(test, feature = "ablation"))]
     ablation: Option<ablation::Ablation>,
 }
 
@@ -734,7 +734,7 @@ impl Store {
     /// device's PUBACK when [`PendingAppend::committed`] resolves.
     pub async fn submit(&self, ingest: Ingest) -> Result<PendingAppend, StoreError> {
         let (done, wait) = oneshot::channel();
-        #[cfg(feature = "ablation")]
+        #[cfg(any(test, feature = "ablation"))]
         if self.shared.ablation == Some(ablation::Ablation::Gate) {
             drop(ingest);
             let _ = done.send(Ok(Appended {
@@ -1191,7 +1191,7 @@ fn open_shared(
         recent: Mutex::new(recent::Recent::new(configured, u64::MAX)),
         hold: Hold::default(),
         metrics: StoreMetrics::new(configured),
-        #[cfg(feature = "ablation")]
+        #[cfg(any(test, feature = "ablation"))]
         ablation: ablation::Ablation::from_env()?,
     };
 

@@ -1242,7 +1242,7 @@ impl Writer {
     }
 
     fn commit(&mut self, mut batch: Batch) {
-        #[cfg(feature = "ablation")]
+        #[cfg(any(test, feature = "ablation"))]
         if self.shared.ablation == Some(super::ablation::Ablation::Engine) {
             batch.dirty = false;
         }
