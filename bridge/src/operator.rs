@@ -339,6 +339,10 @@ fn snapshot(o: &Observed) -> Status {
         ("refused_disk_low", get(&o.store.metrics().refused_disk_low)),
         ("reclaims", get(&o.store.metrics().reclaims)),
         ("lane_disk_reads", get(&o.store.metrics().lane_disk_reads)),
+        (
+            "damaged_tables_removed",
+            get(&o.store.metrics().damaged_tables_removed),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -538,6 +542,10 @@ pub fn render_metrics(o: &Observed) -> String {
         (
             "lane_disk_reads",
             "Forwarder reads of a lane answered from disk, not from the records kept in memory (a caught-up forwarder makes none)",
+        ),
+        (
+            "damaged_tables_removed",
+            "Damaged store tables taken out of a lane: their readable records written again, the unreadable ones quarantined (a disk error: check the disk)",
         ),
         (
             "refused_broker_unavailable",

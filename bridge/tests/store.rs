@@ -614,6 +614,7 @@ async fn appends_outside_the_configured_priorities_are_refused() {
 /// forwarder with it, on every restart.
 #[tokio::test]
 async fn a_damaged_table_block_costs_its_records_not_the_lane() {
+    common::log_to_test();
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let mut seqs = Vec::new();
@@ -658,6 +659,122 @@ async fn a_damaged_table_block_costs_its_records_not_the_lane() {
     let next = store.append(ingest("bed-1", 1, 200)).await.unwrap().seq;
     let tail = store.read(1, after, 64).await.unwrap();
     assert_eq!(tail.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![next]);
+    // The unreadable records told the writer a table is damaged: it took the
+    // table out (fjall's compactions could never read it), writing the
+    // readable records again under their own seqs. The lane reads the same,
+    // now without meeting a damaged block, and nothing more is quarantined.
+    assert_eq!(
+        store
+            .metrics()
+            .damaged_tables_removed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let again: Vec<u64> = read_all(&store, 1).await.iter().map(|e| e.seq).collect();
+    let mut want = read.clone();
+    want.push(next);
+    assert_eq!(again, want, "the same records, in the same places");
+    assert_eq!(store.stats().counters.quarantined, lost as u64);
+    assert_eq!(store.stats().lanes[1].messages, want.len() as u64);
+    store.close().await.unwrap();
+    drop(store);
+    assert_eq!(
+        common::unreadable_tables(dir.path()),
+        0,
+        "no table of the store fails to read"
+    );
+}
+
+/// The damage nobody reads: the cloud acknowledges the records before a
+/// damaged table block, and their tombstones lie over the damaged table. As
+/// soon as fjall flushes them and compacts, it must merge them with that
+/// table and cannot read it. fjall 3.1 then poisoned the database: every
+/// later write failed, so Vigil stopped acknowledging devices, and after a
+/// restart the same compaction stopped it again. Now (vendored fjall) the
+/// failed compaction is counted, and the writer, seeing the count, finds the
+/// damaged table and takes it out: the store goes on taking writes through
+/// many flushes and compactions, every record but the unreadable ones is
+/// read back once, and those are quarantined and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_over_a_damaged_table_does_not_stop_the_store() {
+    common::log_to_test();
+    // On tmpfs when there is one: a hundred thousand small commits.
+    let dir = match std::path::Path::new("/dev/shm").is_dir() {
+        true => tempfile::tempdir_in("/dev/shm").unwrap(),
+        false => tempfile::tempdir().unwrap(),
+    };
+    let store = open(dir.path());
+    let mut seqs = Vec::new();
+    for _ in 0..2000 {
+        seqs.push(store.append(ingest("bed-1", 1, 200)).await.unwrap().seq);
+    }
+    store.close().await.unwrap();
+    drop(store);
+    {
+        let db = raw_db(dir.path());
+        let lane = raw_keyspace(&db, "priority-1");
+        lane.rotate_memtable_and_wait().unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    common::flip_bit_in_largest_table(dir.path(), 1.0 / 3.0);
+
+    let store = std::sync::Arc::new(open(dir.path()));
+    // Acknowledged without being read past the damage (the forwarder had
+    // sent them before the restart): tombstones over the damaged table.
+    let acked = store.ack(1, seqs[..500].to_vec()).await.unwrap();
+    assert_eq!(acked.deleted, 500);
+    // Enough appends for several memtable flushes of the lane, and fjall's
+    // compactions after them.
+    let removed = || {
+        store
+            .metrics()
+            .damaged_tables_removed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut appended = 0u64;
+    for _round in 0..12 {
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..400 {
+                    store.append(ingest("bed-2", 1, 200)).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        appended += 32 * 400;
+        if removed() > 0 {
+            break;
+        }
+    }
+    assert_eq!(removed(), 1, "the damaged table was taken out");
+    assert_eq!(*store.fatal().borrow(), None, "the store is healthy");
+    // Writes go on, through more flushes and compactions.
+    for _ in 0..2000 {
+        store.append(ingest("bed-3", 1, 200)).await.unwrap();
+    }
+    appended += 2000;
+    let read = read_all(&store, 1).await;
+    let quarantined = store.stats().counters.quarantined;
+    let unreadable = 1500 - read.iter().filter(|e| e.body.device == "bed-1").count() as u64;
+    eprintln!(
+        "compaction over a damaged table: {unreadable} of the 1,500 records left unreadable and \
+         quarantined; {appended} appended meanwhile"
+    );
+    assert!(unreadable > 0 && unreadable < 100, "{unreadable}");
+    assert_eq!(quarantined, unreadable, "each unreadable record counted");
+    let newer = read.iter().filter(|e| e.body.device != "bed-1").count() as u64;
+    assert_eq!(newer, appended, "every later append read back");
+    let ids: HashSet<_> = read.iter().map(|e| e.body.id).collect();
+    assert_eq!(ids.len(), read.len(), "each record once");
+    assert!(read.windows(2).all(|w| w[0].seq < w[1].seq), "in order");
+    assert_eq!(store.stats().lanes[1].messages, read.len() as u64);
+    store.close().await.unwrap();
+    drop(store);
+    assert_eq!(common::unreadable_tables(dir.path()), 0);
 }
 
 /// A store of `n` lane-1 records, one commit (one journal batch) each, closed;

@@ -88,7 +88,9 @@
 //! stops the queue. A table block fjall cannot read costs the records in it
 //! (`scan`); a damaged batch in fjall's journal costs the records in it, not
 //! the batches after it (`journal.rs`). Either way each lost record is counted
-//! and quarantined, without its bytes when they cannot be read.
+//! and quarantined, without its bytes when they cannot be read. A damaged
+//! table is then taken out of its lane (`salvage`): fjall's compactions
+//! cannot read it either, and would otherwise fail on it for ever.
 
 #[cfg(any(test, feature = "ablation"))]
 pub mod ablation;
@@ -96,6 +98,7 @@ mod identity;
 mod journal;
 mod recent;
 pub mod record;
+mod salvage;
 mod scan;
 mod space;
 mod writer;
@@ -136,6 +139,9 @@ pub struct StoreMetrics {
     /// rather than from the records kept in memory: a caught-up forwarder
     /// makes none.
     pub lane_disk_reads: std::sync::atomic::AtomicU64,
+    /// Damaged lane tables taken out (their readable records written again,
+    /// the rest quarantined; see `salvage.rs`).
+    pub damaged_tables_removed: std::sync::atomic::AtomicU64,
 }
 
 impl StoreMetrics {
@@ -150,6 +156,7 @@ impl StoreMetrics {
             refused_disk_low: std::sync::atomic::AtomicU64::new(0),
             reclaims: std::sync::atomic::AtomicU64::new(0),
             lane_disk_reads: std::sync::atomic::AtomicU64::new(0),
+            damaged_tables_removed: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }

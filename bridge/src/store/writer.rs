@@ -27,6 +27,25 @@ use crate::event::{Event, Ingest, Kind, Qos, Timestamp, VIGIL_DEVICE};
 
 /// Topic of gap-notice events (under the cloud prefix once forwarded).
 pub const GAP_NOTICE_TOPIC: &str = "vigil/gap-notice";
+/// Damaged tables are looked for at most this often (each look reads every
+/// lane table once); after a look that found nothing to take out the wait
+/// doubles, up to [`DAMAGE_CHECK_MAX_INTERVAL`] (damage outside the lanes
+/// keeps fjall's compactions failing, and a look cannot mend it).
+const DAMAGE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+const DAMAGE_CHECK_MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// What taking a damaged table out did.
+#[derive(Debug, Default)]
+struct TakenOut {
+    /// Readable records written again under their own keys.
+    kept: u64,
+    /// Records fjall could not read, quarantined.
+    unreadable: u64,
+    /// Older copies the drop brought back into view, deleted again.
+    deleted_again: u64,
+    /// Another damaged table overlaps the key range (found next time).
+    overlapped: bool,
+}
 /// Device and gap caches are dropped (they are persisted) past this many entries.
 const CACHE_LIMIT: usize = 65_536;
 
@@ -294,6 +313,15 @@ pub(super) struct Writer {
     /// Records were deleted since the last reclaim was asked for.
     deleted_since_reclaim: bool,
     reclaimer: super::space::Reclaimer,
+    /// fjall's failed background compactions as last seen (`salvage.rs`).
+    failed_compactions_seen: u64,
+    /// A record fjall cannot read was quarantined since the last look for
+    /// damaged tables.
+    damage_suspected: bool,
+    /// When damaged tables were last looked for, and the wait before the next
+    /// look.
+    last_damage_check: Option<Instant>,
+    damage_check_interval: Duration,
 }
 
 /// A drain after this many appended bytes (counting the backlog found at
@@ -392,6 +420,10 @@ impl Writer {
             last_reclaim: None,
             deleted_since_reclaim: false,
             reclaimer,
+            failed_compactions_seen: 0,
+            damage_suspected: false,
+            last_damage_check: None,
+            damage_check_interval: DAMAGE_CHECK_INTERVAL,
         }
     }
 
@@ -417,6 +449,7 @@ impl Writer {
                 next = rx.try_recv().ok();
             }
             self.commit(batch);
+            self.take_out_damaged_tables();
             if let Some(done) = closing {
                 let _ = done.send(self.close());
                 rx.close();
@@ -1097,6 +1130,9 @@ impl Writer {
             return;
         };
         let qseq = self.take_seq();
+        if matches!(from, Area::Lane(_)) {
+            self.damage_suspected = true;
+        }
         batch.delete(from, seq);
         self.figures_sub(from, average);
         self.figures_add(Area::Quarantine, qseq, size_of(encoded.len()), None);
@@ -1137,6 +1173,185 @@ impl Writer {
         self.figures_add(Area::Quarantine, qseq, size_of(encoded.len()), None);
         batch.put(Area::Quarantine, qseq, encoded);
         self.state.counters.quarantined += 1;
+    }
+
+    /// Looks for damaged lane tables when fjall reports a failed compaction
+    /// or a record could not be read, at most every
+    /// [`DAMAGE_CHECK_INTERVAL`] (more rarely after looks that found
+    /// nothing), and takes out each one found (see [`super::salvage`]). Runs
+    /// between batches: appends wait meanwhile (a read of every lane table,
+    /// then the rewrites), which only happens after the disk has damaged
+    /// something.
+    fn take_out_damaged_tables(&mut self) {
+        if self.fatal.is_some() {
+            return;
+        }
+        let failed = self.shared.db.failed_compactions();
+        if failed == self.failed_compactions_seen && !self.damage_suspected {
+            return;
+        }
+        if self
+            .last_damage_check
+            .is_some_and(|t| t.elapsed() < self.damage_check_interval)
+        {
+            return;
+        }
+        self.failed_compactions_seen = failed;
+        self.last_damage_check = Some(Instant::now());
+        let started = Instant::now();
+        let damaged = super::salvage::damaged_tables(&self.shared);
+        if damaged.is_empty() {
+            self.damage_check_interval =
+                (self.damage_check_interval * 2).min(DAMAGE_CHECK_MAX_INTERVAL);
+            tracing::warn!(
+                failed_compactions = failed,
+                next_look_in = ?self.damage_check_interval,
+                "fjall reported a failed compaction or an unreadable record, but no lane table \
+                 fails to read whole: the damage is outside the lanes (dead-letter, quarantine, \
+                 meta) or gone. Check the disk; drain the store and move it aside if \
+                 compactions keep failing"
+            );
+        } else {
+            self.damage_check_interval = DAMAGE_CHECK_INTERVAL;
+        }
+        let mut overlapped = false;
+        for table in &damaged {
+            match self.take_out(table) {
+                Ok(taken) => {
+                    overlapped |= taken.overlapped;
+                    self.shared
+                        .metrics
+                        .damaged_tables_removed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(
+                        priority = table.lane,
+                        table = table.id,
+                        first_seq = table.first,
+                        last_seq = table.last,
+                        kept = taken.kept,
+                        unreadable = taken.unreadable,
+                        deleted_again = taken.deleted_again,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        damage = %table.why,
+                        "a damaged store table was taken out of its lane: its readable records \
+                         were written again, its unreadable ones are quarantined. The disk \
+                         corrupted data: check it (SMART, dmesg) and plan to replace it"
+                    );
+                }
+                Err(e) => tracing::error!(
+                    priority = table.lane,
+                    table = table.id,
+                    error = %e,
+                    "could not take a damaged store table out of its lane; fjall's compactions \
+                     over it keep failing. Drain the store and move it aside (see the README)"
+                ),
+            }
+            if self.fatal.is_some() {
+                return;
+            }
+        }
+        // What the moves quarantined was in the tables just taken out; only
+        // an overlapping damaged table calls for another look.
+        self.damage_suspected = overlapped;
+    }
+
+    /// Takes one damaged table out of its lane. Every record still in its
+    /// key range that opens is written again under its own key (the same
+    /// sealed bytes: a newer version of it in the memtable, so its seq, its
+    /// place in the lane and the forwarder's view of it stay as they were);
+    /// one that does not open, or that fjall cannot read, is quarantined. Each
+    /// batch of those also deletes a fresh seq past the range, so the table a
+    /// flush makes of it never lies wholly inside the range. Committed with an
+    /// fsync; then fjall drops every table lying wholly inside the range (the
+    /// damaged one among them: everything live in them has a newer copy), and
+    /// whatever the drop brings back into view (an older copy whose
+    /// tombstone was in a dropped table) is deleted again.
+    fn take_out(&mut self, table: &super::salvage::DamagedTable) -> Result<TakenOut, StoreError> {
+        use fjall::AbstractTree as _;
+        let shared = self.shared.clone();
+        let (ks, name) = shared.lane(table.lane)?;
+        let area = Area::Lane(table.lane);
+        let mut taken = TakenOut::default();
+        // In seq order, as visited.
+        let mut kept = Vec::new();
+        let lanes = self.state.lanes.len();
+        let mut batch = Batch::new(lanes);
+        for seq in table.first..=table.last {
+            match ks.get(record::key(seq)) {
+                Ok(None) => {}
+                Ok(Some(value)) => match shared.seal_for(name, seq).open::<Event>(&value) {
+                    Ok(_) => {
+                        batch.put(area, seq, value.to_vec());
+                        kept.push(seq);
+                    }
+                    Err(e) => {
+                        self.stage_quarantine(area, seq, value.to_vec(), e.to_string(), &mut batch)
+                    }
+                },
+                Err(e) if super::scan::is_damage(&e) => {
+                    self.stage_unreadable(area, seq, &format!("{e:?}"), &mut batch);
+                    taken.unreadable += 1;
+                }
+                Err(e) => return Err(self.engine(e)),
+            }
+            if batch.ops.len() >= self.max_batch {
+                let full = std::mem::replace(&mut batch, Batch::new(lanes));
+                self.commit_fenced(full, area)?;
+            }
+        }
+        self.commit_fenced(batch, area)?;
+        ks.tree
+            .drop_range(record::key(table.first)..=record::key(table.last))
+            .map_err(|e| StoreError::engine(&shared.dir, e.into()))?;
+        let mut batch = Batch::new(lanes);
+        for guard in ks.range(record::key(table.first)..=record::key(table.last)) {
+            match guard.into_inner() {
+                Ok((k, _)) => {
+                    if let Ok(seq) = record::seq_of(&k)
+                        && kept.binary_search(&seq).is_err()
+                    {
+                        batch.delete(area, seq);
+                        taken.deleted_again += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        priority = table.lane,
+                        error = ?e,
+                        "another damaged table overlaps the one taken out; it is looked for next time"
+                    );
+                    taken.overlapped = true;
+                    break;
+                }
+            }
+        }
+        self.commit_or_fail(batch)?;
+        taken.kept = kept.len() as u64;
+        Ok(taken)
+    }
+
+    /// Commits one batch of [`Self::take_out`]'s rewrites together with the
+    /// deletion of a fresh seq (nothing was ever stored there): the table a
+    /// flush makes of that memtable then reaches past the damaged range, so
+    /// `drop_range` cannot drop the rewritten copies with the damaged table.
+    fn commit_fenced(&mut self, mut batch: Batch, area: Area) -> Result<(), StoreError> {
+        if batch.ops.is_empty() {
+            return Ok(());
+        }
+        let fence = self.take_seq();
+        batch.ops.push(Op::Delete(area, fence));
+        batch.dirty = true;
+        self.commit_or_fail(batch)
+    }
+
+    /// Commits `batch` (no replies wait on it) and says whether the store is
+    /// still healthy.
+    fn commit_or_fail(&mut self, batch: Batch) -> Result<(), StoreError> {
+        self.commit(batch);
+        match &self.fatal {
+            Some(reason) => Err(StoreError::Poisoned(reason.clone())),
+            None => Ok(()),
+        }
     }
 
     fn gap_state(&mut self, lane: u8, device: &str) -> Result<Option<GapState>, StoreError> {

@@ -15,6 +15,10 @@ pub struct Stats {
 
     /// Number of completed compactions
     pub(crate) compactions_completed: AtomicUsize,
+
+    /// VIGIL-PATCH: number of background compactions that failed (and were
+    /// left for the application to repair instead of poisoning the database)
+    pub(crate) compactions_failed: AtomicU64,
 }
 
 impl Stats {}

@@ -1,0 +1,75 @@
+//! Finding the lane tables fjall cannot read whole, so the writer can take
+//! them out.
+//!
+//! A table block whose checksum fails (a flipped bit, a bad sector) is read
+//! around by [`super::scan`]: its records are quarantined and the rest of the
+//! lane is delivered. But the table itself stays, and an LSM tree must one day
+//! merge it: as soon as deletions (the cloud's acknowledgements, the
+//! quarantine's own tombstones) lie over its keys, a compaction has to read
+//! it, and cannot. fjall 3.1 answered that by poisoning the whole database:
+//! every later write failed, Vigil stopped, and after a restart the same
+//! compaction stopped it again. The vendored fjall now counts the failure
+//! instead (`vendor/fjall/VIGIL-PATCH.md`), and the store writer takes the
+//! damaged table out (`Writer::take_out`): the records it can still read are
+//! written again under their own keys (same seq, same sealed bytes, same place
+//! in the lane), the ones it cannot are quarantined, and fjall drops every
+//! table lying wholly inside the damaged one's key range.
+//!
+//! This module only reads: each lane table is read through once, block by
+//! block, straight from its file.
+
+use fjall::AbstractTree as _;
+
+use super::Shared;
+use super::record;
+
+/// A lane table that cannot be read whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct DamagedTable {
+    /// The lane.
+    pub(super) lane: u8,
+    /// fjall's id of the table (for the log).
+    pub(super) id: u64,
+    /// The smallest and largest seq the table holds (records or tombstones).
+    pub(super) first: u64,
+    pub(super) last: u64,
+    /// What reading it ran into.
+    pub(super) why: String,
+}
+
+/// Reads every table of every lane and returns those that fail to read
+/// whole. Costs one sequential read of the lanes' tables: it runs only after
+/// damage has shown itself (a failed compaction, an unreadable record).
+pub(super) fn damaged_tables(shared: &Shared) -> Vec<DamagedTable> {
+    let mut out = Vec::new();
+    for (lane, ks) in shared.lanes.iter().enumerate() {
+        let Ok(lane) = u8::try_from(lane) else {
+            break;
+        };
+        let version = ks.tree.current_version();
+        for table in version.iter_tables() {
+            let range = &table.metadata.key_range;
+            let (Ok(first), Ok(last)) = (
+                record::seq_of(range.min().as_ref()),
+                record::seq_of(range.max().as_ref()),
+            ) else {
+                // Not keys Vigil writes: nothing it could take out by seq.
+                continue;
+            };
+            let failure = match table.scan() {
+                Err(e) => Some(format!("{e:?}")),
+                Ok(mut items) => items.find_map(|item| item.err().map(|e| format!("{e:?}"))),
+            };
+            if let Some(why) = failure {
+                out.push(DamagedTable {
+                    lane,
+                    id: table.id(),
+                    first,
+                    last,
+                    why,
+                });
+            }
+        }
+    }
+    out
+}
