@@ -545,7 +545,7 @@ pub fn render_metrics(o: &Observed) -> String {
         ),
         (
             "damaged_tables_removed",
-            "Damaged store tables taken out of a lane: their readable records written again, the unreadable ones quarantined (a disk error: check the disk)",
+            "Damaged store tables taken out (lanes, dead-letter, quarantine): their readable records written again, the unreadable ones quarantined (a disk error: check the disk)",
         ),
         (
             "refused_broker_unavailable",

@@ -777,6 +777,70 @@ async fn a_compaction_over_a_damaged_table_does_not_stop_the_store() {
     assert_eq!(common::unreadable_tables(dir.path()), 0);
 }
 
+/// Dead letters live in a table of their own, which can be damaged too: the
+/// entries fjall cannot read are quarantined as they are read, the table is
+/// taken out, every other entry is still listed once, and no table of the
+/// store fails to read afterwards.
+#[tokio::test]
+async fn a_damaged_dead_letter_table_is_taken_out_too() {
+    let dir = match std::path::Path::new("/dev/shm").is_dir() {
+        true => tempfile::tempdir_in("/dev/shm").unwrap(),
+        false => tempfile::tempdir().unwrap(),
+    };
+    let store = open(dir.path());
+    for _ in 0..1000 {
+        let seq = store.append(ingest("bed-1", 1, 200)).await.unwrap().seq;
+        store
+            .dead_letter(1, seq, "refused by cloud: 0x87".into())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    store.close().await.unwrap();
+    drop(store);
+    {
+        let db = raw_db(dir.path());
+        let dl = raw_keyspace(&db, "dead-letter");
+        dl.rotate_memtable_and_wait().unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    common::flip_bit_in_largest_table(dir.path(), 0.5);
+
+    let store = open(dir.path());
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.dead_letters(after, 64).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        listed.extend(page.into_iter().map(|d| d.seq));
+    }
+    let lost = 1000 - listed.len() as u64;
+    eprintln!("damaged dead-letter table: {lost} of 1000 entries unreadable and quarantined");
+    assert!(lost > 0 && lost < 100, "{lost}");
+    assert_eq!(store.stats().counters.quarantined, lost);
+    assert_eq!(
+        store
+            .metrics()
+            .damaged_tables_removed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let mut again = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.dead_letters(after, 64).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        again.extend(page.into_iter().map(|d| d.seq));
+    }
+    assert_eq!(again, listed, "the same entries, in the same places");
+    assert_eq!(store.stats().dead_letter.messages, listed.len() as u64);
+    store.close().await.unwrap();
+    drop(store);
+    assert_eq!(common::unreadable_tables(dir.path()), 0);
+}
+
 /// A store of `n` lane-1 records, one commit (one journal batch) each, closed;
 /// returns their seqs and where each batch ends in the journal.
 async fn one_batch_per_record(dir: &std::path::Path, n: usize) -> (Vec<u64>, Vec<u64>) {

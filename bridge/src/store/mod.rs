@@ -139,8 +139,9 @@ pub struct StoreMetrics {
     /// rather than from the records kept in memory: a caught-up forwarder
     /// makes none.
     pub lane_disk_reads: std::sync::atomic::AtomicU64,
-    /// Damaged lane tables taken out (their readable records written again,
-    /// the rest quarantined; see `salvage.rs`).
+    /// Damaged tables taken out of the lanes, dead-letter or quarantine
+    /// (their readable records written again, the rest quarantined; see
+    /// `salvage.rs`).
     pub damaged_tables_removed: std::sync::atomic::AtomicU64,
 }
 
@@ -945,6 +946,18 @@ impl Store {
         for bad in scanned.corrupt {
             self.quarantine(writer::Area::DeadLetter, bad.seq, bad.reason)
                 .await?;
+        }
+        // Entries fjall cannot read (a damaged table block) are quarantined
+        // and counted as the lanes' are, not skipped in silence.
+        for (seq, reason) in scanned.unreadable {
+            let area = writer::Area::DeadLetter;
+            self.call(|done| writer::Command::QuarantineUnreadable {
+                area,
+                seq,
+                reason,
+                done,
+            })
+            .await?;
         }
         Ok(scanned.events)
     }

@@ -1,5 +1,5 @@
-//! Finding the lane tables fjall cannot read whole, so the writer can take
-//! them out.
+//! Finding the tables fjall cannot read whole, so the writer can take them
+//! out.
 //!
 //! A table block whose checksum fails (a flipped bit, a bad sector) is read
 //! around by [`super::scan`]: its records are quarantined and the rest of the
@@ -15,19 +15,21 @@
 //! in the lane), the ones it cannot are quarantined, and fjall drops every
 //! table lying wholly inside the damaged one's key range.
 //!
-//! This module only reads: each lane table is read through once, block by
-//! block, straight from its file.
+//! The same holds for the dead-letter and quarantine areas (keyed by seq like
+//! the lanes); `meta` is not covered. This module only reads: each table is
+//! read through once, block by block, straight from its file.
 
 use fjall::AbstractTree as _;
 
 use super::Shared;
 use super::record;
+use super::writer::Area;
 
-/// A lane table that cannot be read whole.
+/// A table that cannot be read whole, in one of the seq-keyed areas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct DamagedTable {
-    /// The lane.
-    pub(super) lane: u8,
+    /// A lane, dead-letter or quarantine.
+    pub(super) area: Area,
     /// fjall's id of the table (for the log).
     pub(super) id: u64,
     /// The smallest and largest seq the table holds (records or tombstones).
@@ -37,15 +39,23 @@ pub(super) struct DamagedTable {
     pub(super) why: String,
 }
 
-/// Reads every table of every lane and returns those that fail to read
-/// whole. Costs one sequential read of the lanes' tables: it runs only after
-/// damage has shown itself (a failed compaction, an unreadable record).
+/// Reads every table of the lanes, dead-letter and quarantine and returns
+/// those that fail to read whole. Costs one sequential read of those tables:
+/// it runs only after damage has shown itself (a failed compaction, an
+/// unreadable record). `meta` (string keys: the state, device counters) is
+/// not covered.
 pub(super) fn damaged_tables(shared: &Shared) -> Vec<DamagedTable> {
+    let lanes = shared
+        .lanes
+        .iter()
+        .enumerate()
+        .filter_map(|(p, ks)| Some((Area::Lane(u8::try_from(p).ok()?), ks)));
+    let others = [
+        (Area::DeadLetter, &shared.dead_letter),
+        (Area::Quarantine, &shared.quarantine),
+    ];
     let mut out = Vec::new();
-    for (lane, ks) in shared.lanes.iter().enumerate() {
-        let Ok(lane) = u8::try_from(lane) else {
-            break;
-        };
+    for (area, ks) in lanes.chain(others) {
         let version = ks.tree.current_version();
         for table in version.iter_tables() {
             let range = &table.metadata.key_range;
@@ -62,7 +72,7 @@ pub(super) fn damaged_tables(shared: &Shared) -> Vec<DamagedTable> {
             };
             if let Some(why) = failure {
                 out.push(DamagedTable {
-                    lane,
+                    area,
                     id: table.id(),
                     first,
                     last,

@@ -1130,9 +1130,7 @@ impl Writer {
             return;
         };
         let qseq = self.take_seq();
-        if matches!(from, Area::Lane(_)) {
-            self.damage_suspected = true;
-        }
+        self.damage_suspected = true;
         batch.delete(from, seq);
         self.figures_sub(from, average);
         self.figures_add(Area::Quarantine, qseq, size_of(encoded.len()), None);
@@ -1175,12 +1173,12 @@ impl Writer {
         self.state.counters.quarantined += 1;
     }
 
-    /// Looks for damaged lane tables when fjall reports a failed compaction
+    /// Looks for damaged tables when fjall reports a failed compaction
     /// or a record could not be read, at most every
     /// [`DAMAGE_CHECK_INTERVAL`] (more rarely after looks that found
     /// nothing), and takes out each one found (see [`super::salvage`]). Runs
-    /// between batches: appends wait meanwhile (a read of every lane table,
-    /// then the rewrites), which only happens after the disk has damaged
+    /// between batches: appends wait meanwhile (a read of every lane,
+    /// dead-letter and quarantine table, then the rewrites), which only happens after the disk has damaged
     /// something.
     fn take_out_damaged_tables(&mut self) {
         if self.fatal.is_some() {
@@ -1206,10 +1204,10 @@ impl Writer {
             tracing::warn!(
                 failed_compactions = failed,
                 next_look_in = ?self.damage_check_interval,
-                "fjall reported a failed compaction or an unreadable record, but no lane table \
-                 fails to read whole: the damage is outside the lanes (dead-letter, quarantine, \
-                 meta) or gone. Check the disk; drain the store and move it aside if \
-                 compactions keep failing"
+                "fjall reported a failed compaction or an unreadable record, but no lane, \
+                 dead-letter or quarantine table fails to read whole: the damage is in `meta` \
+                 or gone. Check the disk; drain the store and move it aside if compactions \
+                 keep failing"
             );
         } else {
             self.damage_check_interval = DAMAGE_CHECK_INTERVAL;
@@ -1224,7 +1222,7 @@ impl Writer {
                         .damaged_tables_removed
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(
-                        priority = table.lane,
+                        keyspace = %self.area_name(table.area),
                         table = table.id,
                         first_seq = table.first,
                         last_seq = table.last,
@@ -1233,17 +1231,17 @@ impl Writer {
                         deleted_again = taken.deleted_again,
                         took_ms = started.elapsed().as_millis() as u64,
                         damage = %table.why,
-                        "a damaged store table was taken out of its lane: its readable records \
-                         were written again, its unreadable ones are quarantined. The disk \
-                         corrupted data: check it (SMART, dmesg) and plan to replace it"
+                        "a damaged store table was taken out: its readable records were written \
+                         again, its unreadable ones are quarantined. The disk corrupted data: \
+                         check it (SMART, dmesg) and plan to replace it"
                     );
                 }
                 Err(e) => tracing::error!(
-                    priority = table.lane,
+                    keyspace = %self.area_name(table.area),
                     table = table.id,
                     error = %e,
-                    "could not take a damaged store table out of its lane; fjall's compactions \
-                     over it keep failing. Drain the store and move it aside (see the README)"
+                    "could not take a damaged store table out; fjall's compactions over it keep \
+                     failing. Drain the store and move it aside (see the README)"
                 ),
             }
             if self.fatal.is_some() {
@@ -1255,11 +1253,12 @@ impl Writer {
         self.damage_suspected = overlapped;
     }
 
-    /// Takes one damaged table out of its lane. Every record still in its
-    /// key range that opens is written again under its own key (the same
-    /// sealed bytes: a newer version of it in the memtable, so its seq, its
-    /// place in the lane and the forwarder's view of it stay as they were);
-    /// one that does not open, or that fjall cannot read, is quarantined. Each
+    /// Takes one damaged table out of its area (a lane, dead-letter or
+    /// quarantine). Every record still in its key range that opens is written
+    /// again under its own key (the same sealed bytes: a newer version of it
+    /// in the memtable, so its seq, its place in the lane and the forwarder's
+    /// view of it stay as they were); one that does not open, or that fjall
+    /// cannot read, is quarantined (a quarantine entry is kept as found). Each
     /// batch of those also deletes a fresh seq past the range, so the table a
     /// flush makes of it never lies wholly inside the range. Committed with an
     /// fsync; then fjall drops every table lying wholly inside the range (the
@@ -1269,8 +1268,9 @@ impl Writer {
     fn take_out(&mut self, table: &super::salvage::DamagedTable) -> Result<TakenOut, StoreError> {
         use fjall::AbstractTree as _;
         let shared = self.shared.clone();
-        let (ks, name) = shared.lane(table.lane)?;
-        let area = Area::Lane(table.lane);
+        let area = table.area;
+        let name = self.area_name(area);
+        let ks = self.keyspace(area)?.clone();
         let mut taken = TakenOut::default();
         // In seq order, as visited.
         let mut kept = Vec::new();
@@ -1279,15 +1279,28 @@ impl Writer {
         for seq in table.first..=table.last {
             match ks.get(record::key(seq)) {
                 Ok(None) => {}
-                Ok(Some(value)) => match shared.seal_for(name, seq).open::<Event>(&value) {
-                    Ok(_) => {
-                        batch.put(area, seq, value.to_vec());
-                        kept.push(seq);
+                Ok(Some(value)) => {
+                    let seal = shared.seal_for(&name, seq);
+                    let opened = match area {
+                        Area::Lane(_) => seal.open::<Event>(&value).map(drop),
+                        Area::DeadLetter => seal.open::<DeadLetterEntry>(&value).map(drop),
+                        // Kept as found, whatever it holds: it is the evidence.
+                        Area::Quarantine => Ok(()),
+                    };
+                    match opened {
+                        Ok(()) => {
+                            batch.put(area, seq, value.to_vec());
+                            kept.push(seq);
+                        }
+                        Err(e) => self.stage_quarantine(
+                            area,
+                            seq,
+                            value.to_vec(),
+                            e.to_string(),
+                            &mut batch,
+                        ),
                     }
-                    Err(e) => {
-                        self.stage_quarantine(area, seq, value.to_vec(), e.to_string(), &mut batch)
-                    }
-                },
+                }
                 Err(e) if super::scan::is_damage(&e) => {
                     self.stage_unreadable(area, seq, &format!("{e:?}"), &mut batch);
                     taken.unreadable += 1;
@@ -1316,7 +1329,7 @@ impl Writer {
                 }
                 Err(e) => {
                     tracing::warn!(
-                        priority = table.lane,
+                        keyspace = %name,
                         error = ?e,
                         "another damaged table overlaps the one taken out; it is looked for next time"
                     );

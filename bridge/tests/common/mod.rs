@@ -125,8 +125,8 @@ pub fn flip_bit_in_largest_table(dir: &Path, at: f64) -> u64 {
     len
 }
 
-/// How many lane tables of a closed store fail to read whole (fjall's own
-/// sequential read of each table file).
+/// How many tables of a closed store's lanes, dead-letter and quarantine
+/// fail to read whole (fjall's own sequential read of each table file).
 pub fn unreadable_tables(dir: &Path) -> usize {
     use fjall::AbstractTree as _;
     let db = raw_db(dir);
@@ -134,7 +134,7 @@ pub fn unreadable_tables(dir: &Path) -> usize {
         .list_keyspace_names()
         .into_iter()
         .map(|n| n.to_string())
-        .filter(|n| n.starts_with("priority-"))
+        .filter(|n| n.starts_with("priority-") || n == "dead-letter" || n == "quarantine")
         .collect();
     let mut bad = 0;
     for name in names {
