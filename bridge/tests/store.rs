@@ -606,6 +606,28 @@ async fn appends_outside_the_configured_priorities_are_refused() {
     ));
 }
 
+/// A closed store whose lane 1 holds 2,000 records (device `bed-1`) in one
+/// flushed table with one bit flipped a third of the way into it (below the
+/// record layer: fjall's block checksum fails); returns their seqs.
+async fn a_lane_table_with_a_flipped_bit(dir: &std::path::Path) -> Vec<u64> {
+    let store = open(dir);
+    let mut seqs = Vec::new();
+    for _ in 0..2000 {
+        seqs.push(store.append(ingest("bed-1", 1, 200)).await.unwrap().seq);
+    }
+    store.close().await.unwrap();
+    drop(store);
+    {
+        let db = raw_db(dir);
+        let lane = raw_keyspace(&db, "priority-1");
+        lane.rotate_memtable_and_wait().unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    // The largest table is the lane's.
+    common::flip_bit_in_largest_table(dir, 1.0 / 3.0);
+    seqs
+}
+
 /// A flipped bit inside a flushed table file, below the record layer, where
 /// fjall's block checksum fails and it cannot even return the keys in that
 /// block: the records in the damaged block are quarantined (without their
@@ -616,21 +638,7 @@ async fn appends_outside_the_configured_priorities_are_refused() {
 async fn a_damaged_table_block_costs_its_records_not_the_lane() {
     common::log_to_test();
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let mut seqs = Vec::new();
-    for _ in 0..2000 {
-        seqs.push(store.append(ingest("bed-1", 1, 200)).await.unwrap().seq);
-    }
-    store.close().await.unwrap();
-    drop(store);
-    {
-        let db = raw_db(dir.path());
-        let lane = raw_keyspace(&db, "priority-1");
-        lane.rotate_memtable_and_wait().unwrap();
-        db.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
-    // The largest table is the lane's; flip a bit a third of the way in.
-    common::flip_bit_in_largest_table(dir.path(), 1.0 / 3.0);
+    let seqs = a_lane_table_with_a_flipped_bit(dir.path()).await;
 
     let store = open(dir.path());
     let read: Vec<u64> = read_all(&store, 1).await.iter().map(|e| e.seq).collect();
@@ -703,21 +711,7 @@ async fn a_compaction_over_a_damaged_table_does_not_stop_the_store() {
         true => tempfile::tempdir_in("/dev/shm").unwrap(),
         false => tempfile::tempdir().unwrap(),
     };
-    let store = open(dir.path());
-    let mut seqs = Vec::new();
-    for _ in 0..2000 {
-        seqs.push(store.append(ingest("bed-1", 1, 200)).await.unwrap().seq);
-    }
-    store.close().await.unwrap();
-    drop(store);
-    {
-        let db = raw_db(dir.path());
-        let lane = raw_keyspace(&db, "priority-1");
-        lane.rotate_memtable_and_wait().unwrap();
-        db.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
-    common::flip_bit_in_largest_table(dir.path(), 1.0 / 3.0);
-
+    let seqs = a_lane_table_with_a_flipped_bit(dir.path()).await;
     let store = std::sync::Arc::new(open(dir.path()));
     // Acknowledged without being read past the damage (the forwarder had
     // sent them before the restart): tombstones over the damaged table.

@@ -852,16 +852,8 @@ impl Store {
             self.quarantine(writer::Area::Lane(priority), bad.seq, bad.reason)
                 .await?;
         }
-        for (seq, reason) in scanned.unreadable {
-            let area = writer::Area::Lane(priority);
-            self.call(|done| writer::Command::QuarantineUnreadable {
-                area,
-                seq,
-                reason,
-                done,
-            })
+        self.quarantine_unreadable(writer::Area::Lane(priority), scanned.unreadable)
             .await?;
-        }
         Ok(scanned.events)
     }
 
@@ -949,8 +941,19 @@ impl Store {
         }
         // Entries fjall cannot read (a damaged table block) are quarantined
         // and counted as the lanes' are, not skipped in silence.
-        for (seq, reason) in scanned.unreadable {
-            let area = writer::Area::DeadLetter;
+        self.quarantine_unreadable(writer::Area::DeadLetter, scanned.unreadable)
+            .await?;
+        Ok(scanned.events)
+    }
+
+    /// Has the writer quarantine each seq a read could not get from fjall
+    /// (if it still cannot).
+    async fn quarantine_unreadable(
+        &self,
+        area: writer::Area,
+        unreadable: Vec<(u64, String)>,
+    ) -> Result<(), StoreError> {
+        for (seq, reason) in unreadable {
             self.call(|done| writer::Command::QuarantineUnreadable {
                 area,
                 seq,
@@ -959,7 +962,7 @@ impl Store {
             })
             .await?;
         }
-        Ok(scanned.events)
+        Ok(())
     }
 
     /// Reads quarantined records in key order, after `after`.
