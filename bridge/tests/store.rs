@@ -801,14 +801,7 @@ async fn a_damaged_dead_letter_table_is_taken_out_too() {
     common::flip_bit_in_largest_table(dir.path(), 0.5);
 
     let store = open(dir.path());
-    let mut listed = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store.dead_letters(after, 64).await.unwrap();
-        let Some(last) = page.last() else { break };
-        after = Some(last.seq);
-        listed.extend(page.into_iter().map(|d| d.seq));
-    }
+    let listed = dead_letter_seqs(&store).await;
     let lost = 1000 - listed.len() as u64;
     eprintln!("damaged dead-letter table: {lost} of 1000 entries unreadable and quarantined");
     assert!(lost > 0 && lost < 100, "{lost}");
@@ -820,19 +813,26 @@ async fn a_damaged_dead_letter_table_is_taken_out_too() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
-    let mut again = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store.dead_letters(after, 64).await.unwrap();
-        let Some(last) = page.last() else { break };
-        after = Some(last.seq);
-        again.extend(page.into_iter().map(|d| d.seq));
-    }
+    let again = dead_letter_seqs(&store).await;
     assert_eq!(again, listed, "the same entries, in the same places");
     assert_eq!(store.stats().dead_letter.messages, listed.len() as u64);
     store.close().await.unwrap();
     drop(store);
     assert_eq!(common::unreadable_tables(dir.path()), 0);
+}
+
+/// The seqs of every dead letter, listed page by page as `vigil dead-letter
+/// list` does.
+async fn dead_letter_seqs(store: &Store) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.dead_letters(after, 64).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        seqs.extend(page.into_iter().map(|d| d.seq));
+    }
+    seqs
 }
 
 /// A store of `n` lane-1 records, one commit (one journal batch) each, closed;
