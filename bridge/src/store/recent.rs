@@ -14,8 +14,8 @@
 //! with a seq at or above `covers_from` is in `records`, and nothing else is.
 //! The writer keeps it by applying, after each commit and in the batch's
 //! order, every put to a lane (an append pushes its event; any other put,
-//! such as a requeue, resets the lane past it) and every deletion from a
-//! lane (removed here too). Records enter only after their commit (so a
+//! such as a requeue, resets the lane past it and past every record kept) and
+//! every deletion from a lane (removed here too). Records enter only after their commit (so a
 //! reader never sees what is not on disk) and before the append signal is
 //! sent (so a woken reader finds them).
 //!
@@ -56,7 +56,9 @@ pub(super) const KEEP_UP_TO_QUEUED: u64 = 4 * MAX_RECORDS as u64;
 pub(super) enum Change {
     /// An appended record, with its event.
     Append(u8, Arc<StoredEvent>),
-    /// A record put into the lane without its event at hand (a requeue).
+    /// A record put into the lane without its event at hand (a requeue, or a
+    /// record written again under its own seq when a damaged table is taken
+    /// out).
     Put(u8, u64),
     /// A record deleted from the lane (acknowledged, evicted, moved).
     Delete(u8, u64),
@@ -140,7 +142,11 @@ impl Recent {
                 Change::Put(priority, seq) => {
                     if let Some(lane) = self.lanes.get_mut(usize::from(priority)) {
                         if seq >= lane.covers_from {
-                            lane.reset(seq.saturating_add(1));
+                            // Start past the put and past every record kept
+                            // (a put may rewrite a kept record, `salvage.rs`:
+                            // those after it must not drop out of view).
+                            let past_kept = lane.records.back().map_or(0, |r| r.seq + 1);
+                            lane.reset(seq.saturating_add(1).max(past_kept));
                         } else {
                             // Below what is kept (cannot happen with seqs
                             // handed out in order): live, and not here.
@@ -244,6 +250,9 @@ mod tests {
     enum Step {
         Append(u64),
         Put,
+        /// A record of the lane written again under its own seq (a damaged
+        /// table taken out, `salvage.rs`): the lane's content is unchanged.
+        Rewrite(usize),
         Delete(usize),
         Read(usize, usize),
         /// The writer found the lane empty (only taken when it is).
@@ -255,6 +264,7 @@ mod tests {
         prop_oneof![
             6 => (1u64..40_000).prop_map(Step::Append),
             1 => Just(Step::Put),
+            2 => (0usize..1000).prop_map(Step::Rewrite),
             4 => (0usize..1000).prop_map(Step::Delete),
             4 => (0usize..1000, 1usize..300).prop_map(|(a, l)| Step::Read(a, l)),
             2 => Just(Step::Emptied),
@@ -283,6 +293,11 @@ mod tests {
                         recent.apply([Change::Put(0, next)]);
                         lane.insert(next);
                         next += 1;
+                    }
+                    Step::Rewrite(i) => {
+                        if let Some(&seq) = lane.iter().nth(i % lane.len().max(1)) {
+                            recent.apply([Change::Put(0, seq)]);
+                        }
                     }
                     Step::Delete(i) => {
                         if let Some(&seq) = lane.iter().nth(i % lane.len().max(1)) {
