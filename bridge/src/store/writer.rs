@@ -1198,9 +1198,9 @@ impl Writer {
         self.last_damage_check = Some(Instant::now());
         let started = Instant::now();
         let damaged = super::salvage::damaged_tables(&self.shared);
+        let back_off = |interval: Duration| (interval * 2).min(DAMAGE_CHECK_MAX_INTERVAL);
         if damaged.is_empty() {
-            self.damage_check_interval =
-                (self.damage_check_interval * 2).min(DAMAGE_CHECK_MAX_INTERVAL);
+            self.damage_check_interval = back_off(self.damage_check_interval);
             tracing::warn!(
                 failed_compactions = failed,
                 next_look_in = ?self.damage_check_interval,
@@ -1209,14 +1209,13 @@ impl Writer {
                  or gone. Check the disk; drain the store and move it aside if compactions \
                  keep failing"
             );
-        } else {
-            self.damage_check_interval = DAMAGE_CHECK_INTERVAL;
         }
         let mut overlapped = false;
         for table in &damaged {
             match self.take_out(table) {
                 Ok(taken) => {
                     overlapped |= taken.overlapped;
+                    self.damage_check_interval = DAMAGE_CHECK_INTERVAL;
                     self.shared
                         .metrics
                         .damaged_tables_removed
@@ -1236,20 +1235,29 @@ impl Writer {
                          check it (SMART, dmesg) and plan to replace it"
                     );
                 }
-                Err(e) => tracing::error!(
-                    keyspace = %self.area_name(table.area),
-                    table = table.id,
-                    error = %e,
-                    "could not take a damaged store table out; fjall's compactions over it keep \
-                     failing. Drain the store and move it aside (see the README)"
-                ),
+                Err(e) => {
+                    // Tried again later, but not every 30 s.
+                    self.damage_check_interval = back_off(self.damage_check_interval);
+                    tracing::error!(
+                        keyspace = %self.area_name(table.area),
+                        table = table.id,
+                        error = %e,
+                        next_look_in = ?self.damage_check_interval,
+                        "could not take a damaged store table out; fjall's compactions over it \
+                         keep failing. Drain the store and move it aside (see the README)"
+                    );
+                }
             }
             if self.fatal.is_some() {
                 return;
             }
         }
-        // What the moves quarantined was in the tables just taken out; only
+        // What the rewrites quarantined was in the tables just taken out, and
+        // compactions that failed meanwhile most likely failed on them; only
         // an overlapping damaged table calls for another look.
+        if !damaged.is_empty() {
+            self.failed_compactions_seen = self.shared.db.failed_compactions();
+        }
         self.damage_suspected = overlapped;
     }
 
