@@ -711,7 +711,7 @@ impl Store {
         let (shared, state) = open_shared(&options, master)?;
         let shared = Arc::new(shared);
         let (tx, rx) = mpsc::channel(options.queue_depth);
-        let writer = writer::Writer::new(shared.clone(), &options, state);
+        let writer = writer::Writer::new(shared.clone(), &options, state, tx.downgrade());
         let handle = std::thread::Builder::new()
             .name("vigil-store-writer".into())
             .spawn(move || writer.run(rx))

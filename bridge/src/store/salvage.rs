@@ -19,11 +19,14 @@
 //! the lanes); `meta` is not covered. This module only reads: each table is
 //! read through once, block by block, straight from its file.
 
+use std::sync::Weak;
+
 use fjall::AbstractTree as _;
+use tokio::sync::mpsc;
 
 use super::Shared;
 use super::record;
-use super::writer::Area;
+use super::writer::{Area, Command};
 
 /// A table that cannot be read whole, in one of the seq-keyed areas.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,46 +43,91 @@ pub(super) struct DamagedTable {
 }
 
 /// Reads every table of the lanes, dead-letter and quarantine and returns
-/// those that fail to read whole. Costs one sequential read of those tables:
-/// it runs only after damage has shown itself (a failed compaction, an
-/// unreadable record). `meta` (string keys: the state, device counters) is
-/// not covered.
-pub(super) fn damaged_tables(shared: &Shared) -> Vec<DamagedTable> {
-    let lanes = shared
-        .lanes
-        .iter()
-        .enumerate()
-        .filter_map(|(p, ks)| Some((Area::Lane(u8::try_from(p).ok()?), ks)));
-    let others = [
-        (Area::DeadLetter, &shared.dead_letter),
-        (Area::Quarantine, &shared.quarantine),
-    ];
+/// those that fail to read whole. Costs one sequential read of those tables,
+/// so it runs on a thread of its own (see [`start_look`]), and only after
+/// damage has shown itself (a failed compaction, an unreadable record).
+/// `meta` (string keys: the state, device counters) is not covered. It holds
+/// the store only while it lists the tables (a closed store is not kept
+/// open); the tables themselves stay readable while it reads them.
+pub(super) fn damaged_tables(shared: &Weak<Shared>) -> Vec<DamagedTable> {
+    let mut tables = Vec::new();
+    {
+        let Some(shared) = shared.upgrade() else {
+            return Vec::new();
+        };
+        let lanes = shared
+            .lanes
+            .iter()
+            .enumerate()
+            .filter_map(|(p, ks)| Some((Area::Lane(u8::try_from(p).ok()?), ks)));
+        let others = [
+            (Area::DeadLetter, &shared.dead_letter),
+            (Area::Quarantine, &shared.quarantine),
+        ];
+        for (area, ks) in lanes.chain(others) {
+            let version = ks.tree.current_version();
+            tables.extend(version.iter_tables().map(|t| (area, t.clone())));
+        }
+    }
     let mut out = Vec::new();
-    for (area, ks) in lanes.chain(others) {
-        let version = ks.tree.current_version();
-        for table in version.iter_tables() {
-            let range = &table.metadata.key_range;
-            let (Ok(first), Ok(last)) = (
-                record::seq_of(range.min().as_ref()),
-                record::seq_of(range.max().as_ref()),
-            ) else {
-                // Not keys Vigil writes: nothing it could take out by seq.
-                continue;
-            };
-            let failure = match table.scan() {
-                Err(e) => Some(format!("{e:?}")),
-                Ok(mut items) => items.find_map(|item| item.err().map(|e| format!("{e:?}"))),
-            };
-            if let Some(why) = failure {
-                out.push(DamagedTable {
-                    area,
-                    id: table.id(),
-                    first,
-                    last,
-                    why,
-                });
-            }
+    for (area, table) in tables {
+        let range = &table.metadata.key_range;
+        let (Ok(first), Ok(last)) = (
+            record::seq_of(range.min().as_ref()),
+            record::seq_of(range.max().as_ref()),
+        ) else {
+            // Not keys Vigil writes: nothing it could take out by seq.
+            continue;
+        };
+        let failure = match table.scan() {
+            Err(e) => Some(format!("{e:?}")),
+            Ok(mut items) => items.find_map(|item| item.err().map(|e| format!("{e:?}"))),
+        };
+        if let Some(why) = failure {
+            out.push(DamagedTable {
+                area,
+                id: table.id(),
+                first,
+                last,
+                why,
+            });
         }
     }
     out
+}
+
+/// Starts a look for damaged tables on its own thread; what it finds comes
+/// back to the store writer as a command (`found`), unless the store has
+/// closed meanwhile. Returns whether the thread started.
+pub(super) fn start_look(
+    shared: Weak<Shared>,
+    writer: mpsc::WeakSender<Command>,
+    found: fn(Vec<DamagedTable>) -> Command,
+) -> bool {
+    std::thread::Builder::new()
+        .name("vigil-damage-look".into())
+        .spawn(move || {
+            let tables = damaged_tables(&shared);
+            if let Some(tx) = writer.upgrade() {
+                let _ = tx.blocking_send(found(tables));
+            }
+        })
+        .is_ok()
+}
+
+/// Whether the table `id` is still part of its area's tree (a look's answer
+/// may arrive after a take-out or a compaction changed it).
+pub(super) fn still_there(shared: &Shared, area: Area, id: u64) -> bool {
+    let ks = match area {
+        Area::Lane(p) => match shared.lanes.get(usize::from(p)) {
+            Some(ks) => ks,
+            None => return false,
+        },
+        Area::DeadLetter => &shared.dead_letter,
+        Area::Quarantine => &shared.quarantine,
+    };
+    ks.tree
+        .current_version()
+        .iter_tables()
+        .any(|t| t.id() == id)
 }

@@ -101,6 +101,11 @@ pub(super) enum Command {
     Close {
         done: Reply<()>,
     },
+    /// What a look for damaged tables found (from its own thread,
+    /// `salvage::start_look`); they are taken out after the batch.
+    DamageFound {
+        tables: Vec<super::salvage::DamagedTable>,
+    },
 }
 
 impl Command {
@@ -116,6 +121,7 @@ impl Command {
             }
             Command::QuarantineUnreadable { done, .. } => drop(done.send(Err(err))),
             Command::Close { done } => drop(done.send(Err(err))),
+            Command::DamageFound { .. } => {}
         }
     }
 }
@@ -322,6 +328,13 @@ pub(super) struct Writer {
     /// look.
     last_damage_check: Option<Instant>,
     damage_check_interval: Duration,
+    /// A look for damaged tables is running on its own thread.
+    looking: bool,
+    /// What the last look found, to take out after the current batch.
+    damage_found: Option<Vec<super::salvage::DamagedTable>>,
+    /// This writer's own channel, for the look's answer (weak: it does not
+    /// keep the channel open once every store handle is gone).
+    commands: mpsc::WeakSender<Command>,
 }
 
 /// A drain after this many appended bytes (counting the backlog found at
@@ -398,7 +411,12 @@ impl ScannedSizes {
 }
 
 impl Writer {
-    pub(super) fn new(shared: Arc<Shared>, options: &StoreOptions, state: StoreStats) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        options: &StoreOptions,
+        state: StoreStats,
+        commands: mpsc::WeakSender<Command>,
+    ) -> Self {
         let reclaimer = super::space::Reclaimer::start(Arc::downgrade(&shared));
         let backlog_bytes = state.used_bytes();
         Self {
@@ -424,6 +442,9 @@ impl Writer {
             damage_suspected: false,
             last_damage_check: None,
             damage_check_interval: DAMAGE_CHECK_INTERVAL,
+            looking: false,
+            damage_found: None,
+            commands,
         }
     }
 
@@ -532,6 +553,10 @@ impl Writer {
                 Err(e) => drop(done.send(Err(e))),
             },
             Command::Close { done } => drop(done.send(Ok(()))),
+            Command::DamageFound { tables } => {
+                self.looking = false;
+                self.damage_found = Some(tables);
+            }
         }
     }
 
@@ -1173,15 +1198,22 @@ impl Writer {
         self.state.counters.quarantined += 1;
     }
 
-    /// Looks for damaged tables when fjall reports a failed compaction
-    /// or a record could not be read, at most every
-    /// [`DAMAGE_CHECK_INTERVAL`] (more rarely after looks that found
-    /// nothing), and takes out each one found (see [`super::salvage`]). Runs
-    /// between batches: appends wait meanwhile (a read of every lane,
-    /// dead-letter and quarantine table, then the rewrites), which only happens after the disk has damaged
-    /// something.
+    /// Looks for damaged tables when fjall reports a failed compaction or a
+    /// record could not be read, at most every [`DAMAGE_CHECK_INTERVAL`]
+    /// (more rarely after looks that found nothing), and takes out each one
+    /// found (see [`super::salvage`]). The look (a read of every table of the
+    /// lanes, dead-letter and quarantine) runs on its own thread; the take-out
+    /// runs here, between batches: appends wait for it, which only happens
+    /// after the disk has damaged something.
     fn take_out_damaged_tables(&mut self) {
         if self.fatal.is_some() {
+            return;
+        }
+        if let Some(found) = self.damage_found.take() {
+            self.take_out_found(found);
+            return;
+        }
+        if self.looking {
             return;
         }
         let failed = self.shared.db.failed_compactions();
@@ -1196,8 +1228,22 @@ impl Writer {
         }
         self.failed_compactions_seen = failed;
         self.last_damage_check = Some(Instant::now());
-        let started = Instant::now();
-        let damaged = super::salvage::damaged_tables(&self.shared);
+        let shared = Arc::downgrade(&self.shared);
+        if super::salvage::start_look(shared.clone(), self.commands.clone(), |tables| {
+            Command::DamageFound { tables }
+        }) {
+            self.looking = true;
+        } else {
+            // No thread for it: look here.
+            let found = super::salvage::damaged_tables(&shared);
+            self.take_out_found(found);
+        }
+    }
+
+    /// Takes out what a look found.
+    fn take_out_found(&mut self, mut damaged: Vec<super::salvage::DamagedTable>) {
+        damaged.retain(|t| super::salvage::still_there(&self.shared, t.area, t.id));
+        let failed = self.failed_compactions_seen;
         let back_off = |interval: Duration| (interval * 2).min(DAMAGE_CHECK_MAX_INTERVAL);
         if damaged.is_empty() {
             self.damage_check_interval = back_off(self.damage_check_interval);
@@ -1212,6 +1258,7 @@ impl Writer {
         }
         let mut overlapped = false;
         for table in &damaged {
+            let started = Instant::now();
             match self.take_out(table) {
                 Ok(taken) => {
                     overlapped |= taken.overlapped;
