@@ -115,17 +115,9 @@ pub(super) fn start_look(
         .is_ok()
 }
 
-/// Whether the table `id` is still part of its area's tree (a look's answer
-/// may arrive after a take-out or a compaction changed it).
-pub(super) fn still_there(shared: &Shared, area: Area, id: u64) -> bool {
-    let ks = match area {
-        Area::Lane(p) => match shared.lanes.get(usize::from(p)) {
-            Some(ks) => ks,
-            None => return false,
-        },
-        Area::DeadLetter => &shared.dead_letter,
-        Area::Quarantine => &shared.quarantine,
-    };
+/// Whether the table `id` is still part of `ks`'s tree (a look's answer may
+/// arrive after a take-out or a compaction changed it).
+pub(super) fn still_holds(ks: &fjall::Keyspace, id: u64) -> bool {
     ks.tree
         .current_version()
         .iter_tables()

@@ -1242,7 +1242,10 @@ impl Writer {
 
     /// Takes out what a look found.
     fn take_out_found(&mut self, mut damaged: Vec<super::salvage::DamagedTable>) {
-        damaged.retain(|t| super::salvage::still_there(&self.shared, t.area, t.id));
+        damaged.retain(|t| {
+            self.keyspace(t.area)
+                .is_ok_and(|ks| super::salvage::still_holds(ks, t.id))
+        });
         let failed = self.failed_compactions_seen;
         let back_off = |interval: Duration| (interval * 2).min(DAMAGE_CHECK_MAX_INTERVAL);
         if damaged.is_empty() {
