@@ -247,8 +247,8 @@ impl Database {
     }
 
     /// VIGIL-PATCH: background compactions that failed since the database
-    /// was opened. A failed compaction changes nothing on disk (its output is
-    /// never installed) and no longer poisons the database; the tables it
+    /// was opened. A failed compaction changes nothing that is read (its
+    /// output is never installed) and no longer poisons the database; the tables it
     /// could not read stay until the application takes them out (e.g. with
     /// `drop_range`), and compactions over them keep failing until then.
     #[doc(hidden)]

@@ -261,7 +261,7 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
             }
 
             // VIGIL-PATCH: a failed compaction (a table block that fails its
-            // checksum, say) changes nothing on disk: its output is never
+            // checksum, say) changes nothing that is read: its output is never
             // installed. Returning the error here would end this worker and
             // poison the whole database, stopping every write, and the same
             // compaction would fail again after a restart. Count it, log it
