@@ -839,6 +839,76 @@ async fn dead_letter_seqs(store: &Store) -> Vec<u64> {
     seqs
 }
 
+/// A device's sequence counter (`meta`) in a damaged table block: its next
+/// message is still taken, and numbered past every store seq given out so
+/// far, which no device number can have reached (each message took one), so
+/// no (device, seq) pair repeats; the cloud sees a jump in that device's
+/// numbers. Before, every message of that device was refused for good.
+#[tokio::test]
+async fn a_device_whose_counter_cannot_be_read_resumes_past_every_seq_given_out() {
+    common::log_to_test();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut last = 0;
+    for _ in 0..5 {
+        last = store
+            .append(ingest("bed-1", 1, 50))
+            .await
+            .unwrap()
+            .device_seq;
+    }
+    store.close().await.unwrap();
+    drop(store);
+    // meta flushed to a table holding the device's counter ...
+    {
+        let db = raw_db(dir.path());
+        let meta = raw_keyspace(&db, "meta");
+        meta.rotate_memtable_and_wait().unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    // ... then newer copies of the epoch and the state, in the journal only,
+    // so the store opens without that table; the device's counter is only
+    // in it.
+    let store = open(dir.path());
+    let next_seq = store.stats().next_seq;
+    store.close().await.unwrap();
+    drop(store);
+    common::flip_bit_in_table_of(dir.path(), "meta", 0.1);
+    {
+        // The block with the device's counter, not the table's index (a
+        // damaged index or filter block stops fjall opening at all: Known
+        // gaps).
+        let db = raw_db(dir.path());
+        let meta = raw_keyspace(&db, "meta");
+        assert!(meta.get("state").unwrap().is_some());
+        assert!(meta.get("dev/bed-1").is_err(), "the counter cannot be read");
+    }
+
+    let store = open(dir.path());
+    let a = store
+        .append(ingest("bed-1", 1, 50))
+        .await
+        .expect("the device's message is taken");
+    assert!(a.device_seq > last, "{} after {last}", a.device_seq);
+    assert!(
+        a.device_seq >= next_seq,
+        "past every store seq given out: {} against {next_seq}",
+        a.device_seq
+    );
+    let b = store.append(ingest("bed-1", 1, 50)).await.unwrap();
+    assert_eq!(b.device_seq, a.device_seq + 1, "and on from there");
+    // Other devices are not touched.
+    let other = store.append(ingest("bed-2", 1, 50)).await.unwrap();
+    assert_eq!(other.device_seq, 1);
+    store.close().await.unwrap();
+    drop(store);
+    // The counter is written again with the next commit: a restart resumes
+    // after `b`.
+    let store = open(dir.path());
+    let c = store.append(ingest("bed-1", 1, 50)).await.unwrap();
+    assert_eq!(c.device_seq, b.device_seq + 1);
+}
+
 /// A store of `n` lane-1 records, one commit (one journal batch) each, closed;
 /// returns their seqs and where each batch ends in the journal.
 async fn one_batch_per_record(dir: &std::path::Path, n: usize) -> (Vec<u64>, Vec<u64>) {

@@ -645,20 +645,30 @@ impl Writer {
         if let Some(last) = self.devices.get(device) {
             return Ok(last + 1);
         }
-        let last = match self
-            .shared
-            .meta
-            .get(dev_key(device))
-            .map_err(|e| self.engine(e))?
-        {
-            Some(v) => {
-                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::MetaCorrupt {
-                    key: format!("dev/{device}"),
-                    why: format!("{} bytes instead of 8", v.len()),
-                })?)
-            }
-            None => 0,
+        let stored = match self.shared.meta.get(dev_key(device)) {
+            Ok(Some(v)) => <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| format!("{} bytes instead of 8", v.len())),
+            Ok(None) => Ok(0),
+            Err(e) if super::scan::is_damage(&e) => Err(format!("{e:?}")),
+            Err(e) => return Err(self.engine(e)),
         };
+        let last = stored.unwrap_or_else(|why| {
+            // The counter is damaged. Every device number given out so far
+            // took a store seq of its own, so none has reached the store's
+            // next seq: resuming there repeats no (device, seq) pair. The
+            // cloud sees a jump in this device's numbers; the next commit
+            // writes the counter again.
+            let resume = self.state.next_seq;
+            tracing::error!(
+                device,
+                resume_after = resume,
+                why = %why,
+                "a device's sequence counter in the store cannot be read (damaged); its \
+                 numbering resumes past every store seq given out, so none repeats"
+            );
+            resume
+        });
         self.devices.insert(device.to_string(), last);
         Ok(last + 1)
     }

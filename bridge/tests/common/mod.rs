@@ -125,6 +125,27 @@ pub fn flip_bit_in_largest_table(dir: &Path, at: f64) -> u64 {
     len
 }
 
+/// Flips one bit `at` (a fraction) into the largest table of the keyspace
+/// `name` of a closed store (fjall's own keyspace of keyspace names, whose
+/// table may be larger, is left alone).
+pub fn flip_bit_in_table_of(dir: &Path, name: &str, at: f64) {
+    use fjall::AbstractTree as _;
+    let path = {
+        let db = raw_db(dir);
+        let ks = raw_keyspace(&db, name);
+        let version = ks.tree.current_version();
+        let largest = version
+            .iter_tables()
+            .max_by_key(|t| t.metadata.file_size)
+            .expect("a table in the keyspace");
+        largest.path.as_ref().clone()
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    let i = ((bytes.len() as f64 * at) as usize).min(bytes.len() - 1);
+    bytes[i] ^= 0x10;
+    std::fs::write(&path, bytes).unwrap();
+}
+
 /// How many tables of a closed store's lanes, dead-letter and quarantine
 /// fail to read whole (fjall's own sequential read of each table file).
 pub fn unreadable_tables(dir: &Path) -> usize {
