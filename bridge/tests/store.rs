@@ -909,6 +909,97 @@ async fn a_device_whose_counter_cannot_be_read_resumes_past_every_seq_given_out(
     assert_eq!(c.device_seq, b.device_seq + 1);
 }
 
+/// A benchmark, not run by default: what taking out the largest table fjall
+/// writes costs the store writer (the devices wait that long for their
+/// PUBACKs, once). 300,000 records in lane 1, compacted (one table of about
+/// 206,000 records), a flipped bit in its middle, then `Store::verify` meets
+/// the damage. The writer's take-out time is in its log line (`took_ms`):
+///
+/// ```sh
+/// cargo test --release -p vigil --test store -- --ignored --nocapture taking_out_the_largest
+/// ```
+///
+/// `VIGIL_BENCH_DIR` puts the store elsewhere (e.g. `/dev/shm`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run with --ignored --nocapture (see its doc)"]
+async fn taking_out_the_largest_damaged_table_costs_about_a_second() {
+    common::log_to_test();
+    const RECORDS: u64 = 300_000;
+    let dir = match std::env::var("VIGIL_BENCH_DIR") {
+        Ok(d) => tempfile::tempdir_in(d).unwrap(),
+        Err(_) => tempfile::tempdir().unwrap(),
+    };
+    let store = std::sync::Arc::new(open(dir.path()));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..RECORDS / 64 {
+                store.append(ingest("bed-1", 1, 200)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stored = store.stats().lanes[1].messages;
+    store.close().await.unwrap();
+    drop(store);
+    {
+        let db = raw_db(dir.path());
+        let lane = raw_keyspace(&db, "priority-1");
+        lane.rotate_memtable_and_wait().unwrap();
+        lane.major_compact().unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    common::flip_bit_in_table_of(dir.path(), "priority-1", 0.5);
+    let store = open(dir.path());
+    let started = std::time::Instant::now();
+    let report = store.verify().await.unwrap();
+    tables_removed(&store, 1).await;
+    eprintln!(
+        "verify {report:?} and the take-out done {:?} after the open (the writer's own share: \
+         took_ms in its log line above)",
+        started.elapsed()
+    );
+    let left = store.stats().lanes[1].messages;
+    assert_eq!(left + store.stats().counters.quarantined, stored);
+    store.close().await.unwrap();
+}
+
+/// A known gap, pinned: a flipped bit past a table's data blocks (its index,
+/// filter or metadata) stops fjall opening the database at all, and with it
+/// the store, whatever keyspace the table belongs to. The error names the
+/// damage; the way out is to move the store aside (README, Known gaps).
+#[tokio::test]
+async fn a_damaged_table_index_stops_the_store_opening() {
+    for at in [0.5, 0.7, 0.9] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for _ in 0..5 {
+            store.append(ingest("bed-1", 1, 50)).await.unwrap();
+        }
+        store.close().await.unwrap();
+        drop(store);
+        {
+            let db = raw_db(dir.path());
+            let meta = raw_keyspace(&db, "meta");
+            meta.rotate_memtable_and_wait().unwrap();
+            db.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        common::flip_bit_in_table_of(dir.path(), "meta", at);
+        let err = Store::open(common::options(dir.path()), &key())
+            .err()
+            .map(|e| e.to_string());
+        eprintln!("at {at}: {err:?}");
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("ChecksumMismatch")),
+            "at {at}: {err:?}"
+        );
+    }
+}
+
 /// A store of `n` lane-1 records, one commit (one journal batch) each, closed;
 /// returns their seqs and where each batch ends in the journal.
 async fn one_batch_per_record(dir: &std::path::Path, n: usize) -> (Vec<u64>, Vec<u64>) {
