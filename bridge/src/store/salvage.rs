@@ -20,6 +20,7 @@
 //! read through once, block by block, straight from its file.
 
 use std::sync::Weak;
+use std::time::{Duration, Instant};
 
 use fjall::AbstractTree as _;
 use tokio::sync::mpsc;
@@ -122,4 +123,105 @@ pub(super) fn still_holds(ks: &fjall::Keyspace, id: u64) -> bool {
         .current_version()
         .iter_tables()
         .any(|t| t.id() == id)
+}
+
+/// Damaged tables are looked for at most this often (each look reads every
+/// table once); after a look that found nothing to take out, or a take-out
+/// that failed, the wait doubles, up to [`MAX_INTERVAL`] (damage in `meta`
+/// keeps fjall's compactions failing, and a look cannot mend it).
+const INTERVAL: Duration = Duration::from_secs(30);
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The store writer's watch for damage: when a look is due, whether one is
+/// running, and what the last one found.
+#[derive(Debug)]
+pub(super) struct Watch {
+    /// fjall's failed background compactions as last seen.
+    failed_seen: u64,
+    /// A record fjall cannot read was quarantined since the last look.
+    suspected: bool,
+    /// When the last look started, and the wait before the next.
+    last_look: Option<Instant>,
+    interval: Duration,
+    /// A look is running on its own thread.
+    looking: bool,
+    /// What the last look found, to take out after the current batch.
+    found: Option<Vec<DamagedTable>>,
+}
+
+impl Watch {
+    pub(super) fn new() -> Self {
+        Self {
+            failed_seen: 0,
+            suspected: false,
+            last_look: None,
+            interval: INTERVAL,
+            looking: false,
+            found: None,
+        }
+    }
+
+    /// A record fjall cannot read was quarantined.
+    pub(super) fn suspect(&mut self) {
+        self.suspected = true;
+    }
+
+    /// A look's answer arrived.
+    pub(super) fn answered(&mut self, tables: Vec<DamagedTable>) {
+        self.looking = false;
+        self.found = Some(tables);
+    }
+
+    /// What the last look found, once, when it has answered.
+    pub(super) fn take_found(&mut self) -> Option<Vec<DamagedTable>> {
+        self.found.take()
+    }
+
+    /// Whether a look should start now, given fjall's count of failed
+    /// compactions: something new went wrong, no look is running and the
+    /// wait is over. If so, the look counts as started.
+    pub(super) fn start_if_due(&mut self, failed: u64) -> bool {
+        if self.looking || (failed == self.failed_seen && !self.suspected) {
+            return false;
+        }
+        if self.last_look.is_some_and(|t| t.elapsed() < self.interval) {
+            return false;
+        }
+        self.failed_seen = failed;
+        self.last_look = Some(Instant::now());
+        self.looking = true;
+        true
+    }
+
+    /// The look could not get a thread of its own (it runs in place).
+    pub(super) fn look_ran_in_place(&mut self) {
+        self.looking = false;
+    }
+
+    /// Failed compactions seen so far.
+    pub(super) fn failed_seen(&self) -> u64 {
+        self.failed_seen
+    }
+
+    /// A table was taken out: the next look may come soon.
+    pub(super) fn took_out(&mut self) {
+        self.interval = INTERVAL;
+    }
+
+    /// A look found nothing to take out, or a take-out failed: wait longer.
+    /// Returns the new wait.
+    pub(super) fn back_off(&mut self) -> Duration {
+        self.interval = (self.interval * 2).min(MAX_INTERVAL);
+        self.interval
+    }
+
+    /// After the take-outs: the compactions that failed meanwhile
+    /// (`failed_now`, when tables were taken out) most likely failed on
+    /// them, and only an overlapping damaged table calls for another look.
+    pub(super) fn settled(&mut self, failed_now: Option<u64>, overlapped: bool) {
+        if let Some(failed) = failed_now {
+            self.failed_seen = failed;
+        }
+        self.suspected = overlapped;
+    }
 }

@@ -27,12 +27,6 @@ use crate::event::{Event, Ingest, Kind, Qos, Timestamp, VIGIL_DEVICE};
 
 /// Topic of gap-notice events (under the cloud prefix once forwarded).
 pub const GAP_NOTICE_TOPIC: &str = "vigil/gap-notice";
-/// Damaged tables are looked for at most this often (each look reads every
-/// lane table once); after a look that found nothing to take out the wait
-/// doubles, up to [`DAMAGE_CHECK_MAX_INTERVAL`] (damage outside the lanes
-/// keeps fjall's compactions failing, and a look cannot mend it).
-const DAMAGE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
-const DAMAGE_CHECK_MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// What taking a damaged table out did.
 #[derive(Debug, Default)]
@@ -319,19 +313,8 @@ pub(super) struct Writer {
     /// Records were deleted since the last reclaim was asked for.
     deleted_since_reclaim: bool,
     reclaimer: super::space::Reclaimer,
-    /// fjall's failed background compactions as last seen (`salvage.rs`).
-    failed_compactions_seen: u64,
-    /// A record fjall cannot read was quarantined since the last look for
-    /// damaged tables.
-    damage_suspected: bool,
-    /// When damaged tables were last looked for, and the wait before the next
-    /// look.
-    last_damage_check: Option<Instant>,
-    damage_check_interval: Duration,
-    /// A look for damaged tables is running on its own thread.
-    looking: bool,
-    /// What the last look found, to take out after the current batch.
-    damage_found: Option<Vec<super::salvage::DamagedTable>>,
+    /// When to look for damaged tables, and what a look found.
+    damage: super::salvage::Watch,
     /// This writer's own channel, for the look's answer (weak: it does not
     /// keep the channel open once every store handle is gone).
     commands: mpsc::WeakSender<Command>,
@@ -438,12 +421,7 @@ impl Writer {
             last_reclaim: None,
             deleted_since_reclaim: false,
             reclaimer,
-            failed_compactions_seen: 0,
-            damage_suspected: false,
-            last_damage_check: None,
-            damage_check_interval: DAMAGE_CHECK_INTERVAL,
-            looking: false,
-            damage_found: None,
+            damage: super::salvage::Watch::new(),
             commands,
         }
     }
@@ -553,10 +531,7 @@ impl Writer {
                 Err(e) => drop(done.send(Err(e))),
             },
             Command::Close { done } => drop(done.send(Ok(()))),
-            Command::DamageFound { tables } => {
-                self.looking = false;
-                self.damage_found = Some(tables);
-            }
+            Command::DamageFound { tables } => self.damage.answered(tables),
         }
     }
 
@@ -1165,7 +1140,7 @@ impl Writer {
             return;
         };
         let qseq = self.take_seq();
-        self.damage_suspected = true;
+        self.damage.suspect();
         batch.delete(from, seq);
         self.figures_sub(from, average);
         self.figures_add(Area::Quarantine, qseq, size_of(encoded.len()), None);
@@ -1209,42 +1184,31 @@ impl Writer {
     }
 
     /// Looks for damaged tables when fjall reports a failed compaction or a
-    /// record could not be read, at most every [`DAMAGE_CHECK_INTERVAL`]
-    /// (more rarely after looks that found nothing), and takes out each one
-    /// found (see [`super::salvage`]). The look (a read of every table of the
-    /// lanes, dead-letter and quarantine) runs on its own thread; the take-out
-    /// runs here, between batches: appends wait for it, which only happens
-    /// after the disk has damaged something.
+    /// record could not be read (when, `salvage::Watch` says), and takes out
+    /// each one found (see [`super::salvage`]). The look (a read of every
+    /// table of the lanes, dead-letter and quarantine) runs on its own
+    /// thread; the take-out runs here, between batches: appends wait for it,
+    /// which only happens after the disk has damaged something.
     fn take_out_damaged_tables(&mut self) {
         if self.fatal.is_some() {
             return;
         }
-        if let Some(found) = self.damage_found.take() {
+        if let Some(found) = self.damage.take_found() {
             self.take_out_found(found);
             return;
         }
-        if self.looking {
-            return;
-        }
-        let failed = self.shared.db.failed_compactions();
-        if failed == self.failed_compactions_seen && !self.damage_suspected {
-            return;
-        }
-        if self
-            .last_damage_check
-            .is_some_and(|t| t.elapsed() < self.damage_check_interval)
+        if !self
+            .damage
+            .start_if_due(self.shared.db.failed_compactions())
         {
             return;
         }
-        self.failed_compactions_seen = failed;
-        self.last_damage_check = Some(Instant::now());
         let shared = Arc::downgrade(&self.shared);
-        if super::salvage::start_look(shared.clone(), self.commands.clone(), |tables| {
+        if !super::salvage::start_look(shared.clone(), self.commands.clone(), |tables| {
             Command::DamageFound { tables }
         }) {
-            self.looking = true;
-        } else {
             // No thread for it: look here.
+            self.damage.look_ran_in_place();
             let found = super::salvage::damaged_tables(&shared);
             self.take_out_found(found);
         }
@@ -1256,13 +1220,11 @@ impl Writer {
             self.keyspace(t.area)
                 .is_ok_and(|ks| super::salvage::still_holds(ks, t.id))
         });
-        let failed = self.failed_compactions_seen;
-        let back_off = |interval: Duration| (interval * 2).min(DAMAGE_CHECK_MAX_INTERVAL);
         if damaged.is_empty() {
-            self.damage_check_interval = back_off(self.damage_check_interval);
+            let next = self.damage.back_off();
             tracing::warn!(
-                failed_compactions = failed,
-                next_look_in = ?self.damage_check_interval,
+                failed_compactions = self.damage.failed_seen(),
+                next_look_in = ?next,
                 "fjall reported a failed compaction or an unreadable record, but no lane, \
                  dead-letter or quarantine table fails to read whole: the damage is in `meta` \
                  or gone. Check the disk; drain the store and move it aside if compactions \
@@ -1275,7 +1237,7 @@ impl Writer {
             match self.take_out(table) {
                 Ok(taken) => {
                     overlapped |= taken.overlapped;
-                    self.damage_check_interval = DAMAGE_CHECK_INTERVAL;
+                    self.damage.took_out();
                     self.shared
                         .metrics
                         .damaged_tables_removed
@@ -1297,12 +1259,12 @@ impl Writer {
                 }
                 Err(e) => {
                     // Tried again later, but not every 30 s.
-                    self.damage_check_interval = back_off(self.damage_check_interval);
+                    let next = self.damage.back_off();
                     tracing::error!(
                         keyspace = %self.area_name(table.area),
                         table = table.id,
                         error = %e,
-                        next_look_in = ?self.damage_check_interval,
+                        next_look_in = ?next,
                         "could not take a damaged store table out; fjall's compactions over it \
                          keep failing. Drain the store and move it aside (see the README)"
                     );
@@ -1312,13 +1274,9 @@ impl Writer {
                 return;
             }
         }
-        // What the rewrites quarantined was in the tables just taken out, and
-        // compactions that failed meanwhile most likely failed on them; only
-        // an overlapping damaged table calls for another look.
-        if !damaged.is_empty() {
-            self.failed_compactions_seen = self.shared.db.failed_compactions();
-        }
-        self.damage_suspected = overlapped;
+        // What the rewrites quarantined was in the tables just taken out.
+        let failed_now = (!damaged.is_empty()).then(|| self.shared.db.failed_compactions());
+        self.damage.settled(failed_now, overlapped);
     }
 
     /// Takes one damaged table out of its area (a lane, dead-letter or
