@@ -118,11 +118,16 @@ pub fn flip_bit_in_largest_table(dir: &Path, at: f64) -> u64 {
     }
     tables.sort();
     let (len, table) = tables.last().expect("a table file").clone();
-    let mut bytes = std::fs::read(&table).unwrap();
-    let i = ((len as f64 * at) as usize).min(bytes.len() - 1);
-    bytes[i] ^= 0x10;
-    std::fs::write(&table, bytes).unwrap();
+    flip_bit_at(&table, at);
     len
+}
+
+/// Flips one bit `at` (a fraction of its length) into the file `path`.
+fn flip_bit_at(path: &Path, at: f64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = ((bytes.len() as f64 * at) as usize).min(bytes.len() - 1);
+    bytes[i] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
 }
 
 /// Flips one bit `at` (a fraction) into the largest table of the keyspace
@@ -140,10 +145,7 @@ pub fn flip_bit_in_table_of(dir: &Path, name: &str, at: f64) {
             .expect("a table in the keyspace");
         largest.path.as_ref().clone()
     };
-    let mut bytes = std::fs::read(&path).unwrap();
-    let i = ((bytes.len() as f64 * at) as usize).min(bytes.len() - 1);
-    bytes[i] ^= 0x10;
-    std::fs::write(&path, bytes).unwrap();
+    flip_bit_at(&path, at);
 }
 
 /// How many tables of a closed store's lanes, dead-letter and quarantine
