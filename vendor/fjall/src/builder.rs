@@ -50,6 +50,18 @@ impl<O: Openable> Builder<O> {
         self
     }
 
+    /// VIGIL-PATCH: when a keyspace's table cannot be opened at recovery
+    /// (its trailer, table of contents, metadata, index or filter block is
+    /// damaged), move it into the keyspace's `damaged` folder and open
+    /// without it, instead of failing. The caller must salvage what it can
+    /// (`lsm_tree::table::salvage`). Does not apply to the database's own
+    /// meta keyspace. Default = false.
+    #[must_use]
+    pub fn set_aside_damaged_tables(mut self, flag: bool) -> Self {
+        self.inner.set_aside_damaged_tables = flag;
+        self
+    }
+
     /// Sets the compression type to use for large values that are written into the journal file.
     #[must_use]
     pub fn journal_compression(mut self, comp: CompressionType) -> Self {

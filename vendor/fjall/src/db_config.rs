@@ -48,6 +48,11 @@ pub struct Config {
     // pub(crate) journal_recovery_mode: RecoveryMode,
     //
     pub(crate) compaction_filter_factory_assigner: Option<CompactionFilterAssigner>,
+
+    /// VIGIL-PATCH: keyspaces (not the database's own meta keyspace) set
+    /// tables they cannot open aside instead of failing to recover
+    /// (`lsm_tree::Config::set_aside_damaged_tables`).
+    pub(crate) set_aside_damaged_tables: bool,
 }
 
 const DEFAULT_CPU_CORES: usize = 4;
@@ -90,6 +95,7 @@ impl Config {
             cache: Arc::new(Cache::with_capacity_bytes(/* 32 MiB */ 32 * 1_024 * 1_024)),
 
             compaction_filter_factory_assigner: None,
+            set_aside_damaged_tables: false,
         }
     }
 }

@@ -171,6 +171,16 @@ pub use tx::optimistic::{
 #[doc(hidden)]
 pub use lsm_tree::{AbstractTree, AnyTree, Error as LsmError, TreeType};
 
+/// VIGIL-PATCH: salvaging the tables a recovery set aside as damaged (see
+/// `Builder::set_aside_damaged_tables`).
+#[doc(hidden)]
+pub mod salvage {
+    pub use lsm_tree::file::DAMAGED_FOLDER;
+    pub use lsm_tree::table::salvage::{salvage, Salvaged};
+    pub use lsm_tree::table::BlockHandle;
+    pub use lsm_tree::{InternalValue, ValueType};
+}
+
 pub use lsm_tree::{
     CompressionType, KvPair, KvSeparationOptions, SeqNo, Slice, UserKey, UserValue,
 };

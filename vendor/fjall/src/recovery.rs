@@ -91,7 +91,9 @@ pub fn recover_keyspaces(db: &Database, meta_keyspace: &MetaKeyspace) -> crate::
             db.supervisor.snapshot_tracker.get_ref(),
         )
         .use_descriptor_table(db.config.descriptor_table.clone())
-        .use_cache(db.config.cache.clone());
+        .use_cache(db.config.cache.clone())
+        // VIGIL-PATCH: see `Builder::set_aside_damaged_tables`.
+        .set_aside_damaged_tables(db.config.set_aside_damaged_tables);
 
         let base_config = apply_to_base_config(base_config, &recovered_config);
 

@@ -9,6 +9,10 @@ pub const MAGIC_BYTES: [u8; 4] = [b'L', b'S', b'M', 3];
 
 pub const TABLES_FOLDER: &str = "tables";
 pub const BLOBS_FOLDER: &str = "blobs";
+
+/// VIGIL-PATCH: where recovery moves tables it cannot read (see
+/// [`crate::Config::set_aside_damaged_tables`]).
+pub const DAMAGED_FOLDER: &str = "damaged";
 pub const CURRENT_VERSION_FILE: &str = "current";
 
 /// Reads bytes from a file using `pread`.

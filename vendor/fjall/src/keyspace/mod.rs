@@ -345,7 +345,9 @@ impl Keyspace {
             db.supervisor.snapshot_tracker.get_ref(),
         )
         .use_descriptor_table(db.config.descriptor_table.clone())
-        .use_cache(db.config.cache.clone());
+        .use_cache(db.config.cache.clone())
+        // VIGIL-PATCH: see `Builder::set_aside_damaged_tables`.
+        .set_aside_damaged_tables(db.config.set_aside_damaged_tables);
 
         let base_config = apply_to_base_config(base_config, &config);
         let tree = base_config.open()?;

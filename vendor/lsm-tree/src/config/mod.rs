@@ -238,6 +238,13 @@ pub struct Config {
     pub(crate) seqno: SequenceNumberCounter,
 
     pub(crate) visible_seqno: SequenceNumberCounter,
+
+    /// VIGIL-PATCH: when recovery finds a table whose trailer, table of
+    /// contents, metadata, index or filter block cannot be read, move the
+    /// table's file into the tree's `damaged` folder and open without it,
+    /// instead of failing. The caller salvages its records
+    /// ([`crate::table::salvage`]).
+    pub set_aside_damaged_tables: bool,
 }
 
 // TODO: remove default?
@@ -294,6 +301,8 @@ impl Default for Config {
             expect_point_read_hits: false,
 
             kv_separation_opts: None,
+
+            set_aside_damaged_tables: false,
         }
     }
 }
@@ -311,6 +320,13 @@ impl Config {
             visible_seqno,
             ..Default::default()
         }
+    }
+
+    /// VIGIL-PATCH: see [`Config::set_aside_damaged_tables`].
+    #[must_use]
+    pub fn set_aside_damaged_tables(mut self, flag: bool) -> Self {
+        self.set_aside_damaged_tables = flag;
+        self
     }
 
     /// Sets the global cache.

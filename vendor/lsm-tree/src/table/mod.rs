@@ -13,6 +13,8 @@ mod iter;
 mod meta;
 pub(crate) mod multi_writer;
 mod regions;
+// VIGIL-PATCH: reading a table set aside as damaged.
+pub mod salvage;
 mod scanner;
 pub mod util;
 pub mod writer;

@@ -703,6 +703,38 @@ impl Tree {
         TreeIter::create_range(iter_state, bounds, seqno)
     }
 
+    /// VIGIL-PATCH: the newest entry of `key` in the memtables and tables, a
+    /// value or a tombstone, with its seqno (for salvaging a table set
+    /// aside: [`crate::table::salvage`]).
+    ///
+    /// # Errors
+    ///
+    /// A table read failed.
+    #[doc(hidden)]
+    pub fn newest_entry(&self, key: &[u8]) -> crate::Result<Option<InternalValue>> {
+        let super_version = self.get_version_for_snapshot(SeqNo::MAX);
+        if let Some(entry) = super_version.active_memtable.get(key, SeqNo::MAX) {
+            return Ok(Some(entry));
+        }
+        if let Some(entry) =
+            Self::get_internal_entry_from_sealed_memtables(&super_version, key, SeqNo::MAX)
+        {
+            return Ok(Some(entry));
+        }
+        let key_hash = crate::table::filter::standard_bloom::Builder::get_hash(key);
+        for table in super_version
+            .version
+            .iter_levels()
+            .flat_map(|lvl| lvl.iter())
+            .filter_map(|run| run.get_for_key(key))
+        {
+            if let Some(item) = table.get(key, SeqNo::MAX, key_hash)? {
+                return Ok(Some(item));
+            }
+        }
+        Ok(None)
+    }
+
     pub(crate) fn get_internal_entry_from_version(
         super_version: &SuperVersion,
         key: &[u8],
@@ -1080,6 +1112,22 @@ impl Tree {
 
         let mut orphaned_tables = vec![];
 
+        // VIGIL-PATCH: tables of the version set aside as damaged, by this
+        // recovery or by an earlier one that stopped before it wrote the
+        // version without them (their files are in the `damaged` folder).
+        let damaged_folder = tree_path.join(crate::file::DAMAGED_FOLDER);
+        let mut set_aside = crate::HashSet::<TableId>::default();
+        if config.set_aside_damaged_tables && damaged_folder.try_exists()? {
+            for dirent in std::fs::read_dir(&damaged_folder)? {
+                let name = dirent?.file_name();
+                if let Some(id) = name.to_str().and_then(|n| n.parse::<TableId>().ok()) {
+                    if table_map.contains_key(&id) {
+                        set_aside.insert(id);
+                    }
+                }
+            }
+        }
+
         for (idx, dirent) in std::fs::read_dir(&table_base_folder)?.enumerate() {
             let dirent = dirent?;
             let file_name = dirent.file_name();
@@ -1111,8 +1159,8 @@ impl Tree {
                 let pin_filter = config.filter_block_pinning_policy.get(level_idx.into());
                 let pin_index = config.index_block_pinning_policy.get(level_idx.into());
 
-                let table = Table::recover(
-                    table_file_path,
+                let recovered = Table::recover(
+                    table_file_path.clone(),
                     checksum,
                     global_seqno,
                     tree_id,
@@ -1122,7 +1170,39 @@ impl Tree {
                     pin_index,
                     #[cfg(feature = "metrics")]
                     metrics.clone(),
-                )?;
+                )
+                // VIGIL-PATCH: its index and filter blocks are read once now,
+                // so damage there is found while the table can be set aside.
+                .and_then(|table| {
+                    if config.set_aside_damaged_tables {
+                        crate::table::salvage::verify(&table)?;
+                    }
+                    Ok(table)
+                });
+
+                // VIGIL-PATCH: a table that cannot be read is moved aside
+                // (when the caller asked for it) instead of failing the open.
+                let table = match recovered {
+                    Ok(table) => table,
+                    Err(e)
+                        if config.set_aside_damaged_tables
+                            && global_seqno == 0
+                            && crate::table::salvage::is_damage(&e) =>
+                    {
+                        log::error!(
+                            "table {} cannot be read ({e:?}): set aside in {}",
+                            table_file_path.display(),
+                            damaged_folder.display(),
+                        );
+                        std::fs::create_dir_all(&damaged_folder)?;
+                        std::fs::rename(&table_file_path, damaged_folder.join(table_file_name))?;
+                        fsync_directory(&damaged_folder)?;
+                        fsync_directory(&table_base_folder)?;
+                        set_aside.insert(table_id);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
 
                 tables.push(table);
 
@@ -1134,7 +1214,7 @@ impl Tree {
             }
         }
 
-        if tables.len() < cnt {
+        if tables.len() + set_aside.len() < cnt {
             log::error!(
                 "Recovered less tables than expected: {:?}",
                 table_map.keys(),
@@ -1151,7 +1231,14 @@ impl Tree {
             config.descriptor_table.as_ref(),
         )?;
 
-        let version = Version::from_recovery(recovery, &tables, &blob_files)?;
+        let version = Version::from_recovery(recovery, &tables, &blob_files, &set_aside)?;
+
+        // VIGIL-PATCH: the version without the tables set aside is written
+        // at once (under the next id), so the next recovery does not look for
+        // them; the old version file is cleaned up below.
+        if !set_aside.is_empty() {
+            crate::version::persist_version(tree_path, &version)?;
+        }
 
         // NOTE: Cleanup old versions
         // But only after we definitely recovered the latest version

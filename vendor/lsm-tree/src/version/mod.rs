@@ -222,10 +222,14 @@ impl Version {
         }
     }
 
+    /// VIGIL-PATCH: `set_aside` are tables of the recovered version left
+    /// out (damaged); runs left empty by them are dropped, and the version
+    /// then takes the next id (it differs from the one on disk).
     pub(crate) fn from_recovery(
         recovery: Recovery,
         tables: &[Table],
         blob_files: &[BlobFile],
+        set_aside: &crate::HashSet<crate::TableId>,
     ) -> crate::Result<Self> {
         let version_levels = recovery
             .table_ids
@@ -233,9 +237,11 @@ impl Version {
             .map(|level| {
                 let level_runs = level
                     .iter()
+                    .map(|run| run.iter().filter(|t| !set_aside.contains(&t.id)).collect::<Vec<_>>())
+                    .filter(|run| !run.is_empty())
                     .map(|run| {
                         let run_tables = run
-                            .iter()
+                            .into_iter()
                             .map(|table| {
                                 tables
                                     .iter()
@@ -259,8 +265,13 @@ impl Version {
             })
             .collect::<crate::Result<Vec<_>>>()?;
 
+        let id = match set_aside.is_empty() {
+            true => recovery.curr_version_id,
+            false => recovery.curr_version_id + 1,
+        };
+
         Ok(Self::from_levels(
-            recovery.curr_version_id,
+            id,
             recovery.tree_type,
             version_levels,
             BlobFileList::new(blob_files.iter().cloned().map(|bf| (bf.id(), bf)).collect()),
