@@ -807,7 +807,18 @@ pub(super) fn settle(
             }
         }
     }
-    for entry in &entries {
+    record_losses(shared, state, wb, &entries)
+}
+
+/// Commits `wb` with `entries` added to the quarantine, counts every area
+/// again and persists the state: the end of a repair at open.
+pub(super) fn record_losses(
+    shared: &Shared,
+    state: &mut StoreStats,
+    mut wb: fjall::OwnedWriteBatch,
+    entries: &[QuarantineEntry],
+) -> Result<(), StoreError> {
+    for entry in entries {
         let encoded = record::encode_quarantine(entry)
             .map_err(|e| StoreError::Persist(format!("cannot encode a quarantine entry: {e}")))?;
         let qseq = state.next_seq;

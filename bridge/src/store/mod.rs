@@ -100,6 +100,7 @@ mod recent;
 pub mod record;
 mod salvage;
 mod scan;
+mod set_aside;
 mod space;
 mod writer;
 
@@ -289,6 +290,20 @@ pub enum StoreError {
         key: String,
         /// What is wrong.
         why: String,
+    },
+    /// A table of the store's bookkeeping (`meta`) that fjall could not open
+    /// was salvaged only in part: the epoch or a counter may be among what
+    /// was lost, and Vigil stops rather than guess one (a guessed counter
+    /// could repeat a nonce).
+    #[error(
+        "a damaged table of the store's bookkeeping (meta) could be read only in part ({unreadable}          stretch(es) lost; the file is kept at {}): Vigil stops rather than guess a counter;          restore the data directory from a backup, or move it aside to start an empty store",
+        file.display()
+    )]
+    MetaTableLost {
+        /// The table file, kept.
+        file: PathBuf,
+        /// Stretches that did not read.
+        unreadable: u64,
     },
     /// The boot epoch would wrap: the key must be rotated (after 4 billion opens).
     #[error("the store's boot epoch is exhausted: re-create the store under a new key")]
@@ -1098,6 +1113,31 @@ pub fn check_journal(db_dir: &Path) -> Result<JournalCheck, StoreError> {
     })
 }
 
+/// The error log of a table fjall set aside as it opened the store.
+fn log_set_aside(found: &set_aside::Salvaged) {
+    if found.unreadable == 0 {
+        tracing::error!(
+            keyspace = %found.keyspace,
+            written_back = found.written,
+            superseded = found.superseded,
+            "a store table fjall could not open (its index, filter or metadata is damaged) was \
+             set aside; every entry it held was read and written back, the file removed \
+             (counted in vigil_damaged_tables_removed_total): the disk corrupted data, check it"
+        );
+    } else {
+        tracing::error!(
+            keyspace = %found.keyspace,
+            file = %found.file.display(),
+            written_back = found.written,
+            superseded = found.superseded,
+            unreadable = found.unreadable,
+            "a store table fjall could not open was set aside and read only in part: its \
+             readable entries were written back, the rest are lost (one quarantine entry says \
+             so) and the file is kept for examination: the disk corrupted data, check it"
+        );
+    }
+}
+
 fn open_shared(
     options: &StoreOptions,
     master: &MasterKey,
@@ -1130,10 +1170,25 @@ fn open_shared(
     let db = Database::builder(&db_dir)
         .cache_size(options.cache_bytes)
         .max_journaling_size(64 << 20)
+        // A table fjall cannot open is set aside rather than stop the open;
+        // its entries are salvaged below (set_aside.rs).
+        .set_aside_damaged_tables(true)
         .open()
         .map_err(engine)?;
     let small = || KeyspaceCreateOptions::default().max_memtable_size(8 << 20);
     let meta = db.keyspace(META, small).map_err(engine)?;
+    // Salvaged before anything is read from it; a part lost stops the open.
+    let mut set_aside = Vec::new();
+    for found in set_aside::salvage(&db, &meta, META, dir)? {
+        log_set_aside(&found);
+        if found.unreadable > 0 {
+            return Err(StoreError::MetaTableLost {
+                file: found.file,
+                unreadable: found.unreadable,
+            });
+        }
+        set_aside.push(found);
+    }
     // Queues: nothing pinned. fjall pins the index and filter blocks of its
     // first levels for the life of a table, and a queue's tables (keys only
     // ever grow) reach deeper levels by being moved, not rewritten, so pinned
@@ -1195,6 +1250,17 @@ fn open_shared(
     }
     let dead_letter = db.keyspace(DEAD_LETTER, queue).map_err(engine)?;
     let quarantine = db.keyspace(QUARANTINE, queue).map_err(engine)?;
+    for (ks, name) in lanes
+        .iter()
+        .zip(&lane_names)
+        .map(|(ks, name)| (ks, name.as_str()))
+        .chain([(&dead_letter, DEAD_LETTER), (&quarantine, QUARANTINE)])
+    {
+        for found in set_aside::salvage(&db, ks, name, dir)? {
+            log_set_aside(&found);
+            set_aside.push(found);
+        }
+    }
 
     let mut shared = Shared {
         dir: dir.clone(),
@@ -1236,6 +1302,11 @@ fn open_shared(
     if !journal.damage.is_empty() {
         journal::settle(&shared, &mut state, &journal)?;
     }
+    set_aside::settle(&shared, &mut state, &set_aside)?;
+    shared
+        .metrics
+        .damaged_tables_removed
+        .fetch_add(set_aside.len() as u64, std::sync::atomic::Ordering::Relaxed);
     // A lane's persisted head may lag (it is found after each batch and written
     // with the next): find it again. An empty lane's cursor is already a valid
     // lower bound; one found empty on disk (no key from its cursor on) is

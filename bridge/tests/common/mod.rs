@@ -2,7 +2,7 @@
 //! time, make ingests, and reach into fjall directly to damage records.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use vigil::crypto::MasterKey;
@@ -146,6 +146,78 @@ pub fn flip_bit_in_table_of(dir: &Path, name: &str, at: f64) {
         largest.path.as_ref().clone()
     };
     flip_bit_at(&path, at);
+}
+
+/// A part of a table file that fjall reads when it opens the database (past
+/// the data blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TablePart {
+    /// The (top-level) index block.
+    Index,
+    /// The filter block.
+    Filter,
+    /// The metadata block.
+    Meta,
+    /// The table of contents (where each of the above is).
+    Contents,
+    /// The file's trailer (where the table of contents is, and its checksum).
+    Trailer,
+}
+
+impl TablePart {
+    pub const ALL: [TablePart; 5] = [
+        Self::Index,
+        Self::Filter,
+        Self::Meta,
+        Self::Contents,
+        Self::Trailer,
+    ];
+}
+
+/// The tables of the keyspace `name` of a closed store, oldest first: each
+/// one's file and where its data blocks end.
+pub fn tables_of(dir: &Path, name: &str) -> Vec<(PathBuf, u64)> {
+    use fjall::AbstractTree as _;
+    let db = raw_db(dir);
+    let ks = raw_keyspace(&db, name);
+    let version = ks.tree.current_version();
+    let mut tables: Vec<_> = version
+        .iter_tables()
+        .map(|t| (t.id(), t.path.as_ref().clone(), *t.regions.tli.offset()))
+        .collect();
+    tables.sort();
+    tables.into_iter().map(|(_, p, end)| (p, end)).collect()
+}
+
+/// Flips one bit in the middle of `part` of the table file `path` of a
+/// closed store; returns where.
+pub fn flip_bit_in_part(dir: &Path, name: &str, path: &Path, part: TablePart) -> u64 {
+    use fjall::AbstractTree as _;
+    let (offset, len) = {
+        let db = raw_db(dir);
+        let ks = raw_keyspace(&db, name);
+        let version = ks.tree.current_version();
+        let table = version
+            .iter_tables()
+            .find(|t| t.path.as_ref() == path)
+            .expect("the table");
+        let handle = |h: fjall::salvage::BlockHandle| (*h.offset(), u64::from(h.size()));
+        match part {
+            TablePart::Index => handle(table.regions.tli),
+            TablePart::Filter => handle(table.regions.filter.expect("a filter block")),
+            TablePart::Meta => handle(table.regions.metadata),
+            // The table of contents ends where the 38-byte trailer starts
+            // (magic, version, checksum type, the contents' checksum, their
+            // position and length); the trailer's checksum is 6 bytes in.
+            TablePart::Contents => (std::fs::metadata(path).unwrap().len() - 38 - 8, 8),
+            TablePart::Trailer => (std::fs::metadata(path).unwrap().len() - 38 + 6, 16),
+        }
+    };
+    let at = offset + len / 2;
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
+    at
 }
 
 /// How many tables of a closed store's lanes, dead-letter and quarantine
