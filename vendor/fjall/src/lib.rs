@@ -176,9 +176,9 @@ pub use lsm_tree::{AbstractTree, AnyTree, Error as LsmError, TreeType};
 #[doc(hidden)]
 pub mod salvage {
     pub use lsm_tree::file::DAMAGED_FOLDER;
-    pub use lsm_tree::table::salvage::{salvage, Salvaged};
+    pub use lsm_tree::table::salvage::{salvage, verify, Found, Salvaged};
     pub use lsm_tree::table::BlockHandle;
-    pub use lsm_tree::{InternalValue, ValueType};
+    pub use lsm_tree::{InternalValue, Table, ValueType};
 }
 
 pub use lsm_tree::{

@@ -30,6 +30,16 @@ pub struct Salvaged {
     pub end_known: bool,
 }
 
+/// What a salvage finds, in file order.
+#[derive(Debug)]
+pub enum Found {
+    /// An entry of a data block that read whole.
+    Item(InternalValue),
+    /// A stretch that did not read: the entries in it lie between the item
+    /// before and the item after.
+    Unreadable,
+}
+
 /// Whether `e`, met while opening a table, means the table's bytes are
 /// damaged (rather than, say, a file the process may not read).
 #[must_use]
@@ -201,9 +211,11 @@ fn next_block(
 }
 
 /// Reads every item of every data block of the table file at `path` that
-/// still reads, in file order, handing each to `each` (an error from `each`
-/// stops the salvage and is returned). Items carry the seqno they were
-/// written with (tables set aside have no global seqno).
+/// still reads, in file order (keys ascending, a key's versions newest
+/// first), handing each to `each`, and each stretch that does not read as
+/// [`Found::Unreadable`] in its place (an error from `each` stops the
+/// salvage and is returned). Items carry the seqno they were written with
+/// (tables set aside have no global seqno).
 ///
 /// # Errors
 ///
@@ -211,7 +223,7 @@ fn next_block(
 /// failed.
 pub fn salvage(
     path: &Path,
-    mut each: impl FnMut(InternalValue) -> crate::Result<()>,
+    mut each: impl FnMut(Found) -> crate::Result<()>,
 ) -> crate::Result<Salvaged> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
@@ -228,7 +240,7 @@ pub fn salvage(
         match block_at(&file, pos, end, compression) {
             Ok(Some((block, next))) => {
                 for item in block.iter() {
-                    each(item.materialize(&block.inner.data))?;
+                    each(Found::Item(item.materialize(&block.inner.data)))?;
                 }
                 out.blocks += 1;
                 pos = next;
@@ -241,6 +253,7 @@ pub fn salvage(
             // Damaged, or a read the disk failed (a bad sector): skip ahead.
             Err(_) => {
                 out.unreadable += 1;
+                each(Found::Unreadable)?;
                 match next_block(&file, pos + 1, end, compression)? {
                     Some(next) => pos = next,
                     None => break,

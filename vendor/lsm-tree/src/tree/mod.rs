@@ -705,13 +705,18 @@ impl Tree {
 
     /// VIGIL-PATCH: the newest entry of `key` in the memtables and tables, a
     /// value or a tombstone, with its seqno (for salvaging a table set
-    /// aside: [`crate::table::salvage`]).
+    /// aside or damaged: [`crate::table::salvage`]), leaving out the table
+    /// `skip` (a damaged one, whose entry the caller has from a salvage).
     ///
     /// # Errors
     ///
     /// A table read failed.
     #[doc(hidden)]
-    pub fn newest_entry(&self, key: &[u8]) -> crate::Result<Option<InternalValue>> {
+    pub fn newest_entry(
+        &self,
+        key: &[u8],
+        skip: Option<crate::TableId>,
+    ) -> crate::Result<Option<InternalValue>> {
         let super_version = self.get_version_for_snapshot(SeqNo::MAX);
         if let Some(entry) = super_version.active_memtable.get(key, SeqNo::MAX) {
             return Ok(Some(entry));
@@ -727,6 +732,7 @@ impl Tree {
             .iter_levels()
             .flat_map(|lvl| lvl.iter())
             .filter_map(|run| run.get_for_key(key))
+            .filter(|table| Some(table.id()) != skip)
         {
             if let Some(item) = table.get(key, SeqNo::MAX, key_hash)? {
                 return Ok(Some(item));
