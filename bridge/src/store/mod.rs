@@ -296,7 +296,10 @@ pub enum StoreError {
     /// was lost, and Vigil stops rather than guess one (a guessed counter
     /// could repeat a nonce).
     #[error(
-        "a damaged table of the store's bookkeeping (meta) could be read only in part ({unreadable}          stretch(es) lost; the file is kept at {}): Vigil stops rather than guess a counter;          restore the data directory from a backup, or move it aside to start an empty store",
+        "a damaged table of the store's bookkeeping (meta) could be read only in part \
+         ({unreadable} stretch(es) lost; the file is kept at {}): Vigil stops rather than guess \
+         a counter; restore the data directory from a backup, or move it aside to start an \
+         empty store",
         file.display()
     )]
     MetaTableLost {
@@ -867,9 +870,17 @@ impl Store {
             self.quarantine(writer::Area::Lane(priority), bad.seq, bad.reason)
                 .await?;
         }
-        self.quarantine_unreadable(writer::Area::Lane(priority), scanned.unreadable)
+        let still_there = self
+            .quarantine_unreadable(writer::Area::Lane(priority), scanned.unreadable)
             .await?;
-        Ok(scanned.events)
+        let mut events = scanned.events;
+        // A record read around that was not quarantined (it reads now, or its
+        // table is being taken out and it will): nothing past it is handed
+        // out yet, so the reader comes back for it in order.
+        if let Some(seq) = still_there {
+            events.retain(|e| e.seq < seq);
+        }
+        Ok(events)
     }
 
     /// Checks every stored record, from the very first key of every lane and of
@@ -962,22 +973,28 @@ impl Store {
     }
 
     /// Has the writer quarantine each seq a read could not get from fjall
-    /// (if it still cannot).
+    /// (if it still cannot, and its table is not to be taken out). Returns
+    /// the first seq it did not quarantine.
     async fn quarantine_unreadable(
         &self,
         area: writer::Area,
         unreadable: Vec<(u64, String)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
+        let mut still_there = None;
         for (seq, reason) in unreadable {
-            self.call(|done| writer::Command::QuarantineUnreadable {
-                area,
-                seq,
-                reason,
-                done,
-            })
-            .await?;
+            let moved = self
+                .call(|done| writer::Command::QuarantineUnreadable {
+                    area,
+                    seq,
+                    reason,
+                    done,
+                })
+                .await?;
+            if !moved {
+                still_there = Some(still_there.map_or(seq, |s: u64| s.min(seq)));
+            }
         }
-        Ok(())
+        Ok(still_there)
     }
 
     /// Reads quarantined records in key order, after `after`.

@@ -39,6 +39,9 @@ pub(super) struct DamagedTable {
     /// The smallest and largest seq the table holds (records or tombstones).
     pub(super) first: u64,
     pub(super) last: u64,
+    /// Its file (read again block by block when its index or filter does
+    /// not read).
+    pub(super) path: std::path::PathBuf,
     /// What reading it ran into.
     pub(super) why: String,
 }
@@ -83,18 +86,57 @@ pub(super) fn damaged_tables(shared: &Weak<Shared>) -> Vec<DamagedTable> {
         let failure = match table.scan() {
             Err(e) => Some(format!("{e:?}")),
             Ok(mut items) => items.find_map(|item| item.err().map(|e| format!("{e:?}"))),
-        };
+        }
+        .or_else(|| unsound_index(&table));
         if let Some(why) = failure {
             out.push(DamagedTable {
                 area,
                 id: table.id(),
                 first,
                 last,
+                path: table.path.as_ref().clone(),
                 why,
             });
         }
     }
     out
+}
+
+/// What is wrong with `table`'s index or filter blocks, if any (its data
+/// blocks may all be sound: every point read in its key range fails all the
+/// same).
+fn unsound_index(table: &fjall::salvage::Table) -> Option<String> {
+    fjall::salvage::verify(table)
+        .err()
+        .map(|e| format!("index or filter: {e:?}"))
+}
+
+/// The table of `ks` (the area `area`) covering `seq` whose index or filter
+/// blocks do not read, if there is one. Reads one table's index and filter
+/// blocks per table covering `seq` (a few kilobytes each); called only after
+/// a read of `seq` failed.
+pub(super) fn unsound_index_covering(
+    area: Area,
+    ks: &fjall::Keyspace,
+    seq: u64,
+) -> Option<DamagedTable> {
+    let key = record::key(seq);
+    let version = ks.tree.current_version();
+    version
+        .iter_tables()
+        .filter(|t| t.metadata.key_range.contains_key(&key))
+        .find_map(|table| {
+            let why = unsound_index(table)?;
+            let range = &table.metadata.key_range;
+            Some(DamagedTable {
+                area,
+                id: table.id(),
+                first: record::seq_of(range.min().as_ref()).ok()?,
+                last: record::seq_of(range.max().as_ref()).ok()?,
+                path: table.path.as_ref().clone(),
+                why,
+            })
+        })
 }
 
 /// Starts a look for damaged tables on its own thread; what it finds comes
@@ -147,6 +189,9 @@ pub(super) struct Watch {
     looking: bool,
     /// What the last look found, to take out after the current batch.
     found: Option<Vec<DamagedTable>>,
+    /// Tables whose take-out failed (bounded): a read that meets them
+    /// quarantines what it cannot read rather than wait for them.
+    given_up: std::collections::HashSet<u64>,
 }
 
 impl Watch {
@@ -158,6 +203,7 @@ impl Watch {
             interval: INTERVAL,
             looking: false,
             found: None,
+            given_up: std::collections::HashSet::new(),
         }
     }
 
@@ -169,12 +215,39 @@ impl Watch {
     /// A look's answer arrived.
     pub(super) fn answered(&mut self, tables: Vec<DamagedTable>) {
         self.looking = false;
-        self.found = Some(tables);
+        let found = self.found.get_or_insert_with(Vec::new);
+        for table in tables {
+            if !found.iter().any(|t| t.id == table.id) {
+                found.push(table);
+            }
+        }
     }
 
-    /// What the last look found, once, when it has answered.
+    /// What the last look found, once, when it has answered, with the
+    /// tables a read found since.
     pub(super) fn take_found(&mut self) -> Option<Vec<DamagedTable>> {
         self.found.take()
+    }
+
+    /// A read found `table` damaged: take it out after the current batch
+    /// (once), unless taking it out failed before. Returns whether it will
+    /// be (or already is to be) taken out.
+    pub(super) fn take_out_next(&mut self, table: DamagedTable) -> bool {
+        if self.given_up.contains(&table.id) {
+            return false;
+        }
+        let found = self.found.get_or_insert_with(Vec::new);
+        if !found.iter().any(|t| t.id == table.id) {
+            found.push(table);
+        }
+        true
+    }
+
+    /// Taking out the table `id` failed: reads stop waiting for it.
+    pub(super) fn give_up(&mut self, id: u64) {
+        if self.given_up.len() < 1024 {
+            self.given_up.insert(id);
+        }
     }
 
     /// Whether a look should start now, given fjall's count of failed

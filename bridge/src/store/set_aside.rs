@@ -36,7 +36,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use fjall::salvage::{DAMAGED_FOLDER, InternalValue, ValueType};
+use fjall::salvage::{DAMAGED_FOLDER, Found, InternalValue, ValueType};
 use fjall::{AbstractTree as _, AnyTree, Database, Keyspace, PersistMode, SeqNo, Slice};
 
 use super::record::QuarantineEntry;
@@ -116,13 +116,17 @@ pub(super) fn salvage(
         };
         let mut batch = Vec::with_capacity(BATCH);
         let mut failed = None;
-        let read = fjall::salvage::salvage(&file, |item: InternalValue| {
+        let read = fjall::salvage::salvage(&file, |found_here| {
+            // Stretches that do not read are counted by the salvage itself.
+            let Found::Item(item) = found_here else {
+                return Ok(());
+            };
             let key = item.key.user_key.clone();
             let seqno = item.key.seqno;
             let newer = match written_back.get(&key) {
                 Some(&s) => s >= seqno,
                 None => tree
-                    .newest_entry(&key)?
+                    .newest_entry(&key, None)?
                     .is_some_and(|e| e.key.seqno >= seqno),
             };
             if newer {

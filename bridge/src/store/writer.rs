@@ -1096,10 +1096,20 @@ impl Writer {
         if batch.deleted.contains(&(area, seq)) {
             return Ok(false);
         }
-        let got = self.keyspace(area)?.get(record::key(seq));
+        let ks = self.keyspace(area)?;
+        let got = ks.get(record::key(seq));
         match got {
             Ok(_) => Ok(false),
             Err(e) if super::scan::is_damage(&e) => {
+                // A table whose index or filter does not read fails every
+                // read in its range, though its records may all be intact:
+                // take it out (reading its data blocks) after this batch, and
+                // quarantine nothing yet.
+                if let Some(table) = super::salvage::unsound_index_covering(area, ks, seq)
+                    && self.damage.take_out_next(table)
+                {
+                    return Ok(false);
+                }
                 self.stage_unreadable(area, seq, reason, batch);
                 Ok(true)
             }
@@ -1258,7 +1268,9 @@ impl Writer {
                     );
                 }
                 Err(e) => {
-                    // Tried again later, but not every 30 s.
+                    // Tried again later, but not every 30 s, and reads stop
+                    // waiting for it.
+                    self.damage.give_up(table.id);
                     let next = self.damage.back_off();
                     tracing::error!(
                         keyspace = %self.area_name(table.area),
@@ -1302,41 +1314,25 @@ impl Writer {
         let mut kept = Vec::new();
         let lanes = self.state.lanes.len();
         let mut batch = Batch::new(lanes);
+        // Seqs whose point read failed on the damage, settled after the loop.
+        let mut failed = Vec::new();
         for seq in table.first..=table.last {
             match ks.get(record::key(seq)) {
                 Ok(None) => {}
                 Ok(Some(value)) => {
-                    let seal = shared.seal_for(&name, seq);
-                    let opened = match area {
-                        Area::Lane(_) => seal.open::<Event>(&value).map(drop),
-                        Area::DeadLetter => seal.open::<DeadLetterEntry>(&value).map(drop),
-                        // Kept as found, whatever it holds: it is the evidence.
-                        Area::Quarantine => Ok(()),
-                    };
-                    match opened {
-                        Ok(()) => {
-                            batch.put(area, seq, value.to_vec());
-                            kept.push(seq);
-                        }
-                        Err(e) => self.stage_quarantine(
-                            area,
-                            seq,
-                            value.to_vec(),
-                            e.to_string(),
-                            &mut batch,
-                        ),
-                    }
+                    self.keep_or_quarantine(area, &name, seq, value.to_vec(), &mut batch, &mut kept)
                 }
-                Err(e) if super::scan::is_damage(&e) => {
-                    self.stage_unreadable(area, seq, &format!("{e:?}"), &mut batch);
-                    taken.unreadable += 1;
-                }
+                Err(e) if super::scan::is_damage(&e) => failed.push(seq),
                 Err(e) => return Err(self.engine(e)),
             }
             if batch.ops.len() >= self.max_batch {
                 let full = std::mem::replace(&mut batch, Batch::new(lanes));
                 self.commit_fenced(full, area)?;
             }
+        }
+        if !failed.is_empty() {
+            self.rescue(table, &name, &failed, &mut batch, &mut kept, &mut taken)?;
+            kept.sort_unstable();
         }
         self.commit_fenced(batch, area)?;
         ks.tree
@@ -1367,6 +1363,159 @@ impl Writer {
         self.commit_or_fail(batch)?;
         taken.kept = kept.len() as u64;
         Ok(taken)
+    }
+
+    /// Writes a record read during a take-out again under its own key, or
+    /// quarantines it when it does not open.
+    fn keep_or_quarantine(
+        &mut self,
+        area: Area,
+        name: &str,
+        seq: u64,
+        value: Vec<u8>,
+        batch: &mut Batch,
+        kept: &mut Vec<u64>,
+    ) {
+        let seal = self.shared.seal_for(name, seq);
+        let opened = match area {
+            Area::Lane(_) => seal.open::<Event>(&value).map(drop),
+            Area::DeadLetter => seal.open::<DeadLetterEntry>(&value).map(drop),
+            // Kept as found, whatever it holds: it is the evidence.
+            Area::Quarantine => Ok(()),
+        };
+        match opened {
+            Ok(()) => {
+                batch.put(area, seq, value);
+                kept.push(seq);
+            }
+            Err(e) => self.stage_quarantine(area, seq, value, e.to_string(), batch),
+        }
+    }
+
+    /// Settles the seqs of a take-out whose point reads failed: the damaged
+    /// table's data blocks are read in order without its index (a damaged
+    /// index or filter fails every point read in its range, though the
+    /// records may all be intact), and each failed seq takes the newest of
+    /// the damaged table's entry and every other table's: a record is kept
+    /// (or quarantined when it does not open), a deletion stays a deletion.
+    /// A seq with neither is quarantined as unreadable only when a stretch
+    /// of the table that did not read could have held it.
+    fn rescue(
+        &mut self,
+        table: &super::salvage::DamagedTable,
+        name: &str,
+        failed: &[u64],
+        batch: &mut Batch,
+        kept: &mut Vec<u64>,
+        taken: &mut TakenOut,
+    ) -> Result<(), StoreError> {
+        use fjall::salvage::{Found, InternalValue, ValueType};
+        let area = table.area;
+        let ks = self.keyspace(area)?.clone();
+        let lanes = self.state.lanes.len();
+        let fjall::AnyTree::Standard(tree) = &ks.tree else {
+            for &seq in failed {
+                self.stage_unreadable(area, seq, &table.why, batch);
+                taken.unreadable += 1;
+            }
+            return Ok(());
+        };
+        // Settles one failed seq given the damaged table's entry for it (if
+        // it read) and whether a stretch that did not read could hold it.
+        let mut settle = |this: &mut Self,
+                          seq: u64,
+                          here: Option<InternalValue>,
+                          maybe_lost: bool,
+                          batch: &mut Batch|
+         -> Result<(), StoreError> {
+            let elsewhere = match tree.newest_entry(&record::key(seq), Some(table.id)) {
+                Ok(e) => e,
+                // Another damaged table: counted as unreadable, as before.
+                Err(e) => {
+                    this.stage_unreadable(area, seq, &format!("{e:?}"), batch);
+                    taken.unreadable += 1;
+                    return Ok(());
+                }
+            };
+            let newest = match (here, elsewhere) {
+                (Some(a), Some(b)) => Some(if a.key.seqno >= b.key.seqno { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            match newest {
+                Some(entry) if entry.key.value_type == ValueType::Value => {
+                    this.keep_or_quarantine(area, name, seq, entry.value.to_vec(), batch, kept);
+                }
+                // Deleted (or a value kept apart, which Vigil never writes).
+                Some(_) => {}
+                None if maybe_lost => {
+                    this.stage_unreadable(area, seq, &table.why, batch);
+                    taken.unreadable += 1;
+                }
+                None => {}
+            }
+            if batch.ops.len() >= this.max_batch {
+                let full = std::mem::replace(batch, Batch::new(lanes));
+                this.commit_fenced(full, area)?;
+            }
+            Ok(())
+        };
+        let mut next = 0;
+        let mut lost_since_last = false;
+        let mut last_seq = None;
+        let mut stopped = None;
+        let walked = fjall::salvage::salvage(&table.path, |found| {
+            let item = match found {
+                Found::Unreadable => {
+                    lost_since_last = true;
+                    return Ok(());
+                }
+                Found::Item(item) => item,
+            };
+            let Ok(seq) = record::seq_of(&item.key.user_key) else {
+                return Ok(());
+            };
+            // A key's versions come newest first.
+            if last_seq == Some(seq) {
+                return Ok(());
+            }
+            last_seq = Some(seq);
+            let mut settle_one = |seq, here| {
+                settle(self, seq, here, lost_since_last, batch).map_err(|e| {
+                    stopped = Some(e);
+                    fjall::LsmError::Unrecoverable
+                })
+            };
+            while let Some(&before) = failed.get(next).filter(|&&f| f < seq) {
+                settle_one(before, None)?;
+                next += 1;
+            }
+            if failed.get(next) == Some(&seq) {
+                settle_one(seq, Some(item))?;
+                next += 1;
+            }
+            lost_since_last = false;
+            Ok(())
+        });
+        if let Some(e) = stopped {
+            return Err(e);
+        }
+        let tail_lost = match walked {
+            Ok(w) => lost_since_last || !w.end_known,
+            Err(e) => {
+                tracing::warn!(
+                    keyspace = %name,
+                    table = table.id,
+                    error = ?e,
+                    "the damaged table's file could not be read through; what it holds past \
+                     the point reached is quarantined as unreadable"
+                );
+                true
+            }
+        };
+        for &seq in failed.get(next..).unwrap_or_default() {
+            settle(self, seq, None, tail_lost, batch)?;
+        }
+        Ok(())
     }
 
     /// Commits one batch of [`Self::take_out`]'s rewrites together with the
