@@ -16,8 +16,13 @@
 //! table lying wholly inside the damaged one's key range.
 //!
 //! The same holds for the dead-letter and quarantine areas (keyed by seq like
-//! the lanes); `meta` is not covered. This module only reads: each table is
-//! read through once, block by block, straight from its file.
+//! the lanes); `meta` is not covered. A table whose index or filter block no
+//! longer reads fails every point read in its range, though its records may
+//! all be intact: it is found the same way (its index and filter blocks are
+//! read too), or by the read that meets it ([`unsound_index_covering`]), and
+//! the writer settles the keys it cannot read from the table's data blocks
+//! (`Writer::rescue`). This module only reads: each table is read through
+//! once, block by block, straight from its file.
 
 use std::sync::Weak;
 use std::time::{Duration, Instant};
