@@ -24,6 +24,7 @@
 //! (`Writer::rescue`). This module only reads: each table is read through
 //! once, block by block, straight from its file.
 
+use std::collections::HashSet;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,9 @@ pub(super) struct DamagedTable {
     /// Its file (read again block by block when its index or filter does
     /// not read).
     pub(super) path: std::path::PathBuf,
+    /// Its index or filter blocks do not read: every point read in its range
+    /// fails, so its keys are settled from its data blocks alone.
+    pub(super) index_unsound: bool,
     /// What reading it ran into.
     pub(super) why: String,
 }
@@ -88,18 +92,20 @@ pub(super) fn damaged_tables(shared: &Weak<Shared>) -> Vec<DamagedTable> {
             // Not keys Vigil writes: nothing it could take out by seq.
             continue;
         };
-        let failure = match table.scan() {
+        let data = match table.scan() {
             Err(e) => Some(format!("{e:?}")),
             Ok(mut items) => items.find_map(|item| item.err().map(|e| format!("{e:?}"))),
-        }
-        .or_else(|| unsound_index(&table));
-        if let Some(why) = failure {
+        };
+        let index = unsound_index(&table);
+        let index_unsound = index.is_some();
+        if let Some(why) = data.or(index) {
             out.push(DamagedTable {
                 area,
                 id: table.id(),
                 first,
                 last,
                 path: table.path.as_ref().clone(),
+                index_unsound,
                 why,
             });
         }
@@ -117,13 +123,15 @@ fn unsound_index(table: &fjall::salvage::Table) -> Option<String> {
 }
 
 /// The table of `ks` (the area `area`) covering `seq` whose index or filter
-/// blocks do not read, if there is one. Reads one table's index and filter
-/// blocks per table covering `seq` (a few kilobytes each); called only after
-/// a read of `seq` failed.
-pub(super) fn unsound_index_covering(
+/// blocks do not read, if there is one, skipping the tables in `sound` and
+/// adding those found sound. Reads the index and filter blocks of each table
+/// covering `seq` (about 1-2 % of a table); called only after a read of
+/// `seq` failed.
+fn unsound_index_covering(
     area: Area,
     ks: &fjall::Keyspace,
     seq: u64,
+    sound: &mut HashSet<(Area, u64)>,
 ) -> Option<DamagedTable> {
     let key = record::key(seq);
     let version = ks.tree.current_version();
@@ -131,7 +139,15 @@ pub(super) fn unsound_index_covering(
         .iter_tables()
         .filter(|t| t.metadata.key_range.contains_key(&key))
         .find_map(|table| {
-            let why = unsound_index(table)?;
+            if sound.contains(&(area, table.id())) {
+                return None;
+            }
+            let Some(why) = unsound_index(table) else {
+                if sound.len() < MAX_REMEMBERED {
+                    sound.insert((area, table.id()));
+                }
+                return None;
+            };
             let range = &table.metadata.key_range;
             Some(DamagedTable {
                 area,
@@ -139,6 +155,7 @@ pub(super) fn unsound_index_covering(
                 first: record::seq_of(range.min().as_ref()).ok()?,
                 last: record::seq_of(range.max().as_ref()).ok()?,
                 path: table.path.as_ref().clone(),
+                index_unsound: true,
                 why,
             })
         })
@@ -196,8 +213,13 @@ pub(super) struct Watch {
     found: Option<Vec<DamagedTable>>,
     /// Tables whose take-out failed (bounded): a read that meets them
     /// quarantines what it cannot read rather than wait for them.
-    given_up: std::collections::HashSet<u64>,
+    given_up: HashSet<(Area, u64)>,
+    /// Tables whose index and filter blocks were read whole (bounded).
+    sound: HashSet<(Area, u64)>,
 }
+
+/// How many tables [`Watch`] remembers as given up, and as sound.
+const MAX_REMEMBERED: usize = 4096;
 
 impl Watch {
     pub(super) fn new() -> Self {
@@ -208,7 +230,8 @@ impl Watch {
             interval: INTERVAL,
             looking: false,
             found: None,
-            given_up: std::collections::HashSet::new(),
+            given_up: HashSet::new(),
+            sound: HashSet::new(),
         }
     }
 
@@ -222,7 +245,10 @@ impl Watch {
         self.looking = false;
         let found = self.found.get_or_insert_with(Vec::new);
         for table in tables {
-            if !found.iter().any(|t| t.id == table.id) {
+            if !found
+                .iter()
+                .any(|t| (t.area, t.id) == (table.area, table.id))
+            {
                 found.push(table);
             }
         }
@@ -238,21 +264,36 @@ impl Watch {
     /// (once), unless taking it out failed before. Returns whether it will
     /// be (or already is to be) taken out.
     pub(super) fn take_out_next(&mut self, table: DamagedTable) -> bool {
-        if self.given_up.contains(&table.id) {
+        if self.given_up.contains(&(table.area, table.id)) {
             return false;
         }
         let found = self.found.get_or_insert_with(Vec::new);
-        if !found.iter().any(|t| t.id == table.id) {
+        if !found
+            .iter()
+            .any(|t| (t.area, t.id) == (table.area, table.id))
+        {
             found.push(table);
         }
         true
     }
 
-    /// Taking out the table `id` failed: reads stop waiting for it.
-    pub(super) fn give_up(&mut self, id: u64) {
-        if self.given_up.len() < 1024 {
-            self.given_up.insert(id);
+    /// Taking out the table `id` of `area` failed: reads stop waiting for it.
+    pub(super) fn give_up(&mut self, area: Area, id: u64) {
+        if self.given_up.len() < MAX_REMEMBERED {
+            self.given_up.insert((area, id));
         }
+    }
+
+    /// The table of `ks` (the area `area`) covering `seq` whose index or
+    /// filter blocks do not read, if there is one ([`unsound_index_covering`]);
+    /// tables found sound are remembered and not read again.
+    pub(super) fn unsound_index_covering(
+        &mut self,
+        area: Area,
+        ks: &fjall::Keyspace,
+        seq: u64,
+    ) -> Option<DamagedTable> {
+        unsound_index_covering(area, ks, seq, &mut self.sound)
     }
 
     /// Whether a look should start now, given fjall's count of failed

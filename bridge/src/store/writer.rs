@@ -1096,7 +1096,7 @@ impl Writer {
         if batch.deleted.contains(&(area, seq)) {
             return Ok(false);
         }
-        let ks = self.keyspace(area)?;
+        let ks = self.keyspace(area)?.clone();
         let got = ks.get(record::key(seq));
         match got {
             Ok(_) => Ok(false),
@@ -1105,7 +1105,7 @@ impl Writer {
                 // read in its range, though its records may all be intact:
                 // take it out (reading its data blocks) after this batch, and
                 // quarantine nothing yet.
-                if let Some(table) = super::salvage::unsound_index_covering(area, ks, seq)
+                if let Some(table) = self.damage.unsound_index_covering(area, &ks, seq)
                     && self.damage.take_out_next(table)
                 {
                     return Ok(false);
@@ -1270,7 +1270,7 @@ impl Writer {
                 Err(e) => {
                     // Tried again later, but not every 30 s, and reads stop
                     // waiting for it.
-                    self.damage.give_up(table.id);
+                    self.damage.give_up(table.area, table.id);
                     let next = self.damage.back_off();
                     tracing::error!(
                         keyspace = %self.area_name(table.area),
@@ -1316,7 +1316,14 @@ impl Writer {
         let mut batch = Batch::new(lanes);
         // Seqs whose point read failed on the damage, settled after the loop.
         let mut failed = Vec::new();
-        for seq in table.first..=table.last {
+        // With its index or filter unsound every point read in the range
+        // would fail (each reading the damaged block again): every seq is
+        // settled from the table's data blocks and the other tables instead.
+        let point_reads = match table.index_unsound {
+            true => None,
+            false => Some(table.first..=table.last),
+        };
+        for seq in point_reads.into_iter().flatten() {
             match ks.get(record::key(seq)) {
                 Ok(None) => {}
                 Ok(Some(value)) => {
@@ -1330,8 +1337,12 @@ impl Writer {
                 self.commit_fenced(full, area)?;
             }
         }
-        if !failed.is_empty() {
-            self.rescue(table, &name, &failed, &mut batch, &mut kept, &mut taken)?;
+        if table.index_unsound {
+            let mut all = table.first..=table.last;
+            self.rescue(table, &name, &mut all, &mut batch, &mut kept, &mut taken)?;
+        } else if !failed.is_empty() {
+            let mut failed = failed.into_iter();
+            self.rescue(table, &name, &mut failed, &mut batch, &mut kept, &mut taken)?;
             kept.sort_unstable();
         }
         self.commit_fenced(batch, area)?;
@@ -1404,7 +1415,7 @@ impl Writer {
         &mut self,
         table: &super::salvage::DamagedTable,
         name: &str,
-        failed: &[u64],
+        failed: &mut dyn Iterator<Item = u64>,
         batch: &mut Batch,
         kept: &mut Vec<u64>,
         taken: &mut TakenOut,
@@ -1414,7 +1425,7 @@ impl Writer {
         let ks = self.keyspace(area)?.clone();
         let lanes = self.state.lanes.len();
         let fjall::AnyTree::Standard(tree) = &ks.tree else {
-            for &seq in failed {
+            for seq in failed {
                 self.stage_unreadable(area, seq, &table.why, batch);
                 taken.unreadable += 1;
             }
@@ -1459,7 +1470,7 @@ impl Writer {
             }
             Ok(())
         };
-        let mut next = 0;
+        let mut failed = failed.peekable();
         let mut lost_since_last = false;
         let mut last_seq = None;
         let mut stopped = None;
@@ -1485,13 +1496,11 @@ impl Writer {
                     fjall::LsmError::Unrecoverable
                 })
             };
-            while let Some(&before) = failed.get(next).filter(|&&f| f < seq) {
+            while let Some(before) = failed.next_if(|&f| f < seq) {
                 settle_one(before, None)?;
-                next += 1;
             }
-            if failed.get(next) == Some(&seq) {
+            if failed.next_if_eq(&seq).is_some() {
                 settle_one(seq, Some(item))?;
-                next += 1;
             }
             lost_since_last = false;
             Ok(())
@@ -1512,7 +1521,7 @@ impl Writer {
                 true
             }
         };
-        for &seq in failed.get(next..).unwrap_or_default() {
+        for seq in failed {
             settle(self, seq, None, tail_lost, batch)?;
         }
         Ok(())
