@@ -608,13 +608,16 @@ async fn appends_outside_the_configured_priorities_are_refused() {
 
 /// Waits (up to 20 s) until the store has taken `n` damaged tables out (the
 /// look for them runs on its own thread), and checks it took no more.
+/// Damaged tables the store has taken out (or salvaged at open) so far.
+fn removed_count(store: &Store) -> u64 {
+    store
+        .metrics()
+        .damaged_tables_removed
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
 async fn tables_removed(store: &Store, n: u64) {
-    let removed = || {
-        store
-            .metrics()
-            .damaged_tables_removed
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let removed = || removed_count(store);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while removed() < n && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -622,23 +625,25 @@ async fn tables_removed(store: &Store, n: u64) {
     assert_eq!(removed(), n, "damaged tables taken out");
 }
 
-/// A closed store whose lane 1 holds 2,000 records (device `bed-1`) in one
-/// flushed table with one bit flipped a third of the way into it (below the
-/// record layer: fjall's block checksum fails); returns their seqs.
-async fn a_lane_table_with_a_flipped_bit(dir: &std::path::Path) -> Vec<u64> {
+/// A closed store whose lane 1 holds `n` records of 200 bytes (device
+/// `bed-1`), flushed to a table; returns their seqs.
+async fn a_flushed_lane_of(dir: &std::path::Path, n: usize) -> Vec<u64> {
     let store = open(dir);
     let mut seqs = Vec::new();
-    for _ in 0..2000 {
+    for _ in 0..n {
         seqs.push(store.append(ingest("bed-1", 1, 200)).await.unwrap().seq);
     }
     store.close().await.unwrap();
     drop(store);
-    {
-        let db = raw_db(dir);
-        let lane = raw_keyspace(&db, "priority-1");
-        lane.rotate_memtable_and_wait().unwrap();
-        db.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
+    flush_keyspace(dir, "priority-1");
+    seqs
+}
+
+/// A closed store whose lane 1 holds 2,000 records (device `bed-1`) in one
+/// flushed table with one bit flipped a third of the way into it (below the
+/// record layer: fjall's block checksum fails); returns their seqs.
+async fn a_lane_table_with_a_flipped_bit(dir: &std::path::Path) -> Vec<u64> {
+    let seqs = a_flushed_lane_of(dir, 2000).await;
     // The largest table is the lane's.
     common::flip_bit_in_largest_table(dir, 1.0 / 3.0);
     seqs
@@ -729,12 +734,7 @@ async fn a_compaction_over_a_damaged_table_does_not_stop_the_store() {
     assert_eq!(acked.deleted, 500);
     // Enough appends for several memtable flushes of the lane, and fjall's
     // compactions after them.
-    let removed = || {
-        store
-            .metrics()
-            .damaged_tables_removed
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let removed = || removed_count(&store);
     let mut appended = 0u64;
     for _round in 0..12 {
         let mut tasks = Vec::new();
@@ -1001,14 +1001,7 @@ fn set_aside_files(dir: &std::path::Path) -> Vec<String> {
 /// again (the second table holds the 500 deletions). Returns the seqs still
 /// queued.
 async fn a_lane_in_two_tables(dir: &std::path::Path) -> Vec<u64> {
-    let store = open(dir);
-    let mut seqs = Vec::new();
-    for _ in 0..2000 {
-        seqs.push(store.append(ingest("bed-1", 1, 200)).await.unwrap().seq);
-    }
-    store.close().await.unwrap();
-    drop(store);
-    flush_keyspace(dir, "priority-1");
+    let seqs = a_flushed_lane_of(dir, 2000).await;
     let store = open(dir);
     let acked: Vec<u64> = seqs.iter().copied().skip(1).step_by(4).collect();
     let mut queued: Vec<u64> = seqs
@@ -1051,10 +1044,7 @@ async fn a_table_fjall_cannot_open_is_set_aside_and_salvaged() {
             );
             assert_eq!(store.stats().lanes[1].messages, queued.len() as u64);
             assert_eq!(store.stats().counters.quarantined, 0, "nothing lost");
-            let removed = store
-                .metrics()
-                .damaged_tables_removed
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let removed = removed_count(&store);
             assert_eq!(removed, 1, "{part:?} of table {which}");
             assert_eq!(set_aside_files(dir.path()), Vec::<String>::new());
             let more = store.append(ingest("bed-3", 1, 200)).await.unwrap().seq;
@@ -1064,10 +1054,7 @@ async fn a_table_fjall_cannot_open_is_set_aside_and_salvaged() {
             let read: Vec<u64> = read_all(&store, 1).await.iter().map(|e| e.seq).collect();
             assert_eq!(read.len(), queued.len() + 1);
             assert_eq!(read.last(), Some(&more));
-            let removed = store
-                .metrics()
-                .damaged_tables_removed
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let removed = removed_count(&store);
             assert_eq!(removed, 0, "the next open is clean");
             store.close().await.unwrap();
         }
@@ -1107,10 +1094,7 @@ async fn a_damaged_meta_table_is_salvaged_and_its_counters_go_on() {
             last.device_seq + 1,
             "{part:?}: the device's counter goes on"
         );
-        let removed = store
-            .metrics()
-            .damaged_tables_removed
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let removed = removed_count(&store);
         assert_eq!(removed, 1, "{part:?}");
         store.close().await.unwrap();
     }

@@ -931,15 +931,7 @@ impl Store {
                 }
             }
             for (seq, reason) in outline.unreadable {
-                let moved = self
-                    .call(|done| writer::Command::QuarantineUnreadable {
-                        area,
-                        seq,
-                        reason,
-                        done,
-                    })
-                    .await?;
-                if moved {
+                if self.quarantine_one_unreadable(area, seq, reason).await? {
                     report.quarantined += 1;
                 }
             }
@@ -982,19 +974,28 @@ impl Store {
     ) -> Result<Option<u64>, StoreError> {
         let mut still_there = None;
         for (seq, reason) in unreadable {
-            let moved = self
-                .call(|done| writer::Command::QuarantineUnreadable {
-                    area,
-                    seq,
-                    reason,
-                    done,
-                })
-                .await?;
-            if !moved {
+            if !self.quarantine_one_unreadable(area, seq, reason).await? {
                 still_there = Some(still_there.map_or(seq, |s: u64| s.min(seq)));
             }
         }
         Ok(still_there)
+    }
+
+    /// Has the writer quarantine one seq a read could not get from fjall;
+    /// returns whether it did.
+    async fn quarantine_one_unreadable(
+        &self,
+        area: writer::Area,
+        seq: u64,
+        reason: String,
+    ) -> Result<bool, StoreError> {
+        self.call(|done| writer::Command::QuarantineUnreadable {
+            area,
+            seq,
+            reason,
+            done,
+        })
+        .await
     }
 
     /// Reads quarantined records in key order, after `after`.
