@@ -90,7 +90,10 @@
 //! the batches after it (`journal.rs`). Either way each lost record is counted
 //! and quarantined, without its bytes when they cannot be read. A damaged
 //! table is then taken out of its lane (`salvage`): fjall's compactions
-//! cannot read it either, and would otherwise fail on it for ever.
+//! cannot read it either, and would otherwise fail on it for ever. A table
+//! fjall cannot open at all (its index, filter or metadata damaged) is set
+//! aside by fjall and salvaged from its data blocks at open (`set_aside`),
+//! and one whose index fails while running is taken out the same way.
 
 #[cfg(any(test, feature = "ablation"))]
 pub mod ablation;
