@@ -1100,6 +1100,45 @@ async fn a_damaged_meta_table_is_salvaged_and_its_counters_go_on() {
     }
 }
 
+/// A table file kept after a partial salvage keeps its id: fjall does not
+/// give it to a later table (which, set aside in turn, would take its place).
+#[tokio::test]
+async fn a_kept_table_file_keeps_its_id() {
+    let dir = scratch_dir();
+    a_lane_in_two_tables(dir.path()).await;
+    let (path, data_end) = common::tables_of(dir.path(), "priority-1")[1].clone();
+    let id =
+        |p: &std::path::Path| -> u64 { p.file_name().unwrap().to_str().unwrap().parse().unwrap() };
+    let kept_id = id(&path);
+    common::flip_bit_in_part(dir.path(), "priority-1", &path, common::TablePart::Meta);
+    {
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(data_end / 2) as usize] ^= 0x10;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    for _ in 0..2 {
+        let store = open(dir.path());
+        assert_eq!(
+            set_aside_files(dir.path()),
+            vec![format!("{kept_id}.unreadable")]
+        );
+        for _ in 0..10 {
+            store.append(ingest("bed-3", 1, 200)).await.unwrap();
+        }
+        store.close().await.unwrap();
+        drop(store);
+        flush_keyspace(dir.path(), "priority-1");
+    }
+    let ids: Vec<u64> = common::tables_of(dir.path(), "priority-1")
+        .iter()
+        .map(|(p, _)| id(p))
+        .collect();
+    assert!(
+        !ids.contains(&kept_id),
+        "{ids:?} against the kept {kept_id}"
+    );
+}
+
 /// A second damage in the same table, in its data blocks, costs the records
 /// there: in a lane they are lost and one quarantine entry says so, the lane
 /// is counted again, and the file is kept; in `meta` the open stops with an

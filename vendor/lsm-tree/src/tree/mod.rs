@@ -1016,6 +1016,22 @@ impl Tree {
             .max()
             .unwrap_or_default();
 
+        // VIGIL-PATCH: the ids of table files set aside (waiting to be
+        // salvaged, or kept as `<id>.unreadable`) are not given out again,
+        // so a later table set aside cannot take the place of one of them.
+        let highest_table_id = highest_table_id.max(
+            std::fs::read_dir(config.path.join(crate::file::DAMAGED_FOLDER))
+                .into_iter()
+                .flatten()
+                .filter_map(|dirent| {
+                    let name = dirent.ok()?.file_name();
+                    let name = name.to_str()?;
+                    name.split('.').next()?.parse::<TableId>().ok()
+                })
+                .max()
+                .unwrap_or_default(),
+        );
+
         let inner = TreeInner {
             id: tree_id,
             memtable_id_counter: SequenceNumberCounter::new(1),
