@@ -1111,11 +1111,7 @@ async fn a_kept_table_file_keeps_its_id() {
         |p: &std::path::Path| -> u64 { p.file_name().unwrap().to_str().unwrap().parse().unwrap() };
     let kept_id = id(&path);
     common::flip_bit_in_part(dir.path(), "priority-1", &path, common::TablePart::Meta);
-    {
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[(data_end / 2) as usize] ^= 0x10;
-        std::fs::write(&path, bytes).unwrap();
-    }
+    common::flip_bit_at_byte(&path, data_end / 2);
     for _ in 0..2 {
         let store = open(dir.path());
         assert_eq!(
@@ -1149,12 +1145,8 @@ async fn a_set_aside_table_with_a_damaged_data_block_costs_its_records() {
     let queued = a_lane_in_two_tables(dir.path()).await;
     let (path, data_end) = common::tables_of(dir.path(), "priority-1")[0].clone();
     common::flip_bit_in_part(dir.path(), "priority-1", &path, common::TablePart::Meta);
-    {
-        // A data block of the queued records (past the first quarter of them).
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[(data_end / 2) as usize] ^= 0x10;
-        std::fs::write(&path, bytes).unwrap();
-    }
+    // A data block of the queued records (past the first quarter of them).
+    common::flip_bit_at_byte(&path, data_end / 2);
     let store = open(dir.path());
     let read: Vec<u64> = read_all(&store, 1).await.iter().map(|e| e.seq).collect();
     let lost = queued.len() - read.len();
@@ -1195,11 +1187,7 @@ async fn a_set_aside_table_with_a_damaged_data_block_costs_its_records() {
         .unwrap()
         .clone();
     common::flip_bit_in_part(dir.path(), "meta", &path, common::TablePart::Meta);
-    {
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[40] ^= 0x10;
-        std::fs::write(&path, bytes).unwrap();
-    }
+    common::flip_bit_at_byte(&path, 40);
     let err = Store::open(common::options(dir.path()), &key())
         .err()
         .map(|e| e.to_string());
@@ -1223,11 +1211,7 @@ async fn an_index_damaged_while_running_over_a_damaged_block_costs_that_block() 
     let queued = a_lane_in_two_tables(dir.path()).await;
     let (path, data_end) = common::tables_of(dir.path(), "priority-1")[0].clone();
     let at = common::flip_bit_in_part(dir.path(), "priority-1", &path, common::TablePart::Index);
-    let toggle = |at: u64| {
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[at as usize] ^= 0x10;
-        std::fs::write(&path, bytes).unwrap();
-    };
+    let toggle = |at: u64| common::flip_bit_at_byte(&path, at);
     toggle(at);
     toggle(data_end / 2);
     let store = common::open_with(dir.path(), |o| o.cache_bytes = 0);
@@ -1269,11 +1253,7 @@ async fn an_index_damaged_while_running_costs_no_record() {
     let (path, _) = common::tables_of(dir.path(), "priority-1")[0].clone();
     // Where the bit goes, found on the closed store, then put back.
     let at = common::flip_bit_in_part(dir.path(), "priority-1", &path, common::TablePart::Index);
-    let toggle = || {
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[at as usize] ^= 0x10;
-        std::fs::write(&path, bytes).unwrap();
-    };
+    let toggle = || common::flip_bit_at_byte(&path, at);
     toggle();
     // A block cache too small to keep the index: reads go to the file.
     let store = common::open_with(dir.path(), |o| o.cache_bytes = 0);

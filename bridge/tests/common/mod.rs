@@ -124,9 +124,14 @@ pub fn flip_bit_in_largest_table(dir: &Path, at: f64) -> u64 {
 
 /// Flips one bit `at` (a fraction of its length) into the file `path`.
 fn flip_bit_at(path: &Path, at: f64) {
+    let len = std::fs::metadata(path).unwrap().len();
+    flip_bit_at_byte(path, ((len as f64 * at) as u64).min(len - 1));
+}
+
+/// Flips one bit of byte `at` of the file `path` (twice puts it back).
+pub fn flip_bit_at_byte(path: &Path, at: u64) {
     let mut bytes = std::fs::read(path).unwrap();
-    let i = ((bytes.len() as f64 * at) as usize).min(bytes.len() - 1);
-    bytes[i] ^= 0x10;
+    bytes[at as usize] ^= 0x10;
     std::fs::write(path, bytes).unwrap();
 }
 
@@ -214,9 +219,7 @@ pub fn flip_bit_in_part(dir: &Path, name: &str, path: &Path, part: TablePart) ->
         }
     };
     let at = offset + len / 2;
-    let mut bytes = std::fs::read(path).unwrap();
-    bytes[at as usize] ^= 0x10;
-    std::fs::write(path, bytes).unwrap();
+    flip_bit_at_byte(path, at);
     at
 }
 

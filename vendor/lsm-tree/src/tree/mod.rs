@@ -1019,6 +1019,8 @@ impl Tree {
         // VIGIL-PATCH: the ids of table files set aside (waiting to be
         // salvaged, or kept as `<id>.unreadable`) are not given out again,
         // so a later table set aside cannot take the place of one of them.
+        // Whatever this open's setting: a tree opened without it must not
+        // reuse them either.
         let highest_table_id = highest_table_id.max(
             std::fs::read_dir(config.path.join(crate::file::DAMAGED_FOLDER))
                 .into_iter()
