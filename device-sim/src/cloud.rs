@@ -280,6 +280,9 @@ pub fn check(envelope_bytes: &[u8]) -> Arrived {
     match envelope::verify(envelope_bytes) {
         Ok(r) => Arrived {
             sha256: hex(&Sha256::digest(&r.payload)),
+            notice: (r.device == envelope::VIGIL_DEVICE && r.kind == envelope::GAP_NOTICE_KIND)
+                .then(|| envelope::gap_notice(&r.payload).ok())
+                .flatten(),
             id: r.id,
             device: r.device,
             seq: r.seq,
@@ -298,6 +301,7 @@ pub fn check(envelope_bytes: &[u8]) -> Arrived {
             kind: String::new(),
             sha256: String::new(),
             verified: false,
+            notice: None,
         },
     }
 }

@@ -24,6 +24,51 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// The `kind` of Vigil's gap notices.
+pub const GAP_NOTICE_KIND: &str = "gap-notice";
+
+/// A gap notice's payload (README, "Gap notices"): messages of one device at
+/// one priority that Vigil evicted because its store quota was full. Read
+/// from the documented JSON, not with Vigil's types.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GapNotice {
+    /// The device whose messages were evicted.
+    pub device: String,
+    /// Their priority.
+    pub priority: u8,
+    /// The first evicted device sequence number.
+    pub first_seq: u64,
+    /// The last.
+    pub last_seq: u64,
+    /// How many of the device's messages in `first_seq..=last_seq` were
+    /// evicted (messages of other priorities interleave and were not).
+    pub count: u64,
+}
+
+/// Parses a gap notice's payload and checks that it is consistent: a
+/// non-empty range holding at least `count` sequence numbers.
+pub fn gap_notice(payload: &[u8]) -> Result<GapNotice, EnvelopeError> {
+    let bad = |m: String| EnvelopeError::Malformed(format!("gap notice: {m}"));
+    let n: GapNotice = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
+    let span = n
+        .last_seq
+        .checked_sub(n.first_seq)
+        .map(|d| d.saturating_add(1))
+        .ok_or_else(|| {
+            bad(format!(
+                "first_seq {} after last_seq {}",
+                n.first_seq, n.last_seq
+            ))
+        })?;
+    if n.first_seq == 0 || n.count == 0 || n.count > span {
+        return Err(bad(format!(
+            "count {} does not fit seqs {}..={}",
+            n.count, n.first_seq, n.last_seq
+        )));
+    }
+    Ok(n)
+}
+
 /// A cloud's view of an envelope: what a subscriber needs to verify it. A reference
 /// for cloud teams.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,4 +156,44 @@ pub fn verify(envelope: &[u8]) -> Result<Received, EnvelopeError> {
         kind: m.kind,
         payload,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_gap_notice_parses() {
+        let n = gap_notice(
+            br#"{"device":"bed-4","priority":3,"first_seq":120,"last_seq":388,"count":200,
+ "first_received_at":"2026-11-22T10:00:00.000000Z","last_received_at":"2026-11-22T10:04:27.000000Z",
+ "reason":"evicted: the store quota was full"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            n,
+            GapNotice {
+                device: "bed-4".into(),
+                priority: 3,
+                first_seq: 120,
+                last_seq: 388,
+                count: 200,
+            }
+        );
+    }
+
+    #[test]
+    fn an_inconsistent_gap_notice_is_refused() {
+        for bad in [
+            r#"{"device":"b","priority":3,"first_seq":9,"last_seq":8,"count":1}"#,
+            r#"{"device":"b","priority":3,"first_seq":8,"last_seq":9,"count":3}"#,
+            r#"{"device":"b","priority":3,"first_seq":8,"last_seq":9,"count":0}"#,
+            r#"{"device":"b","priority":3,"first_seq":0,"last_seq":9,"count":1}"#,
+            r#"{"device":"b","priority":3,"first_seq":8}"#,
+            "not json",
+        ] {
+            let e = gap_notice(bad.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("gap notice"), "{bad}: {e}");
+        }
+    }
 }

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::envelope::GapNotice;
+
 /// One message a device published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sent {
@@ -42,6 +44,10 @@ pub struct Arrived {
     pub sha256: String,
     /// Whether the payload matched the envelope's `sha256`.
     pub verified: bool,
+    /// For a gap notice (device `$vigil`, kind `gap-notice`): its payload,
+    /// when it parsed and was consistent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<GapNotice>,
 }
 
 /// A ledger file that cannot be written or read.
