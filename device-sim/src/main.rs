@@ -27,8 +27,9 @@ enum Command {
         out: PathBuf,
     },
     /// Judges a run from its two ledgers (JSON lines) and prints the
-    /// report; exits 1 when anything acknowledged was lost or anything
-    /// unexpected arrived.
+    /// report; exits 1 when anything acknowledged was lost, anything
+    /// unexpected arrived, or a sequence gap went unannounced (evictions
+    /// announced by Vigil's gap notices are not losses).
     Judge {
         /// The devices' ledger.
         #[arg(long)]
@@ -110,7 +111,8 @@ enum Command {
     },
     /// Runs a scenario: the loopback cloud, the fault proxy, the real
     /// `vigil` binary and the devices under the file's timeline; prints the
-    /// report and exits 1 when anything was lost or unexpected.
+    /// report and exits 1 when anything was lost or unexpected, or a
+    /// sequence gap went unannounced.
     Scenario {
         /// The scenario file (see device-sim/scenarios/).
         file: PathBuf,

@@ -48,13 +48,18 @@ async fn run(name: &str) -> Outcome {
 }
 
 async fn run_scenario(scenario: &Scenario) -> Outcome {
-    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
+    run_scenario_in(scenario, dir.path()).await
+}
+
+/// Runs `scenario` with its files (the ledgers among them) in `dir`.
+async fn run_scenario_in(scenario: &Scenario, dir: &Path) -> Outcome {
+    let _one = ONE_AT_A_TIME.lock().await;
     let outcome = vigil_sim::scenario::run(
         scenario,
         &RunOptions {
             vigil: binary("vigil", "vigil"),
-            workdir: dir.path().to_path_buf(),
+            workdir: dir.to_path_buf(),
             forward_extra: Vec::new(),
             sim: Some(binary("vigil-sim", "vigil-sim")),
             http: None,
@@ -105,6 +110,68 @@ async fn cloud_broker_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_during_outage_loses_nothing() {
     assert_clean(&run("crash-during-outage").await);
+}
+
+/// A long outage on a gateway with a 1 MiB store, and a crash while it
+/// evicts: Vigil evicts its oldest waveform chunks (the contract's one loss
+/// path) and announces them with gap notices. The oracle excuses a missing
+/// reading only as far as the notices announce it: the same ledgers judged
+/// without the notices fail with every evicted reading lost, and with each
+/// notice one short, with that many lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_evicts_only_what_it_announces() {
+    use vigil_sim::ledger::{self, Arrived, Sent};
+    use vigil_sim::oracle;
+
+    let dir = tempfile::tempdir().unwrap();
+    let o = run_scenario_in(
+        &Scenario::load(&scenario_file("full-store")).unwrap(),
+        dir.path(),
+    )
+    .await;
+    assert!(o.report.passed(), "{o}");
+    assert!(o.report.evicted > 500, "the 1 MiB store must evict: {o}");
+    assert_eq!(o.report.unannounced_gaps, 0, "{o}");
+    assert!(o.report.sequence_gaps >= o.report.evicted, "{o}");
+    assert_eq!(o.report.reordered, 0, "{o}");
+    assert_eq!(o.restarts.len(), 1, "{o}");
+    assert!(o.drain_time.is_some(), "{o}");
+
+    let sent: Vec<Sent> = ledger::read(&dir.path().join("sent.jsonl")).unwrap();
+    let received: Vec<Arrived> = ledger::read(&dir.path().join("received-0.jsonl")).unwrap();
+    let notices: Vec<_> = received.iter().filter_map(|a| a.notice.as_ref()).collect();
+    assert_eq!(notices.len() as u64, o.report.gap_notices, "{o}");
+    assert!(
+        notices.iter().all(|n| n.priority == 3),
+        "only waveforms (priority 3) may be evicted: {notices:?}"
+    );
+    assert_eq!(oracle::judge(&sent, &received).evicted, o.report.evicted);
+
+    let without: Vec<Arrived> = received
+        .iter()
+        .filter(|a| a.notice.is_none())
+        .cloned()
+        .collect();
+    let r = oracle::judge(&sent, &without);
+    assert!(!r.passed(), "{r}");
+    assert_eq!((r.evicted, r.lost), (0, o.report.evicted), "{r}");
+    assert_eq!(r.unannounced_gaps, r.sequence_gaps, "{r}");
+
+    // Each notice one short (at least 1): the notices announce fewer than
+    // were evicted, and the difference is lost.
+    let short: Vec<Arrived> = received
+        .iter()
+        .cloned()
+        .map(|mut a| {
+            if let Some(n) = a.notice.as_mut() {
+                n.count = n.count.saturating_sub(1).max(1);
+            }
+            a
+        })
+        .collect();
+    let r = oracle::judge(&sent, &short);
+    assert!(!r.passed(), "{r}");
+    assert!(r.lost > 0 && r.lost + r.evicted == o.report.evicted, "{r}");
 }
 
 /// Crash: Vigil is SIGKILLed 20 times at random moments while the monitors
