@@ -34,9 +34,11 @@ enum Command {
         /// The devices' ledger.
         #[arg(long)]
         sent: PathBuf,
-        /// The verifying cloud's ledger.
-        #[arg(long)]
-        received: PathBuf,
+        /// The verifying cloud's ledger; repeat it for each subscriber's
+        /// (a scenario that restarts the cloud writes `received-0.jsonl`,
+        /// `received-1.jsonl`, ...).
+        #[arg(long, required = true)]
+        received: Vec<PathBuf>,
     },
     /// Runs the loopback cloud (rumqttd with mutual TLS) and the verifying
     /// subscriber until Ctrl-C, writing what arrives to a ledger.
@@ -207,7 +209,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Judge { sent, received } => {
             let sent: Vec<Sent> = ledger::read(&sent)?;
-            let received: Vec<Arrived> = ledger::read(&received)?;
+            let mut all: Vec<Arrived> = Vec::new();
+            for path in &received {
+                all.extend(ledger::read::<Arrived>(path)?);
+            }
+            let received = all;
             let report = vigil_sim::oracle::judge(&sent, &received);
             println!("{report}");
             Ok(if report.passed() {

@@ -259,3 +259,64 @@ async fn the_oracle_catches_a_vigil_that_deletes_on_send() {
     assert!(lost > 0, "{report}");
     assert!(report.contains("verdict       FAIL"), "{report}");
 }
+
+/// `vigil-sim judge` reads one ledger per subscriber: a reading that reached
+/// only the second (after a cloud restart) is delivered, not lost.
+#[test]
+fn judge_takes_every_subscribers_ledger() {
+    use vigil_sim::ledger::{self, Arrived, Sent};
+
+    let dir = tempfile::tempdir().unwrap();
+    let sent: Vec<Sent> = (1..=3)
+        .map(|i| Sent {
+            device: "bed-1".into(),
+            counter: i,
+            priority: 1,
+            sha256: format!("sha-{i}"),
+            acked: true,
+        })
+        .collect();
+    let arrived = |s: &Sent| Arrived {
+        id: format!("id-{}", s.counter),
+        device: s.device.clone(),
+        seq: s.counter,
+        priority: s.priority,
+        kind: "measurement".into(),
+        sha256: s.sha256.clone(),
+        verified: true,
+        notice: None,
+    };
+    let write_sent = |name: &str, items: &[Sent]| {
+        let path = dir.path().join(name);
+        let mut w = ledger::Writer::create(&path).unwrap();
+        items.iter().for_each(|i| w.append(i).unwrap());
+        path
+    };
+    let write_arrived = |name: &str, items: &[Sent]| {
+        let path = dir.path().join(name);
+        let mut w = ledger::Writer::create(&path).unwrap();
+        items.iter().for_each(|i| w.append(&arrived(i)).unwrap());
+        path
+    };
+    let sent_path = write_sent("sent.jsonl", &sent);
+    let first = write_arrived("received-0.jsonl", &sent[..2]);
+    let second = write_arrived("received-1.jsonl", &sent[2..]);
+    let judge = |received: &[&Path]| {
+        let mut cmd = Command::new(binary("vigil-sim", "vigil-sim"));
+        cmd.arg("judge").arg("--sent").arg(&sent_path);
+        for r in received {
+            cmd.arg("--received").arg(r);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, report) = judge(&[&first, &second]);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(report.contains("received      3"), "{report}");
+    let (code, report) = judge(&[&first]);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(report.contains("lost          1"), "{report}");
+}
