@@ -50,6 +50,24 @@ pub struct Arrived {
     pub notice: Option<GapNotice>,
 }
 
+impl Arrived {
+    /// The record a faithful cloud makes of `sent`'s envelope, with Vigil's
+    /// `seq` taken to be the device's counter (true when the device publishes
+    /// on one connection and nothing is evicted). For tests and examples.
+    pub fn as_sent(sent: &Sent) -> Self {
+        Arrived {
+            id: format!("id-{}", sent.sha256),
+            device: sent.device.clone(),
+            seq: sent.counter,
+            priority: sent.priority,
+            kind: "measurement".into(),
+            sha256: sent.sha256.clone(),
+            verified: true,
+            notice: None,
+        }
+    }
+}
+
 /// A ledger file that cannot be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {

@@ -268,16 +268,7 @@ mod tests {
     }
 
     fn arrived(s: &Sent) -> Arrived {
-        Arrived {
-            id: format!("id-{}", s.sha256),
-            device: s.device.clone(),
-            seq: s.counter,
-            priority: s.priority,
-            kind: "measurement".into(),
-            sha256: s.sha256.clone(),
-            verified: true,
-            notice: None,
-        }
+        Arrived::as_sent(s)
     }
 
     /// A gap notice as the cloud records it.

@@ -276,31 +276,21 @@ fn judge_takes_every_subscribers_ledger() {
             acked: true,
         })
         .collect();
-    let arrived = |s: &Sent| Arrived {
-        id: format!("id-{}", s.counter),
-        device: s.device.clone(),
-        seq: s.counter,
-        priority: s.priority,
-        kind: "measurement".into(),
-        sha256: s.sha256.clone(),
-        verified: true,
-        notice: None,
-    };
-    let write_sent = |name: &str, items: &[Sent]| {
-        let path = dir.path().join(name);
+    fn write<T: serde::Serialize>(path: PathBuf, items: impl IntoIterator<Item = T>) -> PathBuf {
         let mut w = ledger::Writer::create(&path).unwrap();
-        items.iter().for_each(|i| w.append(i).unwrap());
+        items.into_iter().for_each(|i| w.append(&i).unwrap());
         path
-    };
-    let write_arrived = |name: &str, items: &[Sent]| {
-        let path = dir.path().join(name);
-        let mut w = ledger::Writer::create(&path).unwrap();
-        items.iter().for_each(|i| w.append(&arrived(i)).unwrap());
-        path
-    };
-    let sent_path = write_sent("sent.jsonl", &sent);
-    let first = write_arrived("received-0.jsonl", &sent[..2]);
-    let second = write_arrived("received-1.jsonl", &sent[2..]);
+    }
+    let in_dir = |name: &str| dir.path().join(name);
+    let sent_path = write(in_dir("sent.jsonl"), &sent);
+    let first = write(
+        in_dir("received-0.jsonl"),
+        sent[..2].iter().map(Arrived::as_sent),
+    );
+    let second = write(
+        in_dir("received-1.jsonl"),
+        sent[2..].iter().map(Arrived::as_sent),
+    );
     let judge = |received: &[&Path]| {
         let mut cmd = Command::new(binary("vigil-sim", "vigil-sim"));
         cmd.arg("judge").arg("--sent").arg(&sent_path);
