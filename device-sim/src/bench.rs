@@ -2944,28 +2944,14 @@ async fn backlog(http: SocketAddr) -> Result<u64, BenchError> {
         .sum())
 }
 
-/// The body of `GET path` from Vigil's operator endpoint (HTTP/1.0, at most
-/// 1 MiB, 5 s).
+/// The body of `GET path` from Vigil's operator endpoint.
 async fn http_get(http: SocketAddr, path: &str) -> Result<Vec<u8>, BenchError> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let fail = |reason: String| BenchError::Status { addr: http, reason };
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(http).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-            .await?;
-        let mut raw = Vec::new();
-        s.take(1 << 20).read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(5), exchange)
+    crate::operator::get(http, path)
         .await
-        .map_err(|_| fail("no answer within 5 s".into()))?
-        .map_err(|e| fail(e.to_string()))?;
-    raw.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .and_then(|i| raw.get(i + 4..))
-        .map(<[u8]>::to_vec)
-        .ok_or_else(|| fail("not an HTTP response".into()))
+        .map_err(|e| BenchError::Status {
+            addr: http,
+            reason: e.to_string(),
+        })
 }
 
 /// Vigil's `vigil_commit_seconds`, `vigil_sent_seconds` and

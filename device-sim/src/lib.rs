@@ -9,6 +9,7 @@
 //!   record what Vigil acknowledged.
 //! * [`envelope`]: the cloud's side of Vigil's envelope, written from its
 //!   documentation: parse, recover the payload, check the sha256.
+//! * [`operator`]: a client of Vigil's `/status` and `/metrics`.
 //! * [`pem`]: the PKI's PEM files as rustls types.
 //! * [`ledger`]: what each side recorded: devices write what Vigil
 //!   acknowledged, the verifying cloud what arrived.
@@ -27,6 +28,7 @@ pub mod cloud;
 pub mod devices;
 pub mod envelope;
 pub mod ledger;
+pub mod operator;
 pub mod oracle;
 pub mod pem;
 pub mod pki;
