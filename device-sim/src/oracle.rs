@@ -58,6 +58,13 @@ pub struct Report {
     pub unannounced_gaps: u64,
     /// Gap notices received.
     pub gap_notices: u64,
+    /// Messages the gap notices announce as evicted (a notice and the one
+    /// that replaced it, or a notice that arrived twice, counted once).
+    pub announced: u64,
+    /// Vigil's own count of evictions (`vigil_evicted_total`), when the run
+    /// could read it: it must equal `announced` (every eviction announced,
+    /// none made up).
+    pub evicted_by_vigil: Option<u64>,
     /// Up to 10 lost messages, as `device#counter`, for the report.
     pub lost_examples: Vec<String>,
 }
@@ -72,9 +79,13 @@ impl Report {
         )
     }
 
-    /// Nothing lost, nothing unexpected, and every sequence gap announced.
+    /// Nothing lost, nothing unexpected, every sequence gap announced, and
+    /// (when known) exactly Vigil's evictions announced.
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.unexpected == 0 && self.unannounced_gaps == 0
+        self.lost == 0
+            && self.unexpected == 0
+            && self.unannounced_gaps == 0
+            && self.evicted_by_vigil.is_none_or(|n| n == self.announced)
     }
 }
 
@@ -98,7 +109,15 @@ impl std::fmt::Display for Report {
             "seq gaps      {} ({} not announced)",
             self.sequence_gaps, self.unannounced_gaps
         )?;
-        writeln!(f, "gap notices   {}", self.gap_notices)?;
+        write!(
+            f,
+            "gap notices   {} announcing {} evicted",
+            self.gap_notices, self.announced
+        )?;
+        match self.evicted_by_vigil {
+            Some(n) => writeln!(f, " (Vigil counted {n})")?,
+            None => writeln!(f)?,
+        }
         if !self.lost_examples.is_empty() {
             writeln!(f, "lost, e.g.    {}", self.lost_examples.join(", "))?;
         }
@@ -152,7 +171,12 @@ pub fn judge(sent: &[Sent], arrived: &[Arrived]) -> Report {
             *h = s.counter;
         }
     }
-    let (mut may_excuse, announced) = announcements(&notices, &seqs);
+    let Announced {
+        mut may_excuse,
+        ranges: announced,
+        total,
+    } = announcements(&notices, &seqs);
+    r.announced = total;
     for (device, got) in &seqs {
         let top = got.iter().copied().max().unwrap_or(0);
         let ranges = announced.get(device).map(Vec::as_slice).unwrap_or_default();
@@ -193,8 +217,17 @@ pub fn judge(sent: &[Sent], arrived: &[Arrived]) -> Report {
     r
 }
 
-/// Evictions announced per (device, priority): how many missing messages the
-/// notices may explain, and per device the seq ranges they cover.
+/// What the gap notices announce.
+struct Announced<'a> {
+    /// Per (device, priority): how many missing messages they may explain.
+    may_excuse: HashMap<(&'a str, u8), u64>,
+    /// Per device: the seq ranges they cover.
+    ranges: HashMap<&'a str, Vec<(u64, u64)>>,
+    /// Evictions they announce in all.
+    total: u64,
+}
+
+/// Reads the notices.
 ///
 /// A notice not yet acknowledged is replaced by one that includes it when
 /// more of the same device's messages at that priority are evicted, and a
@@ -202,14 +235,10 @@ pub fn judge(sent: &[Sent], arrived: &[Arrived]) -> Report {
 /// as the largest of them, not their sum. And a range explains no more
 /// messages than it has numbers that did not arrive (`seqs`: each device's
 /// numbers that did), so a notice over messages that arrived excuses nothing.
-#[allow(clippy::type_complexity)]
 fn announcements<'a>(
     notices: &[&'a GapNotice],
     seqs: &HashMap<&str, HashSet<u64>>,
-) -> (
-    HashMap<(&'a str, u8), u64>,
-    HashMap<&'a str, Vec<(u64, u64)>>,
-) {
+) -> Announced<'a> {
     let mut by_lane: HashMap<(&str, u8), Vec<&GapNotice>> = HashMap::new();
     let mut ranges: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
     for n in notices {
@@ -223,6 +252,7 @@ fn announcements<'a>(
             .push((n.first_seq, n.last_seq));
     }
     let mut counts = HashMap::new();
+    let mut announced = 0u64;
     for (lane, mut list) in by_lane {
         let arrived = seqs.get(lane.0);
         // At most the count, and at most the numbers in range not arrived.
@@ -243,14 +273,20 @@ fn announcements<'a>(
                 }
                 done => {
                     total = total.saturating_add(done.map_or(0, explains));
+                    announced = announced.saturating_add(done.map_or(0, |c| c.2));
                     Some((n.first_seq, n.last_seq, n.count))
                 }
             };
         }
         total = total.saturating_add(cluster.map_or(0, explains));
+        announced = announced.saturating_add(cluster.map_or(0, |c| c.2));
         counts.insert(lane, total);
     }
-    (counts, ranges)
+    Announced {
+        may_excuse: counts,
+        ranges,
+        total: announced,
+    }
 }
 
 #[cfg(test)]
@@ -350,6 +386,7 @@ mod tests {
         ]);
         let r = judge(&s, &a);
         assert_eq!((r.evicted, r.lost, r.gap_notices), (4, 1, 3), "{r}");
+        assert_eq!(r.announced, 4, "{r}");
 
         // Two notices that do not overlap (the first acknowledged before the
         // second eviction) add up.
@@ -357,7 +394,28 @@ mod tests {
         s.push(sent("bed-1", 11, 3, true));
         a.extend([notice("bed-1", 3, 4, 5, 2), notice("bed-1", 3, 6, 11, 3)]);
         let r = judge(&s, &a);
-        assert_eq!((r.evicted, r.lost), (5, 0), "{r}");
+        assert_eq!((r.evicted, r.lost, r.announced), (5, 0, 5), "{r}");
+    }
+
+    #[test]
+    fn vigils_own_eviction_count_must_match_the_announcements() {
+        let (s, mut a) = four_missing(3);
+        a.push(notice("bed-1", 3, 4, 7, 4));
+        let mut r = judge(&s, &a);
+        for (counted, passes) in [
+            (Some(4), true),
+            (None, true),
+            (Some(5), false),
+            (Some(3), false),
+        ] {
+            r.evicted_by_vigil = counted;
+            assert_eq!(r.passed(), passes, "{r}");
+        }
+        assert!(
+            r.to_string()
+                .contains("announcing 4 evicted (Vigil counted 3)"),
+            "{r}"
+        );
     }
 
     #[test]

@@ -674,9 +674,32 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
     });
     // Late duplicates still in flight are counted too.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Vigil's own count of evictions, which the gap notices must announce
+    // exactly; a notice replaced while in flight may take a moment more.
+    let counted_by_vigil = || async {
+        match crate::operator::get(http, "/metrics").await {
+            Ok(body) => {
+                crate::operator::counter_sum(&String::from_utf8_lossy(&body), "vigil_evicted_total")
+            }
+            Err(e) => {
+                opts.milestone(|| format!("Vigil's eviction count not read: {e}"));
+                None
+            }
+        }
+    };
+    let settle = Instant::now() + Duration::from_secs(5);
+    let mut evicted_by_vigil = counted_by_vigil().await;
+    while let Some(n) = evicted_by_vigil
+        && n != oracle::judge(&sent, &arrived(&subscribers)).announced
+        && Instant::now() < settle
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        evicted_by_vigil = counted_by_vigil().await;
+    }
     sampling.cancel();
     vigil.stop().await;
-    let report = oracle::judge(&sent, &arrived(&subscribers));
+    let mut report = oracle::judge(&sent, &arrived(&subscribers));
+    report.evicted_by_vigil = evicted_by_vigil;
     drop(broker);
     Ok(Outcome {
         name: scenario.name.clone(),

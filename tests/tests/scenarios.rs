@@ -114,10 +114,11 @@ async fn crash_during_outage_loses_nothing() {
 
 /// A long outage on a gateway with a 1 MiB store, and a crash while it
 /// evicts: Vigil evicts its oldest waveform chunks (the contract's one loss
-/// path) and announces them with gap notices. The oracle excuses a missing
-/// reading only as far as the notices announce it: the same ledgers judged
-/// without the notices fail with every evicted reading lost, and with each
-/// notice one short, with that many lost.
+/// path) and announces them with gap notices, as many as its own counter
+/// (`vigil_evicted_total`) says. The oracle excuses a missing reading only
+/// as far as the notices announce it: the same ledgers judged without the
+/// notices fail with every evicted reading lost, and with each notice one
+/// short, with that many lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_evicts_only_what_it_announces() {
     use vigil_sim::ledger::{self, Arrived, Sent};
@@ -131,6 +132,12 @@ async fn a_full_store_evicts_only_what_it_announces() {
     .await;
     assert!(o.report.passed(), "{o}");
     assert!(o.report.evicted > 500, "the 1 MiB store must evict: {o}");
+    assert_eq!(
+        o.report.evicted_by_vigil,
+        Some(o.report.announced),
+        "every eviction Vigil counted is announced, and no more: {o}"
+    );
+    assert!(o.report.announced >= o.report.evicted, "{o}");
     assert_eq!(o.report.unannounced_gaps, 0, "{o}");
     assert!(o.report.sequence_gaps >= o.report.evicted, "{o}");
     assert_eq!(o.report.reordered, 0, "{o}");
