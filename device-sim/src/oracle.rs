@@ -82,10 +82,31 @@ impl Report {
     /// Nothing lost, nothing unexpected, every sequence gap announced, and
     /// (when known) exactly Vigil's evictions announced.
     pub fn passed(&self) -> bool {
-        self.lost == 0
-            && self.unexpected == 0
-            && self.unannounced_gaps == 0
-            && self.evicted_by_vigil.is_none_or(|n| n == self.announced)
+        self.failures().is_empty()
+    }
+
+    /// Why the run fails, one phrase per broken rule; empty when it passes.
+    pub fn failures(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.lost > 0 {
+            why.push(format!("{} acknowledged lost", self.lost));
+        }
+        if self.unexpected > 0 {
+            why.push(format!("{} unexpected", self.unexpected));
+        }
+        if self.unannounced_gaps > 0 {
+            why.push(format!(
+                "sequence numbers missing without a gap notice: {}",
+                self.unannounced_gaps
+            ));
+        }
+        if let Some(n) = self.evicted_by_vigil.filter(|n| *n != self.announced) {
+            why.push(format!(
+                "Vigil counted {n} evictions, its gap notices announce {}",
+                self.announced
+            ));
+        }
+        why
     }
 }
 
@@ -121,11 +142,12 @@ impl std::fmt::Display for Report {
         if !self.lost_examples.is_empty() {
             writeln!(f, "lost, e.g.    {}", self.lost_examples.join(", "))?;
         }
-        write!(
-            f,
-            "verdict       {}",
-            if self.passed() { "PASS" } else { "FAIL" }
-        )
+        let why = self.failures();
+        if why.is_empty() {
+            write!(f, "verdict       PASS")
+        } else {
+            write!(f, "verdict       FAIL: {}", why.join("; "))
+        }
     }
 }
 
@@ -416,6 +438,11 @@ mod tests {
                 .contains("announcing 4 evicted (Vigil counted 3)"),
             "{r}"
         );
+        assert!(
+            r.to_string()
+                .contains("FAIL: Vigil counted 3 evictions, its gap notices announce 4"),
+            "{r}"
+        );
     }
 
     #[test]
@@ -458,6 +485,11 @@ mod tests {
         );
         assert!(!r.passed());
         assert!(r.to_string().contains("1 not announced"), "{r}");
+        assert!(
+            r.to_string()
+                .contains("FAIL: sequence numbers missing without a gap notice: 1"),
+            "{r}"
+        );
     }
 
     #[test]
@@ -528,6 +560,10 @@ mod tests {
             "4 and 5 are missing above the highest seq"
         );
         assert_eq!(r.lost_examples, vec!["bed-1#4", "bed-2#1"]);
-        assert!(r.to_string().contains("FAIL"));
+        assert!(
+            r.to_string()
+                .contains("verdict       FAIL: 2 acknowledged lost; 2 unexpected"),
+            "{r}"
+        );
     }
 }
