@@ -741,6 +741,26 @@ mod tests {
     }
 
     #[test]
+    fn a_quota_vigil_would_refuse_is_refused_here_first() {
+        let text = "name = \"x\"\nduration = \"1s\"\nquota_bytes = 4096\n";
+        let err = Scenario::from_toml(text, Path::new("small.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("small.toml")
+                && err.contains("quota_bytes is 4096")
+                && err.contains("1048576"),
+            "{err}"
+        );
+        let s = Scenario::from_toml(
+            "name = \"x\"\nduration = \"1s\"\nquota_bytes = 1048576\n",
+            Path::new("ok.toml"),
+        )
+        .unwrap();
+        assert_eq!(s.quota_bytes, Some(1 << 20));
+    }
+
+    #[test]
     fn a_bad_timeline_names_the_step() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
