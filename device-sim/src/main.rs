@@ -39,6 +39,11 @@ enum Command {
         /// `received-1.jsonl`, ...).
         #[arg(long, required = true)]
         received: Vec<PathBuf>,
+        /// Vigil's operator listener (its `http.listen`, e.g.
+        /// 127.0.0.1:9100): its `vigil_evicted_total` must equal what the
+        /// gap notices announce. Read once, now: give it after the drain.
+        #[arg(long)]
+        vigil_http: Option<std::net::SocketAddr>,
     },
     /// Runs the loopback cloud (rumqttd with mutual TLS) and the verifying
     /// subscriber until Ctrl-C, writing what arrives to a ledger.
@@ -207,14 +212,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("development PKI written to {}", pki.dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Judge { sent, received } => {
+        Command::Judge {
+            sent,
+            received,
+            vigil_http,
+        } => {
             let sent: Vec<Sent> = ledger::read(&sent)?;
             let mut all: Vec<Arrived> = Vec::new();
             for path in &received {
                 all.extend(ledger::read::<Arrived>(path)?);
             }
             let received = all;
-            let report = vigil_sim::oracle::judge(&sent, &received);
+            let mut report = vigil_sim::oracle::judge(&sent, &received);
+            if let Some(addr) = vigil_http {
+                let body = tokio::runtime::Runtime::new()?
+                    .block_on(vigil_sim::operator::get(addr, "/metrics"))?;
+                let text = String::from_utf8_lossy(&body);
+                report.evicted_by_vigil = Some(
+                    vigil_sim::operator::counter_sum(&text, "vigil_evicted_total").ok_or_else(
+                        || anyhow::anyhow!("{addr}/metrics has no vigil_evicted_total: is it Vigil's operator listener?"),
+                    )?,
+                );
+            }
             println!("{report}");
             Ok(if report.passed() {
                 ExitCode::SUCCESS

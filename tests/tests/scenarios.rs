@@ -298,22 +298,57 @@ fn judge_takes_every_subscribers_ledger() {
         in_dir("received-1.jsonl"),
         sent[2..].iter().map(Arrived::as_sent),
     );
-    let judge = |received: &[&Path]| {
+    let judge = |received: &[&Path], extra: &[String]| {
         let mut cmd = Command::new(binary("vigil-sim", "vigil-sim"));
         cmd.arg("judge").arg("--sent").arg(&sent_path);
         for r in received {
             cmd.arg("--received").arg(r);
         }
-        let out = cmd.output().unwrap();
+        let out = cmd.args(extra).output().unwrap();
         (
             out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let (code, report) = judge(&[&first, &second]);
+    let (code, report) = judge(&[&first, &second], &[]);
     assert_eq!(code, Some(0), "{report}");
     assert!(report.contains("received      3"), "{report}");
-    let (code, report) = judge(&[&first]);
+    let (code, report) = judge(&[&first], &[]);
     assert_eq!(code, Some(1), "{report}");
     assert!(report.contains("lost          1"), "{report}");
+
+    // `--vigil-http`: Vigil's own eviction count must match the notices
+    // (none here). A stand-in for Vigil's `/metrics` that reports 4.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = metrics.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for mut conn in metrics.incoming().flatten().take(1) {
+            let mut request = [0u8; 1024];
+            let _ = conn.read(&mut request);
+            let _ =
+                conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nvigil_evicted_total{priority=\"3\"} 4\n");
+        }
+    });
+    let (code, report) = judge(
+        &[&first, &second],
+        &["--vigil-http".into(), addr.to_string()],
+    );
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report.contains("FAIL: Vigil counted 4 evictions, its gap notices announce 0"),
+        "{report}"
+    );
+    server.join().unwrap(); // the listener is closed now
+    // Nothing listening: an error that names the endpoint, not a verdict.
+    let (code, report) = judge(
+        &[&first, &second],
+        &["--vigil-http".into(), addr.to_string()],
+    );
+    assert_ne!(code, Some(0), "{report}");
+    assert!(
+        report.contains(&format!("http://{addr}/metrics")),
+        "{report}"
+    );
 }
