@@ -1324,6 +1324,7 @@ fn open_shared(
         journal::settle(&shared, &mut state, &journal)?;
     }
     set_aside::settle(&shared, &mut state, &set_aside)?;
+    space::remove_leftover_padding(&shared.db, &shared.meta).map_err(engine)?;
     shared
         .metrics
         .damaged_tables_removed

@@ -263,6 +263,32 @@ fn rotate_journal(shared: &Shared) -> bool {
     }
 }
 
+/// Deletes journal padding a reclaim left in `meta` when Vigil stopped
+/// between writing it and deleting it (a crash or a power cut in
+/// [`rotate_journal`]); otherwise those keys, up to 32 MB, would stay for
+/// good. Run at open; fsynced when it deletes anything. Returns how many
+/// padding values it deleted.
+pub(super) fn remove_leftover_padding(
+    db: &fjall::Database,
+    meta: &fjall::Keyspace,
+) -> Result<usize, fjall::Error> {
+    let mut wb = db.batch().durability(Some(fjall::PersistMode::SyncData));
+    let mut found = 0;
+    for guard in meta.prefix(PAD_PREFIX) {
+        wb.remove(meta, guard.key()?);
+        found += 1;
+    }
+    if found > 0 {
+        wb.commit()?;
+        tracing::info!(
+            values = found,
+            bytes = found * PAD_VALUE,
+            "deleted journal padding a reclaim left behind when Vigil stopped during it"
+        );
+    }
+    Ok(found)
+}
+
 /// Bytes the newest journal file (`<id>.jnl`, the one being written) takes
 /// on disk, by its allocated blocks.
 fn active_journal_bytes(db_dir: &Path) -> Option<u64> {
