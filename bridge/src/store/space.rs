@@ -33,7 +33,8 @@
 //! deleted, and with devices refused nothing would push it past 64 MB: when
 //! the disk stays low after a reclaim, the reclaimer pads the journal past
 //! that mark so fjall rotates it and gives its space back
-//! ([`rotate_journal`]).
+//! ([`rotate_journal`]); padding left behind by a stop in the middle of that
+//! is deleted at the next open ([`remove_leftover_padding`]).
 
 use std::path::Path;
 use std::sync::{Arc, Weak, mpsc};
