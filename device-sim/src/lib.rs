@@ -20,7 +20,7 @@
 //!   under a timeline of faults, then a drain and the report.
 //! * [`oracle`]: the verdict from the two ledgers (`DESIGN.md` section 4):
 //!   lost and unexpected must be 0; duplicated and reordered are reported.
-//! * [`bench`]: the performance targets measured in one run against the
+//! * [`bench`](mod@bench): the performance targets measured in one run against the
 //!   real `vigil` binary (optionally beside a Mosquitto bridge), one table.
 
 pub mod bench;

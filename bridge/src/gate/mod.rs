@@ -13,7 +13,7 @@
 //!
 //! * [`config`]: the `[gate]` settings.
 //! * [`broker`]: the embedded rumqttd and its checked settings file.
-//! * [`relay`]: one device connection (the ack-holding relay).
+//! * `relay`: one device connection (the ack-holding relay).
 //! * [`frame`]: bounded MQTT framing.
 //! * [`rules`]: topic filters to kind and priority.
 //! * [`auth`]: password hashes, client certificates, CONNACK codes.

@@ -53,7 +53,7 @@
 //! itself never step over the tombstones that acked records leave behind.
 //!
 //! A reader that has caught up is answered from memory: after each commit the
-//! writer hands the lane records of the batch to [`recent`] (the last 256 of
+//! writer hands the lane records of the batch to `recent` (the last 256 of
 //! each lane at most), which answers a read when it holds every record after
 //! the reader's position. Otherwise the read scans the disk.
 //!
@@ -77,7 +77,7 @@
 //! notices may take lane 0 past the quota by their own size.
 //!
 //! The quota counts logical bytes; the file system can fill first (a small
-//! disk, other programs). [`space`] keeps `min_free_bytes` free: an append
+//! disk, other programs). `space` keeps `min_free_bytes` free: an append
 //! that would go below it is refused with [`StoreError::DiskLow`] (the device
 //! keeps the reading), and space is reclaimed as the cloud acknowledges.
 //!
