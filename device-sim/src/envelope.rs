@@ -45,24 +45,25 @@ pub struct GapNotice {
     pub count: u64,
 }
 
-/// Parses a gap notice's payload and checks that it is consistent: a
-/// non-empty range holding at least `count` sequence numbers.
+impl GapNotice {
+    /// Whether it can be true: seqs from 1, `first_seq <= last_seq`, and a
+    /// `count` from 1 to the numbers in that range.
+    pub fn is_consistent(&self) -> bool {
+        self.first_seq >= 1
+            && self.last_seq >= self.first_seq
+            && self.count >= 1
+            && self.count - 1 <= self.last_seq - self.first_seq
+    }
+}
+
+/// Parses a gap notice's payload and checks that it is consistent
+/// ([`GapNotice::is_consistent`]).
 pub fn gap_notice(payload: &[u8]) -> Result<GapNotice, EnvelopeError> {
     let bad = |m: String| EnvelopeError::Malformed(format!("gap notice: {m}"));
     let n: GapNotice = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
-    let span = n
-        .last_seq
-        .checked_sub(n.first_seq)
-        .map(|d| d.saturating_add(1))
-        .ok_or_else(|| {
-            bad(format!(
-                "first_seq {} after last_seq {}",
-                n.first_seq, n.last_seq
-            ))
-        })?;
-    if n.first_seq == 0 || n.count == 0 || n.count > span {
+    if !n.is_consistent() {
         return Err(bad(format!(
-            "count {} does not fit seqs {}..={}",
+            "count {} of seqs {}..={} cannot be (seqs start at 1; count from 1 to the range's size)",
             n.count, n.first_seq, n.last_seq
         )));
     }

@@ -169,6 +169,8 @@ pub fn judge(sent: &[Sent], arrived: &[Arrived]) -> Report {
             r.gap_notices += 1;
             match &a.notice {
                 _ if !a.verified => r.unexpected += 1,
+                // A ledger written elsewhere may hold anything.
+                Some(n) if !n.is_consistent() => r.unexpected += 1,
                 Some(n) => notices.push(n),
                 // A notice whose payload does not parse explains nothing.
                 None if a.kind == GAP_NOTICE_KIND => r.unexpected += 1,
@@ -282,7 +284,11 @@ fn announcements<'a>(
             let here = arrived.map_or(0, |got| {
                 got.iter().filter(|q| (first..=last).contains(*q)).count() as u64
             });
-            count.min((last - first).saturating_add(1).saturating_sub(here))
+            count.min(
+                last.saturating_sub(first)
+                    .saturating_add(1)
+                    .saturating_sub(here),
+            )
         };
         list.sort_by_key(|n| (n.first_seq, n.last_seq));
         let mut total = 0u64;
@@ -500,6 +506,14 @@ mod tests {
         a.push(broken);
         let r = judge(&s, &a);
         assert_eq!((r.unexpected, r.evicted, r.lost), (1, 0, 4), "{r}");
+
+        // Nor does one that cannot be true, from a ledger written elsewhere.
+        for (first, last, count) in [(7, 4, 4), (4, 7, 5), (0, 7, 4), (4, 7, 0)] {
+            let (s, mut a) = four_missing(3);
+            a.push(notice("bed-1", 3, first, last, count));
+            let r = judge(&s, &a);
+            assert_eq!((r.unexpected, r.evicted, r.lost), (1, 0, 4), "{r}");
+        }
     }
 
     #[test]
