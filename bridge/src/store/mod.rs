@@ -1324,7 +1324,11 @@ fn open_shared(
         journal::settle(&shared, &mut state, &journal)?;
     }
     set_aside::settle(&shared, &mut state, &set_aside)?;
-    space::remove_leftover_padding(&shared.db, &shared.meta).map_err(engine)?;
+    // Best effort: leftover padding costs only space, so a read of `meta`
+    // that fails here (a damaged older table) must not stop the open.
+    if let Err(e) = space::remove_leftover_padding(&shared.db, &shared.meta) {
+        tracing::warn!(error = %e, "could not look for journal padding left by a stopped reclaim; it stays in meta");
+    }
     shared
         .metrics
         .damaged_tables_removed
