@@ -225,14 +225,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let received = all;
             let mut report = vigil_sim::oracle::judge(&sent, &received);
             if let Some(addr) = vigil_http {
-                let body = tokio::runtime::Runtime::new()?
-                    .block_on(vigil_sim::operator::get(addr, "/metrics"))?;
-                let text = String::from_utf8_lossy(&body);
-                report.evicted_by_vigil = Some(
-                    vigil_sim::operator::counter_sum(&text, "vigil_evicted_total").ok_or_else(
-                        || anyhow::anyhow!("{addr}/metrics has no vigil_evicted_total: is it Vigil's operator listener?"),
-                    )?,
-                );
+                let counted = tokio::runtime::Runtime::new()?
+                    .block_on(vigil_sim::operator::evictions(addr))?;
+                report.evicted_by_vigil = Some(counted.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{addr}/metrics has no vigil_evicted_total: is it Vigil's operator listener?"
+                    )
+                })?);
             }
             println!("{report}");
             Ok(if report.passed() {

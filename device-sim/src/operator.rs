@@ -44,6 +44,17 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, OperatorError>
         .ok_or_else(|| fail("not an HTTP response".into()))
 }
 
+/// Vigil's own count of evictions, `vigil_evicted_total` summed over its
+/// priorities; `None` when `/metrics` has no such counter (not Vigil's
+/// operator listener).
+pub async fn evictions(addr: SocketAddr) -> Result<Option<u64>, OperatorError> {
+    let body = get(addr, "/metrics").await?;
+    Ok(counter_sum(
+        &String::from_utf8_lossy(&body),
+        "vigil_evicted_total",
+    ))
+}
+
 /// The sum of a counter family over its labels in Prometheus text (e.g.
 /// `vigil_evicted_total`, one line per priority); `None` when no line has
 /// that name.

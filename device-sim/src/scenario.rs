@@ -677,10 +677,8 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Result<Outcome, Scen
     // Vigil's own count of evictions, which the gap notices must announce
     // exactly; a notice replaced while in flight may take a moment more.
     let counted_by_vigil = || async {
-        match crate::operator::get(http, "/metrics").await {
-            Ok(body) => {
-                crate::operator::counter_sum(&String::from_utf8_lossy(&body), "vigil_evicted_total")
-            }
+        match crate::operator::evictions(http).await {
+            Ok(counted) => counted,
             Err(e) => {
                 opts.milestone(|| format!("Vigil's eviction count not read: {e}"));
                 None
