@@ -80,7 +80,8 @@ use crate::pki::{self, DevPki, PkiError};
 pub const DEVICES: u32 = 20;
 /// Bytes of every device payload.
 pub const PAYLOAD_BYTES: usize = 200;
-/// Publishes each device keeps in flight, at most.
+/// Publishes each device keeps in flight, at most, unless `--inflight` says
+/// otherwise (Vigil's own default `gate.max_inflight`).
 pub const INFLIGHT: u16 = 64;
 
 /// Row 1's message count at scale 1.
@@ -233,6 +234,9 @@ pub struct BenchOptions {
     pub mosquitto: bool,
     /// Which rows run; the others are reported as not run.
     pub rows: Rows,
+    /// Publishes each simulated device keeps in flight ([`INFLIGHT`] by
+    /// default); Vigil's `gate.max_inflight` is set to the same.
+    pub inflight: u16,
 }
 
 /// Which rows a bench runs.
@@ -793,12 +797,13 @@ impl Bench {
         let text = format!(
             "# vigil-sim bench: {name}\n\
              [store]\ndir = {store:?}\nquota_bytes = {QUOTA_BYTES}\n\n\
-             [gate]\ntcp_listen = \"{gate}\"\n\n\
+             [gate]\ntcp_listen = \"{gate}\"\nmax_inflight = {inflight}\n\n\
              [http]\nlisten = \"{http}\"\n\n\
              [forward]\nhost = \"127.0.0.1\"\nport = {forward_port}\n\
              backoff_min = \"100ms\"\nbackoff_max = \"1s\"\n\n\
              [forward.tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
             store = store.display().to_string(),
+            inflight = self.opts.inflight,
             ca = path("ca.pem"),
             cert = path("vigil.pem"),
             key = path("vigil.key"),
@@ -853,7 +858,12 @@ impl Bench {
     ) -> Result<Loaded, BenchError> {
         let mut connecting = tokio::task::JoinSet::new();
         for d in 0..DEVICES {
-            connecting.spawn(connect_device(target, format!("bench-{run}-{d}"), d));
+            connecting.spawn(connect_device(
+                target,
+                format!("bench-{run}-{d}"),
+                d,
+                self.opts.inflight,
+            ));
         }
         let mut devices = Vec::new();
         while let Some(joined) = connecting.join_next().await {
@@ -1399,9 +1409,10 @@ impl Bench {
         let n_e2e = total(per_device(E2E_MESSAGES, scale));
         let n_backlog = total(per_device(BACKLOG_MESSAGES, scale));
         let n_ten = total(per_device(TEN_MILLION, scale));
+        let inflight = self.opts.inflight;
         let mut header = vec![
             format!(
-                "vigil-sim bench: {DEVICES} devices (rumqttc, MQTT 3.1.1, up to {INFLIGHT} in flight each), \
+                "vigil-sim bench: {DEVICES} devices (rumqttc, MQTT 3.1.1, up to {inflight} in flight each), \
                  {PAYLOAD_BYTES}-byte QoS 1 JSON payloads, everything on loopback; scale {scale}"
             ),
             format!(
@@ -1937,12 +1948,13 @@ async fn connect_device(
     target: SocketAddr,
     id: String,
     d: u32,
+    inflight: u16,
 ) -> Result<(u32, AsyncClient, EventLoop), BenchError> {
     let mut o = MqttOptions::new(id.clone(), target.ip().to_string(), target.port());
     o.set_keep_alive(Duration::from_secs(30));
-    o.set_inflight(INFLIGHT);
+    o.set_inflight(inflight);
     o.set_clean_session(true);
-    let (client, mut el) = AsyncClient::new(o, usize::from(INFLIGHT));
+    let (client, mut el) = AsyncClient::new(o, usize::from(inflight));
     el.set_network_options(nodelay());
     let connack = async {
         loop {

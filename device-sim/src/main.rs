@@ -169,6 +169,12 @@ enum Command {
         /// latency: a build, a disk, a file system (`--out` on it).
         #[arg(long, conflicts_with_all = ["ten_million", "mosquitto", "ingest_only"])]
         latency_only: bool,
+        /// Publishes each simulated device keeps in flight; Vigil's
+        /// `gate.max_inflight` is set to the same. The table's figures are
+        /// for the default, Vigil's own default limit.
+        #[arg(long, default_value_t = vigil_sim::bench::INFLIGHT,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        inflight: u16,
     },
 }
 
@@ -467,6 +473,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mosquitto,
             ingest_only,
             latency_only,
+            inflight,
         } => {
             let rows = match (ingest_only, latency_only) {
                 (true, _) => vigil_sim::bench::Rows::Ingest,
@@ -480,6 +487,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ten_million,
                 mosquitto,
                 rows,
+                inflight,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let report = runtime.block_on(vigil_sim::bench::run(&opts))?;

@@ -18,7 +18,7 @@ fn debug_vigil() -> PathBuf {
 
 /// Runs the bench at a tiny scale against the debug binary and prints its
 /// report; `None` (after a SKIP line) when the binary is not built.
-fn tiny_bench(rows: Rows) -> Option<(Report, String)> {
+fn tiny_bench(rows: Rows, inflight: u16) -> Option<(Report, String)> {
     let vigil = debug_vigil();
     if !vigil.is_file() {
         eprintln!(
@@ -35,6 +35,7 @@ fn tiny_bench(rows: Rows) -> Option<(Report, String)> {
         ten_million: false,
         mosquitto: false,
         rows,
+        inflight,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let report = runtime.block_on(run(&opts)).unwrap();
@@ -45,7 +46,7 @@ fn tiny_bench(rows: Rows) -> Option<(Report, String)> {
 
 #[test]
 fn a_tiny_bench_fills_every_row_and_loses_nothing() {
-    let Some((report, text)) = tiny_bench(Rows::All) else {
+    let Some((report, text)) = tiny_bench(Rows::All, vigil_sim::bench::INFLIGHT) else {
         return;
     };
 
@@ -87,7 +88,7 @@ fn a_tiny_bench_fills_every_row_and_loses_nothing() {
 
 #[test]
 fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
-    let Some((report, text)) = tiny_bench(Rows::Ingest) else {
+    let Some((report, text)) = tiny_bench(Rows::Ingest, 8) else {
         return;
     };
 
@@ -123,6 +124,12 @@ fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
         text.contains("row 2: CPU during the fill"),
         "the fill's CPU note is missing:\n{text}"
     );
+    // `--inflight 8`: the devices keep 8 in flight, and Vigil started with
+    // `gate.max_inflight = 8` in its configuration (the fill below completes).
+    assert!(
+        text.contains("up to 8 in flight each"),
+        "the header does not say the window:\n{text}"
+    );
     // Only the fill was loaded, and Vigil stored all of it.
     assert_eq!(report.deliveries.len(), 1, "{:?}", report.deliveries);
     assert!(report.deliveries[0].ok(), "{:?}", report.deliveries[0]);
@@ -131,7 +138,7 @@ fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
 
 #[test]
 fn a_latency_only_bench_measures_row_4_at_1000_and_says_what_it_skipped() {
-    let Some((report, text)) = tiny_bench(Rows::Latency) else {
+    let Some((report, text)) = tiny_bench(Rows::Latency, vigil_sim::bench::INFLIGHT) else {
         return;
     };
 
