@@ -41,6 +41,24 @@ fn tiny_bench(rows: Rows, inflight: u16) -> Option<(Report, String)> {
     let report = runtime.block_on(run(&opts)).unwrap();
     let text = report.to_string();
     println!("{text}");
+    // Every Vigil the bench started was configured with the devices' window.
+    let configs: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with("vigil-") && name.ends_with(".toml")
+        })
+        .collect();
+    assert!(!configs.is_empty(), "no Vigil configuration in {dir:?}");
+    for config in &configs {
+        let written = std::fs::read_to_string(config).unwrap();
+        assert!(
+            written.contains(&format!("\nmax_inflight = {inflight}\n")),
+            "{} lacks max_inflight = {inflight}:\n{written}",
+            config.display()
+        );
+    }
     Some((report, text))
 }
 
@@ -124,8 +142,8 @@ fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
         text.contains("row 2: CPU during the fill"),
         "the fill's CPU note is missing:\n{text}"
     );
-    // `--inflight 8`: the devices keep 8 in flight, and Vigil started with
-    // `gate.max_inflight = 8` in its configuration (the fill below completes).
+    // `--inflight 8`: the devices keep 8 in flight (and `tiny_bench` checked
+    // that Vigil was configured with `gate.max_inflight = 8`).
     assert!(
         text.contains("up to 8 in flight each"),
         "the header does not say the window:\n{text}"
