@@ -18,12 +18,15 @@
 //! stay here until the client id connects with a clean session; a clean
 //! session's filters go when its connection ends. Past [`MAX_FILTERS`] the set
 //! stops telling and every publish is routed.
+//!
+//! A publish is matched through an index of the distinct filters by level,
+//! so its cost does not grow with the number of filters, and each device
+//! connection remembers its topics' answers until the filters change
+//! ([`MatchMemo`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-
-use super::acl::covers;
 
 /// Filters tracked before the set gives up and routes everything.
 pub const MAX_FILTERS: usize = 100_000;
@@ -54,9 +57,11 @@ struct Sessions {
     by_client: HashMap<String, Session>,
     /// Filters over all sessions, kept as they change.
     filters: usize,
-    /// Each distinct filter and how many sessions hold it: what a publish is
-    /// matched against (ten displays on one filter cost one match, not ten).
+    /// Each distinct filter and how many sessions hold it (ten displays on
+    /// one filter put it in the index once, not ten times).
     distinct: HashMap<String, usize>,
+    /// The distinct filters by level: what a publish is matched against.
+    index: FilterIndex,
 }
 
 impl Sessions {
@@ -67,6 +72,7 @@ impl Sessions {
             Some(n) => *n += 1,
             None => {
                 self.distinct.insert(filter.to_string(), 1);
+                self.index.insert(filter);
             }
         }
     }
@@ -78,6 +84,235 @@ impl Sessions {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.distinct.remove(filter);
+                self.index.remove(filter);
+            }
+        }
+    }
+}
+
+/// Distinct topic filters arranged by level, so that matching a topic walks
+/// the topic's levels (at each: the level by name, `+`, and `#`) instead of
+/// trying every filter: its cost grows with the topic's depth and the
+/// wildcards that fit it, not with the number of filters held.
+///
+/// Matches exactly as trying each filter with the ACL's `covers` would (a
+/// property test compares the two): `#` matches its parent level too, a first-level
+/// wildcard does not match a topic that starts with `$`, a shared
+/// subscription matches as its filter does, and anything after a `#` in a
+/// malformed filter is ignored, as `covers` ignores it. Every walk is a loop
+/// with its own stack, never recursion: a filter or topic may have tens of
+/// thousands of levels.
+#[derive(Debug)]
+struct FilterIndex {
+    /// The levels; the first is the root, before a topic's first level.
+    nodes: Vec<Level>,
+    /// Slots of `nodes` no filter uses any more, reused first.
+    free: Vec<usize>,
+    /// Shared subscriptions without a filter (`$share/<group>`): they match
+    /// every topic.
+    everything: usize,
+}
+
+/// One level of the index: the filters that end here and the levels below.
+#[derive(Debug, Default)]
+struct Level {
+    /// Filters that end at this level.
+    ends: usize,
+    /// Filters whose next level is `#`: they match this level and all below.
+    rest: usize,
+    /// The next level, by name (never `+` or `#`).
+    named: HashMap<String, usize>,
+    /// The next level when the filter has `+` there.
+    any: Option<usize>,
+}
+
+impl Level {
+    fn is_empty(&self) -> bool {
+        self.ends == 0 && self.rest == 0 && self.named.is_empty() && self.any.is_none()
+    }
+}
+
+/// A filter as the index files it.
+enum Shape<'a> {
+    /// `$share/<group>` with no filter after it: matches everything.
+    Everything,
+    /// The levels before the filter's end, or before a `#` (`rest`).
+    Levels { levels: Vec<&'a str>, rest: bool },
+}
+
+impl<'a> Shape<'a> {
+    fn of(filter: &'a str) -> Self {
+        let filter = match filter.strip_prefix("$share/") {
+            Some(rest) => match rest.split_once('/') {
+                Some((_group, f)) => f,
+                None => return Shape::Everything,
+            },
+            None => filter,
+        };
+        let mut levels = Vec::new();
+        for level in filter.split('/') {
+            if level == "#" {
+                return Shape::Levels { levels, rest: true };
+            }
+            levels.push(level);
+        }
+        Shape::Levels {
+            levels,
+            rest: false,
+        }
+    }
+}
+
+impl Default for FilterIndex {
+    fn default() -> Self {
+        Self {
+            nodes: vec![Level::default()],
+            free: Vec::new(),
+            everything: 0,
+        }
+    }
+}
+
+impl FilterIndex {
+    /// A new, empty level's slot.
+    fn level(&mut self) -> usize {
+        match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.nodes.push(Level::default());
+                self.nodes.len() - 1
+            }
+        }
+    }
+
+    /// Files one more distinct `filter`.
+    fn insert(&mut self, filter: &str) {
+        let Shape::Levels { levels, rest } = Shape::of(filter) else {
+            self.everything += 1;
+            return;
+        };
+        let mut at = 0;
+        for name in levels {
+            let next = if name == "+" {
+                self.nodes[at].any
+            } else {
+                self.nodes[at].named.get(name).copied()
+            };
+            at = match next {
+                Some(next) => next,
+                None => {
+                    let next = self.level();
+                    if name == "+" {
+                        self.nodes[at].any = Some(next);
+                    } else {
+                        self.nodes[at].named.insert(name.to_string(), next);
+                    }
+                    next
+                }
+            };
+        }
+        let level = &mut self.nodes[at];
+        if rest {
+            level.rest += 1;
+        } else {
+            level.ends += 1;
+        }
+    }
+
+    /// Removes one distinct `filter` (filed before), and the levels it
+    /// leaves holding nothing.
+    fn remove(&mut self, filter: &str) {
+        let Shape::Levels { levels, rest } = Shape::of(filter) else {
+            self.everything = self.everything.saturating_sub(1);
+            return;
+        };
+        let mut path = Vec::with_capacity(levels.len() + 1);
+        path.push(0);
+        let mut at = 0;
+        for &name in &levels {
+            let next = if name == "+" {
+                self.nodes[at].any
+            } else {
+                self.nodes[at].named.get(name).copied()
+            };
+            let Some(next) = next else {
+                return; // never filed: nothing to remove
+            };
+            at = next;
+            path.push(at);
+        }
+        let level = &mut self.nodes[at];
+        if rest {
+            level.rest = level.rest.saturating_sub(1);
+        } else {
+            level.ends = level.ends.saturating_sub(1);
+        }
+        // Deepest first: a level left empty goes, and its parent may follow.
+        for (depth, &name) in levels.iter().enumerate().rev() {
+            let (parent, child) = (path[depth], path[depth + 1]);
+            if !self.nodes[child].is_empty() {
+                break;
+            }
+            if name == "+" {
+                self.nodes[parent].any = None;
+            } else {
+                self.nodes[parent].named.remove(name);
+            }
+            // Empty already; this also gives back its map's memory.
+            self.nodes[child] = Level::default();
+            self.free.push(child);
+        }
+    }
+
+    /// Whether some filed filter matches `topic`.
+    fn any_match(&self, topic: &str) -> bool {
+        if self.everything > 0 {
+            return true;
+        }
+        let dollar = topic.starts_with('$');
+        // Where a walk stands: a level of the index, and the topic's levels
+        // from there on (None: past its last level). `pending` holds the
+        // other branch wherever both a name and `+` fit, so a walk allocates
+        // only when the filters branch.
+        let mut pending: Vec<(usize, Option<&str>)> = Vec::new();
+        let mut at = (0, Some(topic));
+        loop {
+            let (i, topic_rest) = at;
+            let level = &self.nodes[i];
+            // A wildcard in a filter's first level does not match `$` topics.
+            let wild = !(i == 0 && dollar);
+            if wild && level.rest > 0 {
+                return true;
+            }
+            let next = match topic_rest {
+                None => {
+                    if level.ends > 0 {
+                        return true;
+                    }
+                    None
+                }
+                Some(topic_rest) => {
+                    let (name, below) = match topic_rest.split_once('/') {
+                        Some((name, below)) => (name, Some(below)),
+                        None => (topic_rest, None),
+                    };
+                    let named = level.named.get(name).map(|&n| (n, below));
+                    let any = level
+                        .any
+                        .filter(|_| wild && name != "#")
+                        .map(|n| (n, below));
+                    match (named, any) {
+                        (Some(named), Some(any)) => {
+                            pending.push(any);
+                            Some(named)
+                        }
+                        (named, any) => named.or(any),
+                    }
+                }
+            };
+            match next.or_else(|| pending.pop()) {
+                Some(next) => at = next,
+                None => return false,
             }
         }
     }
@@ -218,17 +453,16 @@ impl LocalSubscriptions {
         self.sessions
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .distinct
-            .keys()
-            .any(|f| matches(f, topic))
+            .index
+            .any_match(topic)
     }
 }
 
 /// One device connection's answers of [`LocalSubscriptions::any_match`], by
 /// topic, while the filters do not change: a device publishes on a handful
-/// of topics, so with local subscribers each topic is matched against the
-/// filters once per change instead of once per publish (and without the
-/// shared lock's counter). Bounded: [`MEMO_TOPICS`] topics of at most
+/// of topics, so with local subscribers each topic is matched once per
+/// change instead of once per publish, and without the shared lock (whose
+/// reader count bounces between CPUs when two connections ask at once). Bounded: [`MEMO_TOPICS`] topics of at most
 /// [`MEMO_TOPIC_BYTES`] each, about 6 KiB per connection at most (6 MiB
 /// over `gate.max_connections` = 1,000).
 #[derive(Debug, Default)]
@@ -264,8 +498,10 @@ impl MatchMemo {
     }
 }
 
-/// Whether `filter` (as a client sent it) matches `topic`. A shared
+/// Whether `filter` (as a client sent it) matches `topic`, one filter at a
+/// time: the reference [`FilterIndex`] is tested against. A shared
 /// subscription (`$share/<group>/<filter>`) matches as its filter does.
+#[cfg(test)]
 fn matches(filter: &str, topic: &str) -> bool {
     let filter = match filter.strip_prefix("$share/") {
         Some(rest) => match rest.split_once('/') {
@@ -274,11 +510,13 @@ fn matches(filter: &str, topic: &str) -> bool {
         },
         None => filter,
     };
-    covers(filter, topic)
+    super::acl::covers(filter, topic)
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::strategy::Strategy as _;
+
     use super::*;
 
     fn strings(v: &[&str]) -> Vec<String> {
@@ -355,7 +593,54 @@ mod tests {
         assert!(!local.any_match("devices/bed-1/vitals/hr"));
     }
 
+    /// Filters and topics from a small alphabet of levels, so that they meet
+    /// often: names, the empty level, a `$` name, both wildcards (in topics
+    /// too, where a device may not put them but a bad one might).
+    fn levels(max: usize) -> impl proptest::strategy::Strategy<Value = String> {
+        const NAMES: [&str; 6] = ["a", "b", "", "$s", "+", "#"];
+        proptest::collection::vec(proptest::sample::select(NAMES.to_vec()), 1..=max)
+            .prop_map(|levels| levels.join("/"))
+    }
+
+    fn filter() -> impl proptest::strategy::Strategy<Value = String> {
+        (0u8..4, levels(4)).prop_map(|(share, f)| match share {
+            0 => format!("$share/g/{f}"),
+            1 if f.len() < 3 => "$share/g".to_string(),
+            _ => f,
+        })
+    }
+
     proptest::proptest! {
+        /// The index answers as trying every filter would, through any
+        /// sequence of filing and removing (each distinct filter filed at
+        /// most once, as `Sessions` does), and gives back every level once
+        /// the last filter goes.
+        #[test]
+        fn the_index_matches_as_every_filter_would(
+            ops in proptest::collection::vec((proptest::bool::ANY, filter()), 1..40),
+            topics in proptest::collection::vec(levels(5), 1..12),
+        ) {
+            let mut index = FilterIndex::default();
+            let mut filed: HashSet<String> = HashSet::new();
+            for (add, f) in ops {
+                if add && filed.insert(f.clone()) {
+                    index.insert(&f);
+                } else if !add && filed.remove(&f) {
+                    index.remove(&f);
+                }
+                for topic in &topics {
+                    let truth = filed.iter().any(|f| matches(f, topic));
+                    proptest::prop_assert_eq!(index.any_match(topic), truth, "{} against {:?}", topic, filed);
+                }
+            }
+            for f in std::mem::take(&mut filed) {
+                index.remove(&f);
+            }
+            proptest::prop_assert_eq!(index.nodes.len() - index.free.len(), 1, "only the root is left");
+            proptest::prop_assert!(index.nodes[0].is_empty());
+            proptest::prop_assert_eq!(index.everything, 0);
+        }
+
         /// Whatever clients do, the count the lock-free check reads is the
         /// number of filters held, so a publish skips the broker only when no
         /// held filter matches it.
@@ -454,6 +739,30 @@ mod tests {
         assert!(memo.any_match(&local, vitals));
         drop(station);
         assert!(!memo.any_match(&local, vitals));
+    }
+
+    /// Matching walks with its own stack: a filter and a topic of 30,000
+    /// levels each, on a thread with a small stack, do not overflow it.
+    #[test]
+    fn deep_filters_and_topics_do_not_recurse() {
+        let deep = vec!["a"; 30_000].join("/");
+        let wild = vec!["+"; 30_000].join("/");
+        let walked = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut index = FilterIndex::default();
+                index.insert(&deep);
+                index.insert(&wild);
+                let answers = (
+                    index.any_match(&deep),
+                    index.any_match(&format!("{deep}/a")),
+                );
+                index.remove(&deep);
+                index.remove(&wild);
+                (answers, index.nodes.len() - index.free.len())
+            })
+            .map(|t| t.join());
+        assert!(matches!(walked, Ok(Ok(((true, false), 1)))), "{walked:?}");
     }
 
     #[test]
