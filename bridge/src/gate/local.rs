@@ -16,8 +16,9 @@
 //! when the session that holds it ends. rumqttd keeps a persistent session's
 //! subscriptions after its client disconnects (and queues for it), so those
 //! stay here until the client id connects with a clean session; a clean
-//! session's filters go when its connection ends. Past [`MAX_FILTERS`] the set
-//! stops telling and every publish is routed.
+//! session's filters go when its connection ends. Past [`MAX_FILTERS`]
+//! filters or [`MAX_FILTER_BYTES`] of them the set stops telling and every
+//! publish is routed (for the rest of the process's life).
 //!
 //! A publish is matched through an index of the distinct filters by level,
 //! so its cost does not grow with the number of filters, and each device
@@ -30,6 +31,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// Filters tracked before the set gives up and routes everything.
 pub const MAX_FILTERS: usize = 100_000;
+/// Bytes of filters tracked (summed over the sessions that hold them)
+/// before the set gives up and routes everything: what bounds its memory,
+/// since a filter may be up to 64 KiB long.
+pub const MAX_FILTER_BYTES: usize = 16 << 20;
 /// Topics one connection's [`MatchMemo`] remembers before it starts afresh.
 pub const MEMO_TOPICS: usize = 32;
 /// Longest topic a [`MatchMemo`] remembers (longer ones are matched each time).
@@ -41,7 +46,8 @@ pub struct LocalSubscriptions {
     /// Filters held, over all sessions (read without the lock on every
     /// publish: zero means "route nothing").
     filters: AtomicUsize,
-    /// Set once [`MAX_FILTERS`] was passed: everything is routed from then.
+    /// Set once [`MAX_FILTERS`] or [`MAX_FILTER_BYTES`] was passed:
+    /// everything is routed from then.
     overflowed: AtomicBool,
     /// Bumped after every change to the filters: a [`MatchMemo`]'s answers
     /// hold only for the generation they were found in.
@@ -57,6 +63,8 @@ struct Sessions {
     by_client: HashMap<String, Session>,
     /// Filters over all sessions, kept as they change.
     filters: usize,
+    /// Their bytes, likewise.
+    bytes: usize,
     /// Each distinct filter and how many sessions hold it (ten displays on
     /// one filter put it in the index once, not ten times).
     distinct: HashMap<String, usize>,
@@ -68,6 +76,7 @@ impl Sessions {
     /// One more session holds `filter`.
     fn hold(&mut self, filter: &str) {
         self.filters += 1;
+        self.bytes += filter.len();
         match self.distinct.get_mut(filter) {
             Some(n) => *n += 1,
             None => {
@@ -80,6 +89,7 @@ impl Sessions {
     /// One session fewer holds `filter`.
     fn release(&mut self, filter: &str) {
         self.filters = self.filters.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(filter.len());
         if let Some(n) = self.distinct.get_mut(filter) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -353,7 +363,7 @@ impl LocalSubscriptions {
     /// Publishes the count for the lock-free check and ends the memos'
     /// generation (called under the write lock, after every change).
     fn publish(&self, sessions: &Sessions) {
-        if sessions.filters > MAX_FILTERS {
+        if sessions.filters > MAX_FILTERS || sessions.bytes > MAX_FILTER_BYTES {
             self.overflowed.store(true, Ordering::Release);
         }
         self.filters.store(sessions.filters, Ordering::Release);
@@ -771,5 +781,32 @@ mod tests {
         let many: Vec<String> = (0..=MAX_FILTERS).map(|i| format!("x/{i}")).collect();
         local.subscribed("display", &many);
         assert!(local.any_match("devices/bed-1/vitals/hr"));
+    }
+
+    /// Long filters reach the byte bound long before the count's: from
+    /// there nothing more is kept and everything is routed.
+    #[test]
+    fn past_the_byte_bound_everything_is_routed_and_nothing_more_is_kept() {
+        let local = LocalSubscriptions::default();
+        let long = |i: usize| format!("x/{i}/{}", "y".repeat(60_000));
+        let mut held = 0;
+        while held <= MAX_FILTER_BYTES {
+            let f = long(held);
+            held += f.len();
+            assert!(
+                !local.any_match("devices/bed-1/vitals/hr"),
+                "{held} bytes held"
+            );
+            local.subscribed("display", &[f]);
+        }
+        assert!(local.any_match("devices/bed-1/vitals/hr"));
+        let count = local.sessions().filters;
+        local.subscribed("display", &[long(1), long(2)]);
+        assert_eq!(
+            local.sessions().filters,
+            count,
+            "nothing is added past the bound"
+        );
+        assert!(local.sessions().bytes <= MAX_FILTER_BYTES + 60_100);
     }
 }
