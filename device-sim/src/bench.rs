@@ -237,7 +237,18 @@ pub struct BenchOptions {
     /// Publishes each simulated device keeps in flight ([`INFLIGHT`] by
     /// default); Vigil's `gate.max_inflight` is set to the same.
     pub inflight: u16,
+    /// Distinct filters a local subscriber (a simulated ward display, client
+    /// id [`DISPLAY`]) holds on Vigil's gate through row 2's fill, none
+    /// matching a device's topic, so that every publish goes through the
+    /// gate's local-subscription check. 0, as in the table: no local
+    /// subscriber.
+    pub local_filters: usize,
 }
+
+/// The local subscriber's client id (`--local-filters`).
+pub const DISPLAY: &str = "bench-display";
+/// Filters per SUBSCRIBE the local subscriber sends.
+const FILTERS_PER_SUBSCRIBE: usize = 100;
 
 /// Which rows a bench runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -794,7 +805,7 @@ impl Bench {
         let gate = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let path = |stem: &str| self.pki.path(stem).display().to_string();
-        let text = format!(
+        let mut text = format!(
             "# vigil-sim bench: {name}\n\
              [store]\ndir = {store:?}\nquota_bytes = {QUOTA_BYTES}\n\n\
              [gate]\ntcp_listen = \"{gate}\"\nmax_inflight = {inflight}\n\n\
@@ -808,6 +819,13 @@ impl Bench {
             cert = path("vigil.pem"),
             key = path("vigil.key"),
         );
+        if self.opts.local_filters > 0 {
+            // The display may subscribe under `wards/`, where no device
+            // publishes.
+            text.push_str(&format!(
+                "\n[[gate.subscribe]]\nclients = [\"{DISPLAY}\"]\nfilters = [\"wards/#\"]\n"
+            ));
+        }
         let config = self.work.join(format!("vigil-{name}.toml"));
         std::fs::write(&config, text).map_err(io_error(&config))?;
         let mut cmd = tokio::process::Command::new(&self.opts.vigil);
@@ -1183,6 +1201,15 @@ impl Bench {
         tokio::time::sleep(IDLE).await;
         f.rss_empty = rss(vigil.pid).map_err(|e| e.to_string());
         f.du_empty = allocated_bytes(&store).map_err(|e| e.to_string());
+        let display = match self.opts.local_filters {
+            0 => None,
+            filters => {
+                eprintln!(
+                    "bench: row 2: a local subscriber ({DISPLAY}) subscribes to {filters} filters"
+                );
+                Some(local_display(vigil.listen, filters).await?)
+            }
+        };
         let run = self.next_run();
         eprintln!(
             "bench: row 2: {DEVICES} devices publishing {} messages to Vigil (cloud unreachable)",
@@ -1204,6 +1231,13 @@ impl Bench {
         f.du_full = allocated_bytes(&store).map_err(|e| e.to_string());
         if let Some(http) = vigil.http {
             f.stored = backlog(http).await.map_err(|e| e.to_string());
+        }
+        if let Some(display) = display {
+            if let Some(http) = vigil.http {
+                self.notes
+                    .push(local_note(http, self.opts.local_filters, n).await);
+            }
+            display.abort();
         }
         self.deliveries.push(Delivery {
             phase: "row 2: fill, stored by Vigil (/status backlog)".into(),
@@ -1420,6 +1454,13 @@ impl Bench {
                 self.opts.vigil.display(),
                 self.log.display()
             ),
+            match self.opts.local_filters {
+                0 => "no local subscriber on Vigil's gate".to_string(),
+                n => format!(
+                    "a local subscriber ({DISPLAY}) holds {n} filters on Vigil's gate during row 2's fill \
+                     (--local-filters), none matching a device's topic"
+                ),
+            },
             format!(
                 "cloud: rumqttd with mutual TLS, Vigil on its MQTT 5 listener {}, the counting subscriber on {}",
                 self.cloud.v5, self.cloud.v4
@@ -2939,6 +2980,95 @@ fn allocated_bytes(dir: &Path) -> Result<u64, BenchError> {
         }
     }
     Ok(sum)
+}
+
+/// A local subscriber on Vigil's gate (client id [`DISPLAY`]) holding
+/// `filters` distinct filters, `wards/display-<i>/#`, every one granted; its
+/// event loop keeps running (answering pings) until the task is aborted.
+async fn local_display(
+    gate: SocketAddr,
+    filters: usize,
+) -> Result<tokio::task::JoinHandle<()>, BenchError> {
+    let fail = |reason: String| BenchError::Device {
+        device: DISPLAY.to_string(),
+        reason,
+    };
+    let (_, client, mut el) = connect_device(gate, DISPLAY.to_string(), 0, 10).await?;
+    let all: Vec<String> = (0..filters)
+        .map(|i| format!("wards/display-{i}/#"))
+        .collect();
+    // One SUBSCRIBE at a time, each answered before the next.
+    let subscribed =
+        async {
+            let mut granted = 0usize;
+            for chunk in all.chunks(FILTERS_PER_SUBSCRIBE) {
+                client
+                    .subscribe_many(chunk.iter().map(|f| {
+                        rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtMostOnce)
+                    }))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                loop {
+                    match el.poll().await {
+                        Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                            for code in &ack.return_codes {
+                                match code {
+                                    rumqttc::SubscribeReasonCode::Success(_) => granted += 1,
+                                    rumqttc::SubscribeReasonCode::Failure => {
+                                        return Err(format!(
+                                            "Vigil refused a filter after {granted} were granted \
+                                         (is the gate.subscribe rule in its configuration?)"
+                                        ));
+                                    }
+                                }
+                            }
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            }
+            Ok(granted)
+        };
+    match tokio::time::timeout(Duration::from_secs(30), subscribed).await {
+        Ok(Ok(granted)) if granted == filters => {}
+        Ok(Ok(granted)) => return Err(fail(format!("{granted} of {filters} filters granted"))),
+        Ok(Err(e)) => return Err(fail(e)),
+        Err(_) => return Err(fail("no SUBACK within 30 s".into())),
+    }
+    Ok(tokio::spawn(async move {
+        let _client = client;
+        while el.poll().await.is_ok() {}
+    }))
+}
+
+/// Row 2's note on the local subscriber: how many of the fill's `n`
+/// publishes Vigil's gate checked against its `filters` and kept from the
+/// embedded broker (`vigil_not_routed_locally_total`: the Vigil of the fill
+/// saw no other publish).
+async fn local_note(http: SocketAddr, filters: usize, n: u64) -> String {
+    let counted = http_get(http, "/metrics").await.and_then(|body| {
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix("vigil_not_routed_locally_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .ok_or_else(|| BenchError::Status {
+                addr: http,
+                reason: "no vigil_not_routed_locally_total in /metrics".into(),
+            })
+    });
+    match counted {
+        Ok(skipped) => format!(
+            "row 2: a local subscriber ({DISPLAY}) held {filters} distinct filters \
+             (wards/display-<i>/#, none matching a device's topic) through the fill; \
+             Vigil's gate checked every publish against them and kept {} of the fill's {} \
+             from the embedded broker (vigil_not_routed_locally_total)",
+            thousands(skipped),
+            thousands(n as f64)
+        ),
+        Err(e) => format!("row 2: the local subscriber's count: {e}"),
+    }
 }
 
 /// Sum of Vigil's `/status` backlog over every priority.

@@ -175,6 +175,13 @@ enum Command {
         #[arg(long, default_value_t = vigil_sim::bench::INFLIGHT,
               value_parser = clap::value_parser!(u16).range(1..))]
         inflight: u16,
+        /// A local subscriber (a simulated ward display) holds this many
+        /// distinct filters on Vigil's gate through row 2's fill, none
+        /// matching a device's topic, so that every publish goes through the
+        /// gate's local-subscription check. 0 (the default, as in the
+        /// table): no local subscriber.
+        #[arg(long, default_value_t = 0)]
+        local_filters: usize,
     },
 }
 
@@ -474,6 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ingest_only,
             latency_only,
             inflight,
+            local_filters,
         } => {
             let rows = match (ingest_only, latency_only) {
                 (true, _) => vigil_sim::bench::Rows::Ingest,
@@ -488,6 +496,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mosquitto,
                 rows,
                 inflight,
+                local_filters,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let report = runtime.block_on(vigil_sim::bench::run(&opts))?;

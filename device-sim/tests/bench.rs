@@ -18,7 +18,7 @@ fn debug_vigil() -> PathBuf {
 
 /// Runs the bench at a tiny scale against the debug binary and prints its
 /// report; `None` (after a SKIP line) when the binary is not built.
-fn tiny_bench(rows: Rows, inflight: u16) -> Option<(Report, String)> {
+fn tiny_bench(rows: Rows, inflight: u16, local_filters: usize) -> Option<(Report, String)> {
     let vigil = debug_vigil();
     if !vigil.is_file() {
         eprintln!(
@@ -36,6 +36,7 @@ fn tiny_bench(rows: Rows, inflight: u16) -> Option<(Report, String)> {
         mosquitto: false,
         rows,
         inflight,
+        local_filters,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let report = runtime.block_on(run(&opts)).unwrap();
@@ -64,7 +65,7 @@ fn tiny_bench(rows: Rows, inflight: u16) -> Option<(Report, String)> {
 
 #[test]
 fn a_tiny_bench_fills_every_row_and_loses_nothing() {
-    let Some((report, text)) = tiny_bench(Rows::All, vigil_sim::bench::INFLIGHT) else {
+    let Some((report, text)) = tiny_bench(Rows::All, vigil_sim::bench::INFLIGHT, 0) else {
         return;
     };
 
@@ -106,7 +107,7 @@ fn a_tiny_bench_fills_every_row_and_loses_nothing() {
 
 #[test]
 fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
-    let Some((report, text)) = tiny_bench(Rows::Ingest, 8) else {
+    let Some((report, text)) = tiny_bench(Rows::Ingest, 8, 0) else {
         return;
     };
 
@@ -156,7 +157,7 @@ fn an_ingest_only_bench_measures_row_2_and_says_what_it_skipped() {
 
 #[test]
 fn a_latency_only_bench_measures_row_4_at_1000_and_says_what_it_skipped() {
-    let Some((report, text)) = tiny_bench(Rows::Latency, vigil_sim::bench::INFLIGHT) else {
+    let Some((report, text)) = tiny_bench(Rows::Latency, vigil_sim::bench::INFLIGHT, 0) else {
         return;
     };
 
@@ -185,4 +186,45 @@ fn a_latency_only_bench_measures_row_4_at_1000_and_says_what_it_skipped() {
         assert!(d.unique >= d.want && d.ok(), "{d:?}");
     }
     assert!(report.complete());
+}
+
+/// `--local-filters`: a local subscriber holds 250 filters (three
+/// SUBSCRIBEs) on the gate through the fill, none matching a device's
+/// topic; every publish of the fill is checked and kept from the embedded
+/// broker, and all of them are stored.
+#[test]
+fn a_local_subscriber_holds_its_filters_through_the_fill() {
+    let Some((report, text)) = tiny_bench(Rows::Ingest, 8, 250) else {
+        return;
+    };
+    assert!(report.complete(), "{text}");
+    assert!(
+        text.contains("a local subscriber (bench-display) holds 250 filters"),
+        "{text}"
+    );
+    let note = report
+        .notes
+        .iter()
+        .find(|n| n.contains("held 250 distinct filters"))
+        .unwrap_or_else(|| panic!("no local subscriber's note:\n{text}"));
+    // "... kept X of the fill's Y from the embedded broker ..."
+    let figures: Vec<u64> = note
+        .split_once(" kept ")
+        .and_then(|(_, rest)| rest.split_once(" from the embedded broker"))
+        .map(|(counts, _)| {
+            counts
+                .split(" of the fill's ")
+                .map(|n| n.replace(',', "").parse().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(figures.len(), 2, "{note}");
+    assert!(figures[1] > 0, "{note}");
+    assert_eq!(figures[0], figures[1], "{note}");
+    let stored = report
+        .deliveries
+        .iter()
+        .find(|d| d.phase.starts_with("row 2: fill"))
+        .unwrap();
+    assert!(stored.ok() && stored.unique == stored.want, "{stored:?}");
 }
