@@ -3062,8 +3062,8 @@ async fn local_note(http: SocketAddr, filters: usize, n: u64) -> String {
         Ok(skipped) => format!(
             "row 2: a local subscriber ({DISPLAY}) held {filters} distinct filters \
              (wards/display-<i>/#, none matching a device's topic) through the fill; \
-             Vigil's gate checked every publish against them and kept {} of the fill's {} \
-             from the embedded broker (vigil_not_routed_locally_total)",
+             Vigil's gate kept {} of the fill's {} from the embedded broker, having \
+             found no local filter for them (vigil_not_routed_locally_total)",
             thousands(skipped),
             thousands(n as f64)
         ),
