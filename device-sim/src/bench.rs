@@ -3049,14 +3049,14 @@ async fn local_display(
 /// saw no other publish).
 async fn local_note(http: SocketAddr, filters: usize, n: u64) -> String {
     let counted = http_get(http, "/metrics").await.and_then(|body| {
-        String::from_utf8_lossy(&body)
-            .lines()
-            .find_map(|l| l.strip_prefix("vigil_not_routed_locally_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .ok_or_else(|| BenchError::Status {
-                addr: http,
-                reason: "no vigil_not_routed_locally_total in /metrics".into(),
-            })
+        crate::operator::counter_sum(
+            &String::from_utf8_lossy(&body),
+            "vigil_not_routed_locally_total",
+        )
+        .ok_or_else(|| BenchError::Status {
+            addr: http,
+            reason: "no vigil_not_routed_locally_total in /metrics".into(),
+        })
     });
     match counted {
         Ok(skipped) => format!(
@@ -3064,7 +3064,7 @@ async fn local_note(http: SocketAddr, filters: usize, n: u64) -> String {
              (wards/display-<i>/#, none matching a device's topic) through the fill; \
              Vigil's gate kept {} of the fill's {} from the embedded broker, having \
              found no local filter for them (vigil_not_routed_locally_total)",
-            thousands(skipped),
+            thousands(skipped as f64),
             thousands(n as f64)
         ),
         Err(e) => format!("row 2: the local subscriber's count: {e}"),

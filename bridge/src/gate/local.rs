@@ -196,6 +196,15 @@ impl FilterIndex {
         }
     }
 
+    /// The level below `at` that a filter's level `name` leads to, if filed.
+    fn child(&self, at: usize, name: &str) -> Option<usize> {
+        if name == "+" {
+            self.nodes[at].any
+        } else {
+            self.nodes[at].named.get(name).copied()
+        }
+    }
+
     /// Files one more distinct `filter`.
     fn insert(&mut self, filter: &str) {
         let Shape::Levels { levels, rest } = Shape::of(filter) else {
@@ -204,12 +213,7 @@ impl FilterIndex {
         };
         let mut at = 0;
         for name in levels {
-            let next = if name == "+" {
-                self.nodes[at].any
-            } else {
-                self.nodes[at].named.get(name).copied()
-            };
-            at = match next {
+            at = match self.child(at, name) {
                 Some(next) => next,
                 None => {
                     let next = self.level();
@@ -241,12 +245,7 @@ impl FilterIndex {
         path.push(0);
         let mut at = 0;
         for &name in &levels {
-            let next = if name == "+" {
-                self.nodes[at].any
-            } else {
-                self.nodes[at].named.get(name).copied()
-            };
-            let Some(next) = next else {
+            let Some(next) = self.child(at, name) else {
                 return; // never filed: nothing to remove
             };
             at = next;
