@@ -318,6 +318,9 @@ pub(super) struct Writer {
     /// This writer's own channel, for the look's answer (weak: it does not
     /// keep the channel open once every store handle is gone).
     commands: mpsc::WeakSender<Command>,
+    /// The `log` ablation's file, opened at its first commit.
+    #[cfg(any(test, feature = "ablation"))]
+    log: Option<super::ablation::SegmentLog>,
 }
 
 /// A drain after this many appended bytes (counting the backlog found at
@@ -423,6 +426,8 @@ impl Writer {
             reclaimer,
             damage: super::salvage::Watch::new(),
             commands,
+            #[cfg(any(test, feature = "ablation"))]
+            log: None,
         }
     }
 
@@ -1801,6 +1806,19 @@ impl Writer {
         let queued_more = changes
             .iter()
             .any(|c| matches!(c, Change::Append(..) | Change::Put(..)));
+        #[cfg(any(test, feature = "ablation"))]
+        if self.shared.ablation == Some(super::ablation::Ablation::Log) {
+            self.write_to_ablation_log(batch)?;
+            if !changes.is_empty()
+                && let Ok(mut recent) = self.shared.recent.lock()
+            {
+                recent.apply(changes);
+            }
+            if queued_more {
+                self.shared.appends.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            return Ok(());
+        }
         for op in batch.ops.drain(..) {
             match op {
                 Op::Put(area, seq, value) => {
@@ -1841,5 +1859,34 @@ impl Writer {
             self.shared.appends.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(())
+    }
+
+    /// The `log` ablation's commit: what fjall's batch would hold (records,
+    /// device counters, state), written once to a plain file and
+    /// fdatasynced when the batch must be (see [`super::ablation`]).
+    #[cfg(any(test, feature = "ablation"))]
+    fn write_to_ablation_log(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
+        let log = match &mut self.log {
+            Some(log) => log,
+            None => self
+                .log
+                .insert(super::ablation::SegmentLog::open(&self.shared.dir)?),
+        };
+        for op in batch.ops.drain(..) {
+            match op {
+                Op::Put(_, seq, value) => log.push(&record::key(seq), &value),
+                Op::Delete(_, seq) => log.push(&record::key(seq), &[]),
+                Op::Meta(k, v) => log.push(&k, &v),
+            }
+        }
+        for device in &batch.devices {
+            if let Some(last) = self.devices.get(device) {
+                log.push(&dev_key(device), &last.to_be_bytes());
+            }
+        }
+        let state = postcard::to_allocvec(&self.state)
+            .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
+        log.push(STATE_KEY, &state);
+        log.commit(batch.sync && matches!(self.durability, Durability::SyncData))
     }
 }
