@@ -23,6 +23,10 @@
 //!   floor of a storage engine other than fjall's LSM tree, not that engine:
 //!   no index, no reads, no reclaim, and the file starts over at
 //!   [`SEGMENT_BYTES`] so a long fill does not fill the disk.
+//! * `log-preallocated`: as `log`, with the file written through with zeros
+//!   (and fsynced) at open, as a log that recycles its segments would have
+//!   it: the fill's writes then allocate no blocks and change no file size,
+//!   so each fdatasync flushes data alone.
 //!
 //! Either way nothing is kept that Vigil could read back; the store logs that
 //! at open, loudly.
@@ -43,8 +47,10 @@ pub(super) enum Ablation {
     Gate,
     /// Everything but fjall's commit.
     Engine,
-    /// fjall's commit replaced by one write and fdatasync of a plain file.
-    Log,
+    /// fjall's commit replaced by one write and fdatasync of a plain file;
+    /// `preallocated`: the file written through with zeros at open, so that
+    /// the fill's writes allocate no blocks and change no file size.
+    Log { preallocated: bool },
 }
 
 impl Ablation {
@@ -68,10 +74,14 @@ impl Ablation {
         match value.to_str() {
             Some("gate") => Ok(Some(Self::Gate)),
             Some("engine") => Ok(Some(Self::Engine)),
-            Some("log") => Ok(Some(Self::Log)),
+            Some("log") => Ok(Some(Self::Log {
+                preallocated: false,
+            })),
+            Some("log-preallocated") => Ok(Some(Self::Log { preallocated: true })),
             _ => Err(StoreError::Options(format!(
                 "{VAR}={value:?} is not an ablation: this benchmark-only build takes \
-                 {VAR}=gate, {VAR}=engine or {VAR}=log, or the variable unset"
+                 {VAR}=gate, {VAR}=engine, {VAR}=log or {VAR}=log-preallocated, or the \
+                 variable unset"
             ))),
         }
     }
@@ -90,7 +100,7 @@ pub(super) struct SegmentLog {
 }
 
 impl SegmentLog {
-    pub(super) fn open(dir: &Path) -> Result<Self, StoreError> {
+    pub(super) fn open(dir: &Path, preallocated: bool) -> Result<Self, StoreError> {
         let path = dir.join("ablation-segment.log");
         let file = File::options()
             .create(true)
@@ -98,11 +108,21 @@ impl SegmentLog {
             .write(true)
             .open(&path)
             .map_err(|e| StoreError::Persist(format!("cannot open {}: {e}", path.display())))?;
-        Ok(Self {
+        let mut log = Self {
             file,
             at: 0,
             buf: Vec::new(),
-        })
+        };
+        if preallocated {
+            let fail = |e: std::io::Error| StoreError::Persist(format!("ablation log: {e}"));
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..SEGMENT_BYTES / (1 << 20) {
+                log.file.write_all(&zeros).map_err(fail)?;
+            }
+            log.file.sync_all().map_err(fail)?;
+            log.file.seek(SeekFrom::Start(0)).map_err(fail)?;
+        }
+        Ok(log)
     }
 
     /// Frames one entry into the pending write.
@@ -143,7 +163,16 @@ mod tests {
         assert_eq!(parse(None).ok(), Some(None));
         assert_eq!(parse(Some("gate")).ok(), Some(Some(Ablation::Gate)));
         assert_eq!(parse(Some("engine")).ok(), Some(Some(Ablation::Engine)));
-        assert_eq!(parse(Some("log")).ok(), Some(Some(Ablation::Log)));
+        assert_eq!(
+            parse(Some("log")).ok(),
+            Some(Some(Ablation::Log {
+                preallocated: false
+            }))
+        );
+        assert_eq!(
+            parse(Some("log-preallocated")).ok(),
+            Some(Some(Ablation::Log { preallocated: true }))
+        );
         for bad in ["", "Gate", "fjall", "engine "] {
             let err = parse(Some(bad)).err().map(|e| e.to_string());
             assert!(
@@ -157,7 +186,7 @@ mod tests {
     #[test]
     fn the_log_writes_each_entry_once_and_starts_over_past_a_segment() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let mut log = SegmentLog::open(dir.path())?;
+        let mut log = SegmentLog::open(dir.path(), false)?;
         log.push(b"k1", b"sealed");
         log.push(b"", b"state");
         log.commit(true)?;

@@ -431,6 +431,19 @@ impl Writer {
         }
     }
 
+    /// Opens the `log` ablation's file before the first commit (a
+    /// preallocated one takes a while to write); nothing in any other build.
+    #[cfg(any(test, feature = "ablation"))]
+    pub(super) fn open_ablation_log(&mut self) -> Result<(), StoreError> {
+        if let Some(super::ablation::Ablation::Log { preallocated }) = self.shared.ablation {
+            self.log = Some(super::ablation::SegmentLog::open(
+                &self.shared.dir,
+                preallocated,
+            )?);
+        }
+        Ok(())
+    }
+
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(first) = rx.blocking_recv() {
             let started = Instant::now();
@@ -1807,7 +1820,7 @@ impl Writer {
             .iter()
             .any(|c| matches!(c, Change::Append(..) | Change::Put(..)));
         #[cfg(any(test, feature = "ablation"))]
-        if self.shared.ablation == Some(super::ablation::Ablation::Log) {
+        if let Some(super::ablation::Ablation::Log { .. }) = self.shared.ablation {
             self.write_to_ablation_log(batch)?;
             if !changes.is_empty()
                 && let Ok(mut recent) = self.shared.recent.lock()
@@ -1870,7 +1883,7 @@ impl Writer {
             Some(log) => log,
             None => self
                 .log
-                .insert(super::ablation::SegmentLog::open(&self.shared.dir)?),
+                .insert(super::ablation::SegmentLog::open(&self.shared.dir, false)?),
         };
         for op in batch.ops.drain(..) {
             match op {
