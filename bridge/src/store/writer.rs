@@ -318,7 +318,8 @@ pub(super) struct Writer {
     /// This writer's own channel, for the look's answer (weak: it does not
     /// keep the channel open once every store handle is gone).
     commands: mpsc::WeakSender<Command>,
-    /// The `log` ablation's file, opened at its first commit.
+    /// The `log` ablation's file, opened with the store
+    /// ([`Self::open_ablation_log`]).
     #[cfg(any(test, feature = "ablation"))]
     log: Option<super::ablation::SegmentLog>,
 }
@@ -1798,7 +1799,6 @@ impl Writer {
             (true, Durability::SyncData) => PersistMode::SyncData,
             _ => PersistMode::Buffer,
         };
-        let mut wb = self.shared.db.batch().durability(Some(mode));
         // What the batch does to the lanes, for `recent` once committed.
         let mut changes = Vec::new();
         for op in &batch.ops {
@@ -1820,47 +1820,41 @@ impl Writer {
             .iter()
             .any(|c| matches!(c, Change::Append(..) | Change::Put(..)));
         #[cfg(any(test, feature = "ablation"))]
-        if let Some(super::ablation::Ablation::Log { .. }) = self.shared.ablation {
-            self.write_to_ablation_log(batch)?;
-            if !changes.is_empty()
-                && let Ok(mut recent) = self.shared.recent.lock()
-            {
-                recent.apply(changes);
-            }
-            if queued_more {
-                self.shared.appends.send_modify(|n| *n = n.wrapping_add(1));
-            }
-            return Ok(());
-        }
-        for op in batch.ops.drain(..) {
-            match op {
-                Op::Put(area, seq, value) => {
-                    wb.insert(self.keyspace(area)?, record::key(seq), value)
+        let logged = self.write_to_ablation_log(batch, mode)?;
+        #[cfg(not(any(test, feature = "ablation")))]
+        let logged = false;
+        if !logged {
+            let mut wb = self.shared.db.batch().durability(Some(mode));
+            for op in batch.ops.drain(..) {
+                match op {
+                    Op::Put(area, seq, value) => {
+                        wb.insert(self.keyspace(area)?, record::key(seq), value)
+                    }
+                    Op::Delete(area, seq) => wb.remove(self.keyspace(area)?, record::key(seq)),
+                    Op::Meta(k, v) => wb.insert(&self.shared.meta, k, v),
                 }
-                Op::Delete(area, seq) => wb.remove(self.keyspace(area)?, record::key(seq)),
-                Op::Meta(k, v) => wb.insert(&self.shared.meta, k, v),
             }
-        }
-        for device in &batch.devices {
-            if let Some(last) = self.devices.get(device) {
-                wb.insert(
-                    &self.shared.meta,
-                    dev_key(device),
-                    last.to_be_bytes().to_vec(),
-                );
+            for device in &batch.devices {
+                if let Some(last) = self.devices.get(device) {
+                    wb.insert(
+                        &self.shared.meta,
+                        dev_key(device),
+                        last.to_be_bytes().to_vec(),
+                    );
+                }
             }
-        }
-        let state = postcard::to_allocvec(&self.state)
-            .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
-        wb.insert(&self.shared.meta, STATE_KEY, state);
-        let started = Instant::now();
-        wb.commit()
-            .map_err(|e| StoreError::Persist(format!("{e:?}")))?;
-        if batch.sync {
-            self.shared
-                .metrics
-                .commit_seconds
-                .observe(started.elapsed().as_secs_f64());
+            let state = postcard::to_allocvec(&self.state)
+                .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
+            wb.insert(&self.shared.meta, STATE_KEY, state);
+            let started = Instant::now();
+            wb.commit()
+                .map_err(|e| StoreError::Persist(format!("{e:?}")))?;
+            if batch.sync {
+                self.shared
+                    .metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
         }
         // Committed: the caught-up reads may see it now, before the signal.
         if !changes.is_empty()
@@ -1874,16 +1868,18 @@ impl Writer {
         Ok(())
     }
 
-    /// The `log` ablation's commit: what fjall's batch would hold (records,
-    /// device counters, state), written once to a plain file and
-    /// fdatasynced when the batch must be (see [`super::ablation`]).
+    /// The `log` ablation's commit, in place of fjall's: what fjall's batch
+    /// would hold (records, device counters, state), written once to a plain
+    /// file and fdatasynced when fjall's would be (see [`super::ablation`]).
+    /// False, with nothing done, unless that ablation is on.
     #[cfg(any(test, feature = "ablation"))]
-    fn write_to_ablation_log(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
-        let log = match &mut self.log {
-            Some(log) => log,
-            None => self
-                .log
-                .insert(super::ablation::SegmentLog::open(&self.shared.dir, false)?),
+    fn write_to_ablation_log(
+        &mut self,
+        batch: &mut Batch,
+        mode: PersistMode,
+    ) -> Result<bool, StoreError> {
+        let Some(log) = self.log.as_mut() else {
+            return Ok(false);
         };
         for op in batch.ops.drain(..) {
             match op {
@@ -1900,6 +1896,7 @@ impl Writer {
         let state = postcard::to_allocvec(&self.state)
             .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
         log.push(STATE_KEY, &state);
-        log.commit(batch.sync && matches!(self.durability, Durability::SyncData))
+        log.commit(mode == PersistMode::SyncData)?;
+        Ok(true)
     }
 }
