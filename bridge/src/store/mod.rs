@@ -732,10 +732,9 @@ impl Store {
         let (shared, state) = open_shared(&options, master)?;
         let shared = Arc::new(shared);
         let (tx, rx) = mpsc::channel(options.queue_depth);
-        #[cfg_attr(not(any(test, feature = "ablation")), expect(unused_mut))]
-        let mut writer = writer::Writer::new(shared.clone(), &options, state, tx.downgrade());
+        let writer = writer::Writer::new(shared.clone(), &options, state, tx.downgrade());
         #[cfg(any(test, feature = "ablation"))]
-        writer.open_ablation_log()?;
+        let writer = writer.with_ablation_log()?;
         let handle = std::thread::Builder::new()
             .name("vigil-store-writer".into())
             .spawn(move || writer.run(rx))

@@ -319,7 +319,7 @@ pub(super) struct Writer {
     /// keep the channel open once every store handle is gone).
     commands: mpsc::WeakSender<Command>,
     /// The `log` ablation's file, opened with the store
-    /// ([`Self::open_ablation_log`]).
+    /// ([`Self::with_ablation_log`]).
     #[cfg(any(test, feature = "ablation"))]
     log: Option<super::ablation::SegmentLog>,
 }
@@ -435,14 +435,14 @@ impl Writer {
     /// Opens the `log` ablation's file before the first commit (a
     /// preallocated one takes a while to write); nothing in any other build.
     #[cfg(any(test, feature = "ablation"))]
-    pub(super) fn open_ablation_log(&mut self) -> Result<(), StoreError> {
+    pub(super) fn with_ablation_log(mut self) -> Result<Self, StoreError> {
         if let Some(super::ablation::Ablation::Log { preallocated }) = self.shared.ablation {
             self.log = Some(super::ablation::SegmentLog::open(
                 &self.shared.dir,
                 preallocated,
             )?);
         }
-        Ok(())
+        Ok(self)
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -1819,8 +1819,10 @@ impl Writer {
         let queued_more = changes
             .iter()
             .any(|c| matches!(c, Change::Append(..) | Change::Put(..)));
+        let state = postcard::to_allocvec(&self.state)
+            .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
         #[cfg(any(test, feature = "ablation"))]
-        let logged = self.write_to_ablation_log(batch, mode)?;
+        let logged = self.write_to_ablation_log(batch, &state, mode)?;
         #[cfg(not(any(test, feature = "ablation")))]
         let logged = false;
         if !logged {
@@ -1843,8 +1845,6 @@ impl Writer {
                     );
                 }
             }
-            let state = postcard::to_allocvec(&self.state)
-                .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
             wb.insert(&self.shared.meta, STATE_KEY, state);
             let started = Instant::now();
             wb.commit()
@@ -1876,6 +1876,7 @@ impl Writer {
     fn write_to_ablation_log(
         &mut self,
         batch: &mut Batch,
+        state: &[u8],
         mode: PersistMode,
     ) -> Result<bool, StoreError> {
         let Some(log) = self.log.as_mut() else {
@@ -1893,9 +1894,7 @@ impl Writer {
                 log.push(&dev_key(device), &last.to_be_bytes());
             }
         }
-        let state = postcard::to_allocvec(&self.state)
-            .map_err(|e| StoreError::Persist(format!("cannot encode the store state: {e}")))?;
-        log.push(STATE_KEY, &state);
+        log.push(STATE_KEY, state);
         log.commit(mode == PersistMode::SyncData)?;
         Ok(true)
     }
