@@ -630,6 +630,9 @@ struct Figures {
     /// (n, msg/s)
     ingest: Fig<(u64, f64)>,
     bare: Fig<f64>,
+    /// CPU during row 1, from the devices connecting until the cloud counted
+    /// the last message.
+    cpu_e2e: Option<CpuUse>,
     /// CPU while Vigil took row 2's fill, and while the bare rumqttd did.
     cpu_fill: Option<CpuUse>,
     cpu_bare: Option<CpuUse>,
@@ -660,6 +663,7 @@ impl Default for Figures {
             lat_80: not_measured(),
             ingest: not_measured(),
             bare: not_measured(),
+            cpu_e2e: None,
             cpu_fill: None,
             cpu_bare: None,
             stored: not_measured(),
@@ -705,6 +709,8 @@ impl Figures {
 struct MosquittoFigures {
     bin: Option<PathBuf>,
     e2e: Fig<f64>,
+    /// CPU during its row 1, as [`Figures::cpu_e2e`] (Mosquitto in place of Vigil).
+    cpu_e2e: Option<CpuUse>,
     /// Row 4's paced load at 1,000/s through the same bridge.
     lat_1k: Fig<Latency>,
     ingest: Fig<f64>,
@@ -716,6 +722,7 @@ impl Default for MosquittoFigures {
         Self {
             bin: None,
             e2e: not_measured(),
+            cpu_e2e: None,
             lat_1k: not_measured(),
             ingest: not_measured(),
             rss_full: not_measured(),
@@ -1150,10 +1157,12 @@ impl Bench {
             "bench: row 1: {DEVICES} devices publishing {} messages through Vigil to the cloud",
             thousands(n as f64)
         );
-        f.e2e = match self
+        let cpu_before = CpuSample::take(Some(vigil.pid));
+        let row1 = self
             .through_cloud("row 1: end-to-end", &mut vigil, per, None, false)
-            .await
-        {
+            .await;
+        f.cpu_e2e = CpuSample::take(Some(vigil.pid)).since(&cpu_before, n);
+        f.e2e = match row1 {
             Ok((loaded, counted)) => {
                 let t = Throughput {
                     n,
@@ -1370,11 +1379,15 @@ impl Bench {
                     .await;
                 m.e2e = match warm {
                     Err(e) => Err(format!("warm-up: {e}")),
-                    Ok(_) => self
-                        .through_cloud("Mosquitto row 1: end-to-end", &mut p, per, None, false)
-                        .await
-                        .map(|(l, c)| rate(n, c.done.saturating_duration_since(l.started)))
-                        .map_err(|e| e.to_string()),
+                    Ok(_) => {
+                        let cpu_before = CpuSample::take(Some(p.pid));
+                        let row1 = self
+                            .through_cloud("Mosquitto row 1: end-to-end", &mut p, per, None, false)
+                            .await;
+                        m.cpu_e2e = CpuSample::take(Some(p.pid)).since(&cpu_before, n);
+                        row1.map(|(l, c)| rate(n, c.done.saturating_duration_since(l.started)))
+                            .map_err(|e| e.to_string())
+                    }
                 };
                 if let Ok(r) = &m.e2e {
                     eprintln!("bench: Mosquitto row 1: {} msg/s", thousands(*r));
@@ -1758,6 +1771,12 @@ impl Bench {
                 thousands(t.n as f64),
                 thousands(t.ingest)
             ));
+        }
+        if let Some(c) = &f.cpu_e2e {
+            notes.push(c.load_note("row 1", "Vigil"));
+        }
+        if let Some(c) = mosq.and_then(|m| m.cpu_e2e.as_ref()) {
+            notes.push(c.load_note("Mosquitto row 1", "Mosquitto"));
         }
         if let (Ok((n, _)), Ok(b)) = (&f.ingest, &f.bare) {
             notes.push(format!(
@@ -2693,7 +2712,8 @@ struct CpuSample {
 }
 
 impl CpuSample {
-    /// Vigil's (if `vigil` is given), this process's and the machine's.
+    /// Vigil's (if `vigil` is given; or the peer bridge's, for Mosquitto's
+    /// row 1), this process's and the machine's.
     fn take(vigil: Option<u32>) -> Self {
         Self {
             at: Instant::now(),
@@ -2783,20 +2803,7 @@ impl Slice {
         let Some(c) = &self.cpu else {
             return format!("{} msgs, CPU not measured", thousands(self.n as f64));
         };
-        let threads = |ts: &[ThreadUse]| {
-            ts.iter()
-                .take(4)
-                .map(|t| {
-                    format!(
-                        "{} {:.2}/{:.2}",
-                        t.name,
-                        t.run_s / c.wall,
-                        t.wait_s / c.wall
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let threads = |ts: &[ThreadUse]| c.busiest(ts);
         let cores = |s: Option<f64>| s.map_or_else(|| "?".into(), |s| format!("{:.2}", s / c.wall));
         format!(
             "{:.2} s, {} msg/s; Vigil {} cores ({}); this process {} cores ({}); the machine {}",
@@ -2867,6 +2874,44 @@ impl CpuUse {
     fn machine_text(&self) -> String {
         self.machine
             .map_or_else(|| "not measured".into(), |m| m.describe())
+    }
+
+    /// "tokio-rt-worker 0.52/0.10, ...": the four busiest thread names, each
+    /// on a CPU / waiting for one, in CPU-seconds per second.
+    fn busiest(&self, threads: &[ThreadUse]) -> String {
+        threads
+            .iter()
+            .take(4)
+            .map(|t| {
+                format!(
+                    "{} {:.2}/{:.2}",
+                    t.name,
+                    t.run_s / self.wall,
+                    t.wait_s / self.wall
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The note for one load through a bridge (`peer`, the process measured):
+    /// its CPU and its busiest threads, this process's (the devices, the
+    /// cloud and its subscriber), and the whole machine's per message.
+    fn load_note(&self, row: &str, peer: &str) -> String {
+        let per_msg = self.machine.map_or_else(String::new, |m| {
+            format!(", {:.1} µs per message machine-wide", m.busy_us_per_msg)
+        });
+        format!(
+            "{row}: CPU from the devices connecting until the cloud counted the last ({:.2} s): \
+             {peer} {} ({}); this process (the devices, the cloud, its subscriber) {} ({}); \
+             the machine {}{per_msg}",
+            self.wall,
+            self.process(self.vigil),
+            self.busiest(&self.threads),
+            self.process(self.sim),
+            self.busiest(&self.sim_threads),
+            self.machine_text()
+        )
     }
 }
 
@@ -3385,6 +3430,48 @@ mod tests {
         assert!(m.busy > 0.0 && m.busy <= 1.0 && m.steal >= 0.0, "{m:?}");
         assert!(m.busy_us_per_msg > 0.0, "{m:?}");
         assert!(used.process(used.vigil).contains("µs per message"));
+    }
+
+    /// Row 1's note names the process measured, its busiest threads per
+    /// second of the load, this process's share and the machine's CPU per
+    /// message; a thread beyond the four busiest is left out.
+    #[test]
+    fn a_load_note_shows_where_the_cpu_went() {
+        let t = |name: &str, run_s: f64| ThreadUse {
+            name: name.into(),
+            run_s,
+            wait_s: run_s / 2.0,
+        };
+        let c = CpuUse {
+            wall: 2.0,
+            n: 200_000,
+            threads: vec![t("mosquitto", 1.6)],
+            sim_threads: vec![
+                t("a", 1.0),
+                t("b", 0.8),
+                t("c", 0.6),
+                t("d", 0.4),
+                t("e", 0.2),
+            ],
+            vigil: Some(1.6),
+            sim: Some(3.0),
+            machine: Some(MachineUse {
+                busy: 0.9,
+                steal: 0.0,
+                busy_us_per_msg: 18.0,
+            }),
+        };
+        let note = c.load_note("Mosquitto row 1", "Mosquitto");
+        assert!(note.starts_with("Mosquitto row 1: CPU from"), "{note}");
+        assert!(note.contains("(2.00 s)"), "{note}");
+        assert!(
+            note.contains("Mosquitto 0.80 cores, 8.0 µs per message (mosquitto 0.80/0.40)"),
+            "{note}"
+        );
+        assert!(note.contains("1.50 cores, 15.0 µs per message (a 0.50/0.25, b 0.40/0.20, c 0.30/0.15, d 0.20/0.10)"), "{note}");
+        assert!(!note.contains("e 0.10"), "{note}");
+        assert!(note.contains("90 % busy"), "{note}");
+        assert!(note.ends_with("18.0 µs per message machine-wide"), "{note}");
     }
 
     /// Two readings of a cumulative histogram: only what came between them
