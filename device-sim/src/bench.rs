@@ -1161,7 +1161,10 @@ impl Bench {
         let row1 = self
             .through_cloud("row 1: end-to-end", &mut vigil, per, None, false)
             .await;
-        f.cpu_e2e = CpuSample::take(Some(vigil.pid)).since(&cpu_before, n);
+        // Per message only when all n arrived: a failed row has no rate.
+        if row1.is_ok() {
+            f.cpu_e2e = CpuSample::take(Some(vigil.pid)).since(&cpu_before, n);
+        }
         f.e2e = match row1 {
             Ok((loaded, counted)) => {
                 let t = Throughput {
@@ -1384,7 +1387,9 @@ impl Bench {
                         let row1 = self
                             .through_cloud("Mosquitto row 1: end-to-end", &mut p, per, None, false)
                             .await;
-                        m.cpu_e2e = CpuSample::take(Some(p.pid)).since(&cpu_before, n);
+                        if row1.is_ok() {
+                            m.cpu_e2e = CpuSample::take(Some(p.pid)).since(&cpu_before, n);
+                        }
                         row1.map(|(l, c)| rate(n, c.done.saturating_duration_since(l.started)))
                             .map_err(|e| e.to_string())
                     }
