@@ -1053,6 +1053,26 @@ impl Bench {
         counted
     }
 
+    /// Row 1 through `bridge` (Vigil or the peer), with the CPU it used from
+    /// the devices connecting until the cloud counted the last message:
+    /// per message only when all arrived (a failed row has no rate).
+    async fn row_one(
+        &mut self,
+        phase: &str,
+        bridge: &mut Proc,
+        per_device: u64,
+    ) -> (Result<(Loaded, Counted), BenchError>, Option<CpuUse>) {
+        let before = CpuSample::take(Some(bridge.pid));
+        let row = self
+            .through_cloud(phase, bridge, per_device, None, false)
+            .await;
+        let cpu = match &row {
+            Ok(_) => CpuSample::take(Some(bridge.pid)).since(&before, total(per_device)),
+            Err(_) => None,
+        };
+        (row, cpu)
+    }
+
     /// A paced load through Vigil, for row 4.
     async fn paced(
         &mut self,
@@ -1157,14 +1177,8 @@ impl Bench {
             "bench: row 1: {DEVICES} devices publishing {} messages through Vigil to the cloud",
             thousands(n as f64)
         );
-        let cpu_before = CpuSample::take(Some(vigil.pid));
-        let row1 = self
-            .through_cloud("row 1: end-to-end", &mut vigil, per, None, false)
-            .await;
-        // Per message only when all n arrived: a failed row has no rate.
-        if row1.is_ok() {
-            f.cpu_e2e = CpuSample::take(Some(vigil.pid)).since(&cpu_before, n);
-        }
+        let (row1, cpu) = self.row_one("row 1: end-to-end", &mut vigil, per).await;
+        f.cpu_e2e = cpu;
         f.e2e = match row1 {
             Ok((loaded, counted)) => {
                 let t = Throughput {
@@ -1383,13 +1397,10 @@ impl Bench {
                 m.e2e = match warm {
                     Err(e) => Err(format!("warm-up: {e}")),
                     Ok(_) => {
-                        let cpu_before = CpuSample::take(Some(p.pid));
-                        let row1 = self
-                            .through_cloud("Mosquitto row 1: end-to-end", &mut p, per, None, false)
+                        let (row1, cpu) = self
+                            .row_one("Mosquitto row 1: end-to-end", &mut p, per)
                             .await;
-                        if row1.is_ok() {
-                            m.cpu_e2e = CpuSample::take(Some(p.pid)).since(&cpu_before, n);
-                        }
+                        m.cpu_e2e = cpu;
                         row1.map(|(l, c)| rate(n, c.done.saturating_duration_since(l.started)))
                             .map_err(|e| e.to_string())
                     }
