@@ -2819,16 +2819,15 @@ impl Slice {
         let Some(c) = &self.cpu else {
             return format!("{} msgs, CPU not measured", thousands(self.n as f64));
         };
-        let threads = |ts: &[ThreadUse]| c.busiest(ts);
         let cores = |s: Option<f64>| s.map_or_else(|| "?".into(), |s| format!("{:.2}", s / c.wall));
         format!(
             "{:.2} s, {} msg/s; Vigil {} cores ({}); this process {} cores ({}); the machine {}",
             c.wall,
             thousands(self.n as f64 / c.wall),
             cores(c.vigil),
-            threads(&c.threads),
+            c.busiest(&c.threads),
             cores(c.sim),
-            threads(&c.sim_threads),
+            c.busiest(&c.sim_threads),
             c.machine_text()
         )
     }
