@@ -54,7 +54,7 @@ use super::Context;
 use super::auth::{PeerCert, Refusal};
 use super::frame::{self, Frame, FrameError, FrameReader, Protocol, kind};
 use super::resend;
-use super::rules::validate_topic;
+use super::rules::{Class, validate_topic};
 use crate::event::{Ingest, Qos, Timestamp, VIGIL_DEVICE};
 use crate::store::{PendingAppend, StoreError};
 
@@ -515,6 +515,7 @@ async fn device_reader<R: AsyncRead + Unpin>(
     let counters = &ctx.counters;
     let mut aliases: HashMap<u16, String> = HashMap::new();
     let mut memo = super::local::MatchMemo::default();
+    let mut topics = TopicMemo::default();
     let close = |code: u8| {
         if protocol == Protocol::V5
             && shared
@@ -548,109 +549,113 @@ async fn device_reader<R: AsyncRead + Unpin>(
             }
         };
         match frame.kind() {
-            kind::PUBLISH => match publish(&ctx, &device, protocol, &frame, &mut aliases) {
-                Ok((ingest, pkid, aliased)) => {
-                    // A QoS 1 re-delivery of a publish already committed is
-                    // acknowledged, in order, and not stored or relayed
-                    // again ([`resend`]). With a topic alias the bytes of
-                    // the two copies may differ: stored again, as before.
-                    let fingerprint = (ingest.qos == Qos::AtLeastOnce && !aliased)
-                        .then(|| resend::fingerprint(&frame.bytes));
-                    if let Some(f) = &fingerprint
-                        && resend::is_dup(&frame.bytes)
-                        && resend::lock(&shared.resends).holds(pkid, f)
-                    {
-                        counters.inc(&counters.resends_acknowledged);
-                        tracing::debug!(%device, pkid, "re-delivery of a committed publish: acknowledged, not stored again");
-                        match to_device.upgrade() {
-                            Some(tx)
-                                if tx
-                                    .send(Out::Frame(Bytes::copy_from_slice(&frame::puback(pkid))))
-                                    .await
-                                    .is_ok() => {}
-                            _ => return,
-                        }
-                        continue;
-                    }
-                    let mut retained = ingest.retain;
-                    if ingest.retain && !ctx.may_retain(&ingest.topic, ingest.payload.len()) {
-                        retained = false;
-                        // Stored and forwarded as sent; the local broker does
-                        // not keep it. The retain flag is bit 0 of the header.
-                        let mut bytes = BytesMut::from(&frame.bytes[..]);
-                        if let Some(first) = bytes.first_mut() {
-                            *first &= !0x01;
-                        }
-                        frame.bytes = bytes.freeze();
-                        counters.inc(&counters.retain_capped);
-                        if ctx.log_refusal_now() {
-                            tracing::warn!(%device, topic = %ingest.topic, "retained publish relayed as not retained (gate.max_retained_topics or gate.max_retained_bytes); stored and forwarded as usual; logged at most every 10 s");
-                        }
-                    }
-                    let Ok(permit) = inflight.clone().acquire_owned().await else {
-                        return;
-                    };
-                    let qos = ingest.qos;
-                    // rumqttd answers QoS 2 itself and must learn every topic
-                    // alias; otherwise only local subscribers need the publish.
-                    let route = retained
-                        || qos == Qos::ExactlyOnce
-                        || aliased
-                        || memo.any_match(&ctx.local, &ingest.topic);
-                    let pending = match ctx.store.submit(ingest).await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            counters.inc(&counters.store_failures);
-                            tracing::error!(%device, error = %e, "the store cannot take messages; closing the device connection without acknowledging");
-                            close(reason::SERVER_UNAVAILABLE);
-                            return;
-                        }
-                    };
-                    match qos {
-                        Qos::AtMostOnce => {
-                            let ctx = ctx.clone();
-                            let device = device.clone();
-                            tokio::spawn(async move {
-                                let outcome = pending.committed().await;
-                                drop(permit);
-                                ctx.count_commit(&device, &outcome);
-                            });
-                        }
-                        Qos::AtLeastOnce => {
-                            // The gate acknowledges it itself, once committed:
-                            // queued now, so PUBACKs leave in publish order.
-                            let ack = Out::Ack {
-                                frame: None,
-                                pkid,
-                                qos2: false,
-                                held: Held { pending, permit },
-                                fingerprint,
-                            };
+            kind::PUBLISH => {
+                match publish(&ctx, &device, protocol, &frame, &mut aliases, &mut topics) {
+                    Ok((ingest, pkid, aliased)) => {
+                        // A QoS 1 re-delivery of a publish already committed is
+                        // acknowledged, in order, and not stored or relayed
+                        // again ([`resend`]). With a topic alias the bytes of
+                        // the two copies may differ: stored again, as before.
+                        let fingerprint = (ingest.qos == Qos::AtLeastOnce && !aliased)
+                            .then(|| resend::fingerprint(&frame.bytes));
+                        if let Some(f) = &fingerprint
+                            && resend::is_dup(&frame.bytes)
+                            && resend::lock(&shared.resends).holds(pkid, f)
+                        {
+                            counters.inc(&counters.resends_acknowledged);
+                            tracing::debug!(%device, pkid, "re-delivery of a committed publish: acknowledged, not stored again");
                             match to_device.upgrade() {
-                                Some(tx) if tx.send(ack).await.is_ok() => {}
+                                Some(tx)
+                                    if tx
+                                        .send(Out::Frame(Bytes::copy_from_slice(&frame::puback(
+                                            pkid,
+                                        ))))
+                                        .await
+                                        .is_ok() => {}
                                 _ => return,
                             }
+                            continue;
                         }
-                        Qos::ExactlyOnce => {
-                            // Registered before the publish reaches rumqttd, so its ack finds it.
-                            lock(&shared.held)
-                                .entry(pkid)
-                                .or_default()
-                                .push_back(Held { pending, permit });
+                        let mut retained = ingest.retain;
+                        if ingest.retain && !ctx.may_retain(&ingest.topic, ingest.payload.len()) {
+                            retained = false;
+                            // Stored and forwarded as sent; the local broker does
+                            // not keep it. The retain flag is bit 0 of the header.
+                            let mut bytes = BytesMut::from(&frame.bytes[..]);
+                            if let Some(first) = bytes.first_mut() {
+                                *first &= !0x01;
+                            }
+                            frame.bytes = bytes.freeze();
+                            counters.inc(&counters.retain_capped);
+                            if ctx.log_refusal_now() {
+                                tracing::warn!(%device, topic = %ingest.topic, "retained publish relayed as not retained (gate.max_retained_topics or gate.max_retained_bytes); stored and forwarded as usual; logged at most every 10 s");
+                            }
+                        }
+                        let Ok(permit) = inflight.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let qos = ingest.qos;
+                        // rumqttd answers QoS 2 itself and must learn every topic
+                        // alias; otherwise only local subscribers need the publish.
+                        let route = retained
+                            || qos == Qos::ExactlyOnce
+                            || aliased
+                            || memo.any_match(&ctx.local, &ingest.topic);
+                        let pending = match ctx.store.submit(ingest).await {
+                            Ok(p) => p,
+                            Err(e) => {
+                                counters.inc(&counters.store_failures);
+                                tracing::error!(%device, error = %e, "the store cannot take messages; closing the device connection without acknowledging");
+                                close(reason::SERVER_UNAVAILABLE);
+                                return;
+                            }
+                        };
+                        match qos {
+                            Qos::AtMostOnce => {
+                                let ctx = ctx.clone();
+                                let device = device.clone();
+                                tokio::spawn(async move {
+                                    let outcome = pending.committed().await;
+                                    drop(permit);
+                                    ctx.count_commit(&device, &outcome);
+                                });
+                            }
+                            Qos::AtLeastOnce => {
+                                // The gate acknowledges it itself, once committed:
+                                // queued now, so PUBACKs leave in publish order.
+                                let ack = Out::Ack {
+                                    frame: None,
+                                    pkid,
+                                    qos2: false,
+                                    held: Held { pending, permit },
+                                    fingerprint,
+                                };
+                                match to_device.upgrade() {
+                                    Some(tx) if tx.send(ack).await.is_ok() => {}
+                                    _ => return,
+                                }
+                            }
+                            Qos::ExactlyOnce => {
+                                // Registered before the publish reaches rumqttd, so its ack finds it.
+                                lock(&shared.held)
+                                    .entry(pkid)
+                                    .or_default()
+                                    .push_back(Held { pending, permit });
+                            }
+                        }
+                        if !route {
+                            counters.inc(&counters.not_routed_locally);
+                            continue;
                         }
                     }
-                    if !route {
-                        counters.inc(&counters.not_routed_locally);
-                        continue;
+                    Err((code, why)) => {
+                        counters.inc(&counters.protocol_errors);
+                        tracing::info!(%device, "bad PUBLISH ({why}); closing the device connection");
+                        close(code);
+                        return;
                     }
                 }
-                Err((code, why)) => {
-                    counters.inc(&counters.protocol_errors);
-                    tracing::info!(%device, "bad PUBLISH ({why}); closing the device connection");
-                    close(code);
-                    return;
-                }
-            },
+            }
             kind::SUBSCRIBE => {
                 if let Err(why) = check_packet(protocol, &frame, ctx.config.max_packet_size) {
                     counters.inc(&counters.protocol_errors);
@@ -720,6 +725,52 @@ async fn device_reader<R: AsyncRead + Unpin>(
     }
 }
 
+/// Topics one connection's [`TopicMemo`] remembers (a device publishes to a
+/// few: its measurements, its alarms).
+const TOPIC_MEMO_TOPICS: usize = 8;
+/// Longest topic a [`TopicMemo`] remembers (longer ones are checked each time).
+const TOPIC_MEMO_TOPIC_BYTES: usize = 128;
+
+/// The topics a connection published to that passed the gate's checks
+/// (well formed, the device's own under `gate.bind_topics`), each with its
+/// class from the topic rules: a device publishes to the same few topics
+/// again and again, and the checks and the rules' match were 9 % of Vigil's
+/// instructions per message in a fill (callgrind: 22,000 without the memo,
+/// 20,100 with it; device-sim/BENCHMARKS.md). Every input to them (the
+/// topic, the device, the settings) is fixed for the connection, so a
+/// remembered answer is the answer. At most [`TOPIC_MEMO_TOPICS`] topics of
+/// at most [`TOPIC_MEMO_TOPIC_BYTES`]: about 1 KiB per connection.
+#[derive(Debug, Default)]
+struct TopicMemo {
+    topics: Vec<(Box<str>, Class)>,
+    /// The slot the next new topic takes once the memo is full.
+    next: usize,
+}
+
+impl TopicMemo {
+    /// The class remembered for `topic`, if it passed the checks before.
+    fn class_of(&self, topic: &str) -> Option<Class> {
+        self.topics
+            .iter()
+            .find(|(t, _)| &**t == topic)
+            .map(|(_, class)| *class)
+    }
+
+    /// Remembers that `topic` passed the checks, with its class.
+    fn remember(&mut self, topic: &str, class: Class) {
+        if topic.len() > TOPIC_MEMO_TOPIC_BYTES {
+            return;
+        }
+        let entry = (Box::from(topic), class);
+        if self.topics.len() < TOPIC_MEMO_TOPICS {
+            self.topics.push(entry);
+        } else if let Some(slot) = self.topics.get_mut(self.next) {
+            *slot = entry;
+            self.next = (self.next + 1) % TOPIC_MEMO_TOPICS;
+        }
+    }
+}
+
 /// Decodes a device PUBLISH into what the store keeps.
 fn publish(
     ctx: &Context,
@@ -727,6 +778,7 @@ fn publish(
     protocol: Protocol,
     frame: &Frame,
     aliases: &mut HashMap<u16, String>,
+    topics: &mut TopicMemo,
 ) -> Result<(Ingest, u16, bool), (u8, String)> {
     let max = ctx.config.max_packet_size;
     let malformed = |e: String| (reason::MALFORMED, e);
@@ -794,18 +846,27 @@ fn publish(
             Err(e) => return Err(malformed(format!("{e:?}"))),
         },
     };
-    validate_topic(&topic).map_err(|why| (reason::TOPIC_NAME_INVALID, why.to_string()))?;
-    if ctx.config.bind_topics
-        && let Some(rest) = topic.strip_prefix("devices/")
-        && rest.split('/').next() != Some(device)
-    {
-        ctx.counters.inc(&ctx.counters.refused_topic);
-        return Err((
-            reason::NOT_AUTHORIZED,
-            format!("publishes under another device's topics ({topic}); gate.bind_topics is on"),
-        ));
-    }
-    let class = ctx.rules.classify(&topic);
+    let class = match topics.class_of(&topic) {
+        Some(class) => class,
+        None => {
+            validate_topic(&topic).map_err(|why| (reason::TOPIC_NAME_INVALID, why.to_string()))?;
+            if ctx.config.bind_topics
+                && let Some(rest) = topic.strip_prefix("devices/")
+                && rest.split('/').next() != Some(device)
+            {
+                ctx.counters.inc(&ctx.counters.refused_topic);
+                return Err((
+                    reason::NOT_AUTHORIZED,
+                    format!(
+                        "publishes under another device's topics ({topic}); gate.bind_topics is on"
+                    ),
+                ));
+            }
+            let class = ctx.rules.classify(&topic);
+            topics.remember(&topic, class);
+            class
+        }
+    };
     if class.unmatched {
         ctx.counters.inc(&ctx.counters.unmatched_topics);
     }
@@ -1155,6 +1216,44 @@ mod tests {
             bytes: Bytes::from(bytes),
             header_len,
         }
+    }
+
+    fn class(priority: u8) -> Class {
+        Class {
+            kind: crate::event::Kind::Measurement,
+            priority,
+            unmatched: false,
+        }
+    }
+
+    #[test]
+    fn the_topic_memo_answers_only_for_topics_it_was_told() {
+        let mut memo = TopicMemo::default();
+        assert_eq!(memo.class_of("ward/1/hr"), None);
+        memo.remember("ward/1/hr", class(1));
+        memo.remember("ward/1/alarm", class(0));
+        assert_eq!(memo.class_of("ward/1/hr"), Some(class(1)));
+        assert_eq!(memo.class_of("ward/1/alarm"), Some(class(0)));
+        // Not a prefix, not a near miss.
+        assert_eq!(memo.class_of("ward/1/h"), None);
+        assert_eq!(memo.class_of("ward/1/hr/x"), None);
+        assert_eq!(memo.class_of("ward/2/hr"), None);
+    }
+
+    #[test]
+    fn the_topic_memo_is_bounded() {
+        let mut memo = TopicMemo::default();
+        let long = "t/".repeat(TOPIC_MEMO_TOPIC_BYTES);
+        memo.remember(&long, class(1));
+        assert_eq!(memo.class_of(&long), None, "too long to remember");
+        for i in 0..TOPIC_MEMO_TOPICS * 3 + 1 {
+            memo.remember(&format!("ward/{i}"), class(2));
+            assert!(memo.topics.len() <= TOPIC_MEMO_TOPICS);
+            // The newest is always remembered.
+            assert_eq!(memo.class_of(&format!("ward/{i}")), Some(class(2)));
+        }
+        assert_eq!(memo.topics.len(), TOPIC_MEMO_TOPICS);
+        assert_eq!(memo.class_of("ward/0"), None, "the oldest made room");
     }
 
     proptest! {
