@@ -53,7 +53,7 @@ fn main() -> Result<()> {
         let (mut seal_ns, mut open_ns, mut record) = (f64::MAX, f64::MAX, 0);
         for _ in 0..ROUNDS {
             let started = Instant::now();
-            let mut sealed = Vec::new();
+            let mut sealed = fjall::Slice::empty();
             for seq in 0..per_round as u64 {
                 let seal = Seal {
                     key: &key,

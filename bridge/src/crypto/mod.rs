@@ -126,26 +126,34 @@ impl DataKey {
         }
     }
 
-    /// Encrypts `buf[start..]` in place and appends the tag.
+    /// Encrypts `buf[start..buf.len() - TAG_LEN]` in place and writes the tag
+    /// into the last [`TAG_LEN`] bytes.
     ///
-    /// `buf[..start]` is left as is (the caller's cleartext header).
+    /// `buf[..start]` is left as is (the caller's cleartext header). The
+    /// caller sizes `buf` exactly, so a sealed record costs one allocation.
     pub fn seal_in_place(
         &self,
         nonce: Nonce,
         ctx: &RecordContext<'_>,
-        buf: &mut Vec<u8>,
+        buf: &mut [u8],
         start: usize,
     ) -> Result<(), CryptoError> {
         let len = buf.len().saturating_sub(start);
         let gcm_nonce = GcmNonce::<aes_gcm::aead::consts::U12>::from(nonce.to_bytes());
-        let body = buf
+        let end = buf
+            .len()
+            .checked_sub(TAG_LEN)
+            .filter(|end| *end >= start)
+            .ok_or(CryptoError::SealFailed { len })?;
+        let (sealed, tag_out) = buf.split_at_mut(end);
+        let body = sealed
             .get_mut(start..)
             .ok_or(CryptoError::SealFailed { len })?;
         let tag = self
             .cipher
             .encrypt_inout_detached(&gcm_nonce, &ctx.aad(), body.into())
             .map_err(|_| CryptoError::SealFailed { len })?;
-        buf.extend_from_slice(tag.as_slice());
+        tag_out.copy_from_slice(tag.as_slice());
         Ok(())
     }
 
@@ -234,8 +242,28 @@ mod tests {
 
     fn seal(key: &DataKey, n: Nonce, c: &RecordContext<'_>, msg: &[u8]) -> Vec<u8> {
         let mut buf = msg.to_vec();
+        buf.resize(msg.len() + TAG_LEN, 0);
         key.seal_in_place(n, c, &mut buf, 0).unwrap();
         buf
+    }
+
+    #[test]
+    fn a_buffer_without_room_for_the_tag_is_refused_not_sealed() {
+        let key = DataKey::derive(&MasterKey::from_bytes([7u8; 32]), &[1u8; 16]);
+        let n = Nonce { epoch: 1, seq: 1 };
+        let id = [1u8; 16];
+        let mut short = vec![0u8; TAG_LEN - 1];
+        assert!(matches!(
+            key.seal_in_place(n, &ctx(&id, "p1", 1), &mut short, 0),
+            Err(CryptoError::SealFailed { .. })
+        ));
+        // The header would overlap the tag.
+        let mut overlap = vec![0u8; TAG_LEN + 2];
+        assert!(matches!(
+            key.seal_in_place(n, &ctx(&id, "p1", 1), &mut overlap, 3),
+            Err(CryptoError::SealFailed { .. })
+        ));
+        assert_eq!(overlap, vec![0u8; TAG_LEN + 2], "left as it was");
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //! **Warning.** These layouts are on disk. Never change a field's order or type:
 //! add a new format version and keep reading the old ones.
 
+use byteview::ByteView;
+use fjall::Slice;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{CryptoError, DataKey, Nonce, RecordContext};
@@ -213,36 +215,51 @@ impl Seal<'_> {
     }
 
     /// Seals `body` under `epoch`, in the body format this build writes.
-    pub fn seal<T: Body>(&self, epoch: u32, body: &T) -> Result<Vec<u8>, RecordError> {
+    pub fn seal<T: Body>(&self, epoch: u32, body: &T) -> Result<Slice, RecordError> {
         self.seal_as(epoch, T::FORMAT, body)
     }
 
     /// Seals `body` tagged as body format `body_format`: [`Self::seal`], and
     /// the known-answer tests of formats no longer written.
+    ///
+    /// Sealed in place in the one allocation fjall keeps: sized exactly
+    /// once (growing a buffer by doubling cost a realloc and a copy per
+    /// record on the writer thread), and not copied from a `Vec` into
+    /// fjall's own buffer on insert (an allocation, a copy and a free).
     fn seal_as<T: Serialize>(
         &self,
         epoch: u32,
         body_format: u8,
         body: &T,
-    ) -> Result<Vec<u8>, RecordError> {
-        // Sized exactly once: growing it by doubling cost a realloc and a
-        // copy per record on the writer thread.
+    ) -> Result<Slice, RecordError> {
         let body_len = postcard::experimental::serialized_size(body)?;
-        let mut buf = Vec::with_capacity(HEADER_LEN + 1 + body_len + crate::crypto::TAG_LEN);
-        buf.push(RECORD_FORMAT);
-        buf.extend_from_slice(&epoch.to_be_bytes());
-        buf.push(body_format);
-        let mut buf = postcard::to_extend(body, buf)?;
-        self.key.seal_in_place(
-            Nonce {
-                epoch,
-                seq: self.seq,
-            },
-            &self.context(),
-            &mut buf,
-            HEADER_LEN,
-        )?;
-        Ok(buf)
+        let len = HEADER_LEN + 1 + body_len + crate::crypto::TAG_LEN;
+        let mut value = ByteView::with_size(len);
+        {
+            // Only this function holds the new view.
+            let mut buf = value
+                .get_mut()
+                .ok_or(RecordError::Crypto(CryptoError::SealFailed { len }))?;
+            let (header, rest) = buf.split_at_mut(HEADER_LEN);
+            header[0] = RECORD_FORMAT;
+            header[1..].copy_from_slice(&epoch.to_be_bytes());
+            let (format, plain) = rest.split_at_mut(1);
+            format[0] = body_format;
+            let written = postcard::to_slice(body, plain)?.len();
+            if written != body_len {
+                return Err(RecordError::Crypto(CryptoError::SealFailed { len }));
+            }
+            self.key.seal_in_place(
+                Nonce {
+                    epoch,
+                    seq: self.seq,
+                },
+                &self.context(),
+                &mut buf,
+                HEADER_LEN,
+            )?;
+        }
+        Ok(Slice::from(value))
     }
 
     /// Opens a sealed value and decodes its body, in any format of `T` ever
@@ -447,14 +464,14 @@ mod tests {
                 expected: DEAD_LETTER_FORMAT
             })
         ));
-        let mut flipped = value.clone();
+        let mut flipped = value.to_vec();
         flipped[HEADER_LEN + 2] ^= 0x10;
         assert!(here.open::<Event>(&flipped).is_err());
         assert!(matches!(
             here.open::<Event>(&value[..3]),
             Err(RecordError::TooShort { len: 3 })
         ));
-        let mut future = value;
+        let mut future = value.to_vec();
         future[0] = 9;
         assert!(matches!(
             here.open::<Event>(&future),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fjall::PersistMode;
+use fjall::{PersistMode, Slice};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -165,7 +165,7 @@ fn copy_error(e: &StoreError) -> StoreError {
 }
 
 enum Op {
-    Put(Area, u64, Vec<u8>),
+    Put(Area, u64, Slice),
     Delete(Area, u64),
     Meta(Vec<u8>, Vec<u8>),
 }
@@ -276,7 +276,7 @@ impl Batch {
         }
     }
 
-    fn put(&mut self, area: Area, seq: u64, value: Vec<u8>) {
+    fn put(&mut self, area: Area, seq: u64, value: Slice) {
         self.put_bytes += size_of(value.len());
         self.ops.push(Op::Put(area, seq, value));
         self.dirty = true;
@@ -1173,7 +1173,7 @@ impl Writer {
         batch.delete(from, seq);
         self.figures_sub(from, average);
         self.figures_add(Area::Quarantine, qseq, size_of(encoded.len()), None);
-        batch.put(Area::Quarantine, qseq, encoded);
+        batch.put(Area::Quarantine, qseq, encoded.into());
         self.state.counters.quarantined += 1;
     }
 
@@ -1208,7 +1208,7 @@ impl Writer {
         batch.delete(from, seq);
         self.figures_sub(from, size_of(raw_len));
         self.figures_add(Area::Quarantine, qseq, size_of(encoded.len()), None);
-        batch.put(Area::Quarantine, qseq, encoded);
+        batch.put(Area::Quarantine, qseq, encoded.into());
         self.state.counters.quarantined += 1;
     }
 
@@ -1415,7 +1415,7 @@ impl Writer {
         };
         match opened {
             Ok(()) => {
-                batch.put(area, seq, value);
+                batch.put(area, seq, value.into());
                 kept.push(seq);
             }
             Err(e) => self.stage_quarantine(area, seq, value, e.to_string(), batch),
