@@ -513,9 +513,8 @@ async fn device_reader<R: AsyncRead + Unpin>(
     inflight: Arc<Semaphore>,
 ) {
     let counters = &ctx.counters;
-    let mut aliases: HashMap<u16, String> = HashMap::new();
+    let mut topics = ConnectionTopics::default();
     let mut memo = super::local::MatchMemo::default();
-    let mut topics = TopicMemo::default();
     let close = |code: u8| {
         if protocol == Protocol::V5
             && shared
@@ -549,113 +548,109 @@ async fn device_reader<R: AsyncRead + Unpin>(
             }
         };
         match frame.kind() {
-            kind::PUBLISH => {
-                match publish(&ctx, &device, protocol, &frame, &mut aliases, &mut topics) {
-                    Ok((ingest, pkid, aliased)) => {
-                        // A QoS 1 re-delivery of a publish already committed is
-                        // acknowledged, in order, and not stored or relayed
-                        // again ([`resend`]). With a topic alias the bytes of
-                        // the two copies may differ: stored again, as before.
-                        let fingerprint = (ingest.qos == Qos::AtLeastOnce && !aliased)
-                            .then(|| resend::fingerprint(&frame.bytes));
-                        if let Some(f) = &fingerprint
-                            && resend::is_dup(&frame.bytes)
-                            && resend::lock(&shared.resends).holds(pkid, f)
-                        {
-                            counters.inc(&counters.resends_acknowledged);
-                            tracing::debug!(%device, pkid, "re-delivery of a committed publish: acknowledged, not stored again");
+            kind::PUBLISH => match publish(&ctx, &device, protocol, &frame, &mut topics) {
+                Ok((ingest, pkid, aliased)) => {
+                    // A QoS 1 re-delivery of a publish already committed is
+                    // acknowledged, in order, and not stored or relayed
+                    // again ([`resend`]). With a topic alias the bytes of
+                    // the two copies may differ: stored again, as before.
+                    let fingerprint = (ingest.qos == Qos::AtLeastOnce && !aliased)
+                        .then(|| resend::fingerprint(&frame.bytes));
+                    if let Some(f) = &fingerprint
+                        && resend::is_dup(&frame.bytes)
+                        && resend::lock(&shared.resends).holds(pkid, f)
+                    {
+                        counters.inc(&counters.resends_acknowledged);
+                        tracing::debug!(%device, pkid, "re-delivery of a committed publish: acknowledged, not stored again");
+                        match to_device.upgrade() {
+                            Some(tx)
+                                if tx
+                                    .send(Out::Frame(Bytes::copy_from_slice(&frame::puback(pkid))))
+                                    .await
+                                    .is_ok() => {}
+                            _ => return,
+                        }
+                        continue;
+                    }
+                    let mut retained = ingest.retain;
+                    if ingest.retain && !ctx.may_retain(&ingest.topic, ingest.payload.len()) {
+                        retained = false;
+                        // Stored and forwarded as sent; the local broker does
+                        // not keep it. The retain flag is bit 0 of the header.
+                        let mut bytes = BytesMut::from(&frame.bytes[..]);
+                        if let Some(first) = bytes.first_mut() {
+                            *first &= !0x01;
+                        }
+                        frame.bytes = bytes.freeze();
+                        counters.inc(&counters.retain_capped);
+                        if ctx.log_refusal_now() {
+                            tracing::warn!(%device, topic = %ingest.topic, "retained publish relayed as not retained (gate.max_retained_topics or gate.max_retained_bytes); stored and forwarded as usual; logged at most every 10 s");
+                        }
+                    }
+                    let Ok(permit) = inflight.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let qos = ingest.qos;
+                    // rumqttd answers QoS 2 itself and must learn every topic
+                    // alias; otherwise only local subscribers need the publish.
+                    let route = retained
+                        || qos == Qos::ExactlyOnce
+                        || aliased
+                        || memo.any_match(&ctx.local, &ingest.topic);
+                    let pending = match ctx.store.submit(ingest).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            counters.inc(&counters.store_failures);
+                            tracing::error!(%device, error = %e, "the store cannot take messages; closing the device connection without acknowledging");
+                            close(reason::SERVER_UNAVAILABLE);
+                            return;
+                        }
+                    };
+                    match qos {
+                        Qos::AtMostOnce => {
+                            let ctx = ctx.clone();
+                            let device = device.clone();
+                            tokio::spawn(async move {
+                                let outcome = pending.committed().await;
+                                drop(permit);
+                                ctx.count_commit(&device, &outcome);
+                            });
+                        }
+                        Qos::AtLeastOnce => {
+                            // The gate acknowledges it itself, once committed:
+                            // queued now, so PUBACKs leave in publish order.
+                            let ack = Out::Ack {
+                                frame: None,
+                                pkid,
+                                qos2: false,
+                                held: Held { pending, permit },
+                                fingerprint,
+                            };
                             match to_device.upgrade() {
-                                Some(tx)
-                                    if tx
-                                        .send(Out::Frame(Bytes::copy_from_slice(&frame::puback(
-                                            pkid,
-                                        ))))
-                                        .await
-                                        .is_ok() => {}
+                                Some(tx) if tx.send(ack).await.is_ok() => {}
                                 _ => return,
                             }
-                            continue;
                         }
-                        let mut retained = ingest.retain;
-                        if ingest.retain && !ctx.may_retain(&ingest.topic, ingest.payload.len()) {
-                            retained = false;
-                            // Stored and forwarded as sent; the local broker does
-                            // not keep it. The retain flag is bit 0 of the header.
-                            let mut bytes = BytesMut::from(&frame.bytes[..]);
-                            if let Some(first) = bytes.first_mut() {
-                                *first &= !0x01;
-                            }
-                            frame.bytes = bytes.freeze();
-                            counters.inc(&counters.retain_capped);
-                            if ctx.log_refusal_now() {
-                                tracing::warn!(%device, topic = %ingest.topic, "retained publish relayed as not retained (gate.max_retained_topics or gate.max_retained_bytes); stored and forwarded as usual; logged at most every 10 s");
-                            }
-                        }
-                        let Ok(permit) = inflight.clone().acquire_owned().await else {
-                            return;
-                        };
-                        let qos = ingest.qos;
-                        // rumqttd answers QoS 2 itself and must learn every topic
-                        // alias; otherwise only local subscribers need the publish.
-                        let route = retained
-                            || qos == Qos::ExactlyOnce
-                            || aliased
-                            || memo.any_match(&ctx.local, &ingest.topic);
-                        let pending = match ctx.store.submit(ingest).await {
-                            Ok(p) => p,
-                            Err(e) => {
-                                counters.inc(&counters.store_failures);
-                                tracing::error!(%device, error = %e, "the store cannot take messages; closing the device connection without acknowledging");
-                                close(reason::SERVER_UNAVAILABLE);
-                                return;
-                            }
-                        };
-                        match qos {
-                            Qos::AtMostOnce => {
-                                let ctx = ctx.clone();
-                                let device = device.clone();
-                                tokio::spawn(async move {
-                                    let outcome = pending.committed().await;
-                                    drop(permit);
-                                    ctx.count_commit(&device, &outcome);
-                                });
-                            }
-                            Qos::AtLeastOnce => {
-                                // The gate acknowledges it itself, once committed:
-                                // queued now, so PUBACKs leave in publish order.
-                                let ack = Out::Ack {
-                                    frame: None,
-                                    pkid,
-                                    qos2: false,
-                                    held: Held { pending, permit },
-                                    fingerprint,
-                                };
-                                match to_device.upgrade() {
-                                    Some(tx) if tx.send(ack).await.is_ok() => {}
-                                    _ => return,
-                                }
-                            }
-                            Qos::ExactlyOnce => {
-                                // Registered before the publish reaches rumqttd, so its ack finds it.
-                                lock(&shared.held)
-                                    .entry(pkid)
-                                    .or_default()
-                                    .push_back(Held { pending, permit });
-                            }
-                        }
-                        if !route {
-                            counters.inc(&counters.not_routed_locally);
-                            continue;
+                        Qos::ExactlyOnce => {
+                            // Registered before the publish reaches rumqttd, so its ack finds it.
+                            lock(&shared.held)
+                                .entry(pkid)
+                                .or_default()
+                                .push_back(Held { pending, permit });
                         }
                     }
-                    Err((code, why)) => {
-                        counters.inc(&counters.protocol_errors);
-                        tracing::info!(%device, "bad PUBLISH ({why}); closing the device connection");
-                        close(code);
-                        return;
+                    if !route {
+                        counters.inc(&counters.not_routed_locally);
+                        continue;
                     }
                 }
-            }
+                Err((code, why)) => {
+                    counters.inc(&counters.protocol_errors);
+                    tracing::info!(%device, "bad PUBLISH ({why}); closing the device connection");
+                    close(code);
+                    return;
+                }
+            },
             kind::SUBSCRIBE => {
                 if let Err(why) = check_packet(protocol, &frame, ctx.config.max_packet_size) {
                     counters.inc(&counters.protocol_errors);
@@ -725,6 +720,16 @@ async fn device_reader<R: AsyncRead + Unpin>(
     }
 }
 
+/// What one connection knows of its topics.
+#[derive(Debug, Default)]
+struct ConnectionTopics {
+    /// The MQTT 5 topic aliases the device set (at most
+    /// `gate.topic_alias_max`).
+    aliases: HashMap<u16, String>,
+    /// The topics that passed the gate's checks, with their class.
+    checked: TopicMemo,
+}
+
 /// Topics one connection's [`TopicMemo`] remembers (a device publishes to a
 /// few: its measurements, its alarms).
 const TOPIC_MEMO_TOPICS: usize = 8;
@@ -777,8 +782,7 @@ fn publish(
     device: &str,
     protocol: Protocol,
     frame: &Frame,
-    aliases: &mut HashMap<u16, String>,
-    topics: &mut TopicMemo,
+    topics: &mut ConnectionTopics,
 ) -> Result<(Ingest, u16, bool), (u8, String)> {
     let max = ctx.config.max_packet_size;
     let malformed = |e: String| (reason::MALFORMED, e);
@@ -804,12 +808,12 @@ fn publish(
                         ));
                     }
                     if topic.is_empty() {
-                        topic = aliases.get(&alias).cloned().ok_or((
+                        topic = topics.aliases.get(&alias).cloned().ok_or((
                             reason::PROTOCOL_ERROR,
                             format!("unknown topic alias {alias}"),
                         ))?;
                     } else {
-                        aliases.insert(alias, topic.clone());
+                        topics.aliases.insert(alias, topic.clone());
                     }
                 }
                 let qos = match p.qos {
@@ -846,7 +850,7 @@ fn publish(
             Err(e) => return Err(malformed(format!("{e:?}"))),
         },
     };
-    let class = match topics.class_of(&topic) {
+    let class = match topics.checked.class_of(&topic) {
         Some(class) => class,
         None => {
             validate_topic(&topic).map_err(|why| (reason::TOPIC_NAME_INVALID, why.to_string()))?;
@@ -863,7 +867,7 @@ fn publish(
                 ));
             }
             let class = ctx.rules.classify(&topic);
-            topics.remember(&topic, class);
+            topics.checked.remember(&topic, class);
             class
         }
     };
