@@ -51,9 +51,12 @@ pub enum CryptoError {
         /// Length of the value found.
         len: usize,
     },
-    /// AES-GCM refused to seal (only for plaintexts beyond 64 GiB, which the
-    /// store's packet limits make impossible).
-    #[error("AES-GCM refused to seal a record of {len} bytes")]
+    /// A record could not be sealed: AES-GCM refused (only for plaintexts
+    /// beyond 64 GiB, which the store's packet limits make impossible), or
+    /// the buffer given had no room for the tag after the header, or the
+    /// record's encoding did not fill the size computed for it (both bugs in
+    /// the caller, never caused by input). Nothing is stored.
+    #[error("cannot seal a record of {len} bytes (AES-GCM refused, or the buffer was sized wrong)")]
     SealFailed {
         /// Length of the plaintext.
         len: usize,
