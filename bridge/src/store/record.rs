@@ -240,11 +240,10 @@ impl Seal<'_> {
             let mut buf = value
                 .get_mut()
                 .ok_or(RecordError::Crypto(CryptoError::SealFailed { len }))?;
-            let (header, rest) = buf.split_at_mut(HEADER_LEN);
-            header[0] = RECORD_FORMAT;
-            header[1..].copy_from_slice(&epoch.to_be_bytes());
-            let (format, plain) = rest.split_at_mut(1);
-            format[0] = body_format;
+            // The cleartext header, then the body's format (sealed with the body).
+            let (head, plain) = buf.split_at_mut(HEADER_LEN + 1);
+            let [e0, e1, e2, e3] = epoch.to_be_bytes();
+            head.copy_from_slice(&[RECORD_FORMAT, e0, e1, e2, e3, body_format]);
             let written = postcard::to_slice(body, plain)?.len();
             if written != body_len {
                 return Err(RecordError::Crypto(CryptoError::SealFailed { len }));
