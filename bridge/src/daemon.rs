@@ -59,6 +59,20 @@ pub async fn run(
         .await
         .map_err(|e| StoreError::Persist(format!("the store open task failed: {e}")))??;
     let mut fatal = store.fatal();
+    // The configured ports are bound before the gate starts the embedded
+    // broker, whose loopback listeners take free ports: one of those could
+    // otherwise be the operator's port, free until Vigil binds it.
+    let operator_listener = if config.http.enabled {
+        match crate::operator::OperatorListener::bind(config.http.listen).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = store.close().await;
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     let gate = match Gate::start(config.gate.clone(), store.clone()).await {
         Ok(g) => g,
         Err(e) => {
@@ -74,25 +88,15 @@ pub async fn run(
             return Err(e.into());
         }
     };
-    let operator = if config.http.enabled {
+    let operator = operator_listener.map(|listener| {
         let observed = crate::operator::Observed {
             store: store.clone(),
             gate: gate.counters(),
             forward: forwarder.counters(),
             link: forwarder.link_state(),
         };
-        match crate::operator::Operator::start(config.http.listen, observed).await {
-            Ok(o) => Some(o),
-            Err(e) => {
-                let _ = forwarder.stop().await;
-                gate.shutdown().await;
-                let _ = store.close().await;
-                return Err(e.into());
-            }
-        }
-    } else {
-        None
-    };
+        crate::operator::Operator::start(listener, observed)
+    });
     tracing::info!(
         devices_tcp = ?gate.tcp_addr(),
         devices_tls = ?gate.tls_addr(),

@@ -142,21 +142,34 @@ pub struct Operator {
     cancel: CancellationToken,
 }
 
-impl Operator {
-    /// Serves the endpoints on `listen`.
-    pub async fn start(listen: SocketAddr, observed: Observed) -> Result<Self, OperatorError> {
+/// The operator's port, bound but not yet served. Vigil binds it before the
+/// gate starts the embedded broker, whose loopback listeners take free ports:
+/// bound first, the configured port cannot be one of them.
+#[derive(Debug)]
+pub struct OperatorListener {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl OperatorListener {
+    /// Binds `listen` (port 0 picks a free port).
+    pub async fn bind(listen: SocketAddr) -> Result<Self, OperatorError> {
+        let bind_err = |source| OperatorError::Bind {
+            addr: listen,
+            source,
+        };
         let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|source| OperatorError::Bind {
-                addr: listen,
-                source,
-            })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| OperatorError::Bind {
-                addr: listen,
-                source,
-            })?;
+            .map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
+        Ok(Self { listener, addr })
+    }
+}
+
+impl Operator {
+    /// Serves the endpoints on the bound `listener`.
+    pub fn start(listener: OperatorListener, observed: Observed) -> Self {
+        let OperatorListener { listener, addr } = listener;
         let app = Router::new()
             .route("/health", get(health))
             .route("/status", get(status))
@@ -173,7 +186,7 @@ impl Operator {
             }
         });
         tracing::info!(%addr, "operator endpoints: /health, /status, /metrics");
-        Ok(Self { addr, cancel })
+        Self { addr, cancel }
     }
 
     /// The bound address.
