@@ -3348,10 +3348,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
 }
 
 fn free_port() -> Result<u16, BenchError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(BenchError::Port)
+    crate::ports::free_loopback_port().map_err(BenchError::Port)
 }
 
 fn storage_key() -> Result<String, BenchError> {

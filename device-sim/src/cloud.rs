@@ -45,10 +45,7 @@ pub struct Listeners {
 /// the process (run it in a child process to kill it).
 pub fn start_broker(pki: &DevPki) -> Result<Listeners, CloudError> {
     let port = || -> Result<u16, CloudError> {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| CloudError::Start(e.to_string()))
+        crate::ports::free_loopback_port().map_err(|e| CloudError::Start(e.to_string()))
     };
     let (v4, v5) = (port()?, port()?);
     let tls = rumqttd::TlsConfig::Rustls {

@@ -13,6 +13,8 @@
 //! * [`pem`]: the PKI's PEM files as rustls types.
 //! * [`ledger`]: what each side recorded: devices write what Vigil
 //!   acknowledged, the verifying cloud what arrived.
+//! * [`ports`]: loopback ports for the processes a test starts, chosen
+//!   below the kernel's ephemeral range so no `bind(0)` takes them first.
 //! * [`proxy`]: a fault proxy (refuse, reset, blackhole, latency, bandwidth
 //!   cap, one byte per write; dropping PUBACKs when it terminates TLS),
 //!   switchable while it runs.
@@ -32,5 +34,6 @@ pub mod operator;
 pub mod oracle;
 pub mod pem;
 pub mod pki;
+pub mod ports;
 pub mod proxy;
 pub mod scenario;

@@ -420,9 +420,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 fn free_port() -> Result<u16, ScenarioError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+    crate::ports::free_loopback_port()
         .map_err(|e| ScenarioError::Setup(format!("no free port: {e}")))
 }
 

@@ -12,13 +12,11 @@ use vigil_sim::ledger::Sent;
 /// `super::KEY` in base64, for `VIGIL_STORAGE_KEY`.
 pub const KEY_B64: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
 
-/// A free loopback port (bound and released: good enough for tests).
+/// A free loopback port below the kernel's ephemeral range, so that no
+/// `bind(0)` (Vigil's embedded broker, a cloud broker) takes it before the
+/// process it is meant for binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    vigil_sim::ports::free_loopback_port().unwrap()
 }
 
 /// Writes straight to the process's stderr, past the test harness's output
