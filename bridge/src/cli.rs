@@ -233,10 +233,28 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vigil: {e:#}");
+            eprintln!("vigil: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: Vigil's error
+/// messages already name their OS error (`{source}`), which the chain would
+/// otherwise repeat at the end.
+fn report(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Loads the configuration from `--config`, else `VIGIL_CONFIG`, else the
@@ -539,4 +557,26 @@ fn hash_password() -> anyhow::Result<()> {
     let hash = crate::gate::auth::hash_password(password)?;
     println!("{hash}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    #[test]
+    fn an_error_report_names_each_cause_once() {
+        let os = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let bind = crate::operator::OperatorError::Bind {
+            addr: "127.0.0.1:9000".parse().unwrap(),
+            source: os,
+        };
+        let line = report(&anyhow::Error::new(bind).context("starting vigil"));
+        assert!(
+            line.starts_with("starting vigil: http.listen 127.0.0.1:9000: "),
+            "{line}"
+        );
+        assert!(line.ends_with("set http.enabled = false"), "{line}");
+        let os_text = std::io::Error::from(std::io::ErrorKind::AddrInUse).to_string();
+        assert_eq!(line.matches(&os_text).count(), 1, "{line}");
+    }
 }
