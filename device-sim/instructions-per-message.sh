@@ -18,6 +18,8 @@
 #   ROUNDS     rounds to run (default 2)
 #   VIGIL      the vigil binary (default target/release/vigil)
 #   VIGIL_SIM  the vigil-sim binary (default target/release/vigil-sim)
+# BENCH_ARGS in the environment adds options to both fills, e.g.
+#   BENCH_ARGS="--topics-per-device 16" device-sim/instructions-per-message.sh
 # Needs valgrind (apt-get install valgrind). Keeps its files in a temporary
 # directory it prints; `callgrind_annotate --inclusive=yes FILE` reads one.
 set -euo pipefail
@@ -30,7 +32,7 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed: apt-get ins
 [[ -x $sim ]] || { echo "no vigil-sim binary at $sim: cargo build --release -p vigil-sim" >&2; exit 2; }
 
 work=$(mktemp -d /tmp/vigil-instructions.XXXXXX)
-echo "instructions per message: $vigil, $rounds round(s), files in $work"
+echo "instructions per message: $vigil, $rounds round(s), bench options '${BENCH_ARGS:-}', files in $work"
 
 # Total instructions of one fill of SCALE million messages, Vigil under callgrind.
 fill() {
@@ -41,7 +43,8 @@ fill() {
 exec valgrind --tool=callgrind --callgrind-out-file=$dir/callgrind.out --dump-instr=no "$vigil" "\$@"
 EOF
     chmod +x "$dir/vigil.sh"
-    if ! "$sim" bench --ingest-only --scale "$2" --vigil "$dir/vigil.sh" --out "$dir/bench" >"$dir/bench.txt" 2>&1; then
+    # shellcheck disable=SC2086 # BENCH_ARGS is a list of options
+    if ! "$sim" bench --ingest-only --scale "$2" --vigil "$dir/vigil.sh" --out "$dir/bench" ${BENCH_ARGS:-} >"$dir/bench.txt" 2>&1; then
         echo "the bench failed; its output: $dir/bench.txt" >&2
         exit 1
     fi

@@ -182,6 +182,12 @@ enum Command {
         /// table): no local subscriber.
         #[arg(long, default_value_t = 0)]
         local_filters: usize,
+        /// Topics each simulated device publishes to, in turn (1, the
+        /// default and the table's: `devices/<id>/vitals`). Above 8, the
+        /// gate's per-connection topic memo misses on every publish.
+        #[arg(long, default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        topics_per_device: u16,
     },
 }
 
@@ -482,6 +488,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             latency_only,
             inflight,
             local_filters,
+            topics_per_device,
         } => {
             let rows = match (ingest_only, latency_only) {
                 (true, _) => vigil_sim::bench::Rows::Ingest,
@@ -497,6 +504,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rows,
                 inflight,
                 local_filters,
+                topics_per_device,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             let report = runtime.block_on(vigil_sim::bench::run(&opts))?;
