@@ -730,9 +730,10 @@ struct ConnectionTopics {
     checked: TopicMemo,
 }
 
-/// Topics one connection's [`TopicMemo`] remembers (a device publishes to a
-/// few: its measurements, its alarms).
-const TOPIC_MEMO_TOPICS: usize = 8;
+/// Topics one connection's [`TopicMemo`] remembers: a bedside monitor
+/// publishes to a topic per measurement (heart rate, SpO2, blood pressure,
+/// ECG, ...) and a few for its alarms and status.
+const TOPIC_MEMO_TOPICS: usize = 32;
 /// Longest topic a [`TopicMemo`] remembers (longer ones are checked each time).
 const TOPIC_MEMO_TOPIC_BYTES: usize = 128;
 
@@ -744,21 +745,54 @@ const TOPIC_MEMO_TOPIC_BYTES: usize = 128;
 /// 20,100 with it; device-sim/BENCHMARKS.md). Every input to them (the
 /// topic, the device, the settings) is fixed for the connection, so a
 /// remembered answer is the answer. At most [`TOPIC_MEMO_TOPICS`] topics of
-/// at most [`TOPIC_MEMO_TOPIC_BYTES`]: about 1 KiB per connection.
+/// at most [`TOPIC_MEMO_TOPIC_BYTES`]: about 5 KiB per connection at worst.
+/// A lookup compares each entry's length and last 8 bytes (where a device's
+/// topics differ: `.../hr`, `.../spo2`) before the whole topic.
 #[derive(Debug, Default)]
 struct TopicMemo {
-    topics: Vec<(Box<str>, Class)>,
+    topics: Vec<MemoEntry>,
     /// The slot the next new topic takes once the memo is full.
     next: usize,
+}
+
+#[derive(Debug)]
+struct MemoEntry {
+    key: TopicKey,
+    topic: Box<str>,
+    class: Class,
+}
+
+/// A topic's length and its last (up to) 8 bytes: equal for equal topics,
+/// and for a device's distinct topics nearly always different.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TopicKey {
+    len: usize,
+    tail: u64,
+}
+
+impl TopicKey {
+    fn of(topic: &str) -> Self {
+        let bytes = topic.as_bytes();
+        let tail = bytes
+            .get(bytes.len().saturating_sub(8)..)
+            .unwrap_or_default()
+            .iter()
+            .fold(0u64, |k, b| (k << 8) | u64::from(*b));
+        Self {
+            len: bytes.len(),
+            tail,
+        }
+    }
 }
 
 impl TopicMemo {
     /// The class remembered for `topic`, if it passed the checks before.
     fn class_of(&self, topic: &str) -> Option<Class> {
+        let key = TopicKey::of(topic);
         self.topics
             .iter()
-            .find(|(t, _)| &**t == topic)
-            .map(|(_, class)| *class)
+            .find(|e| e.key == key && &*e.topic == topic)
+            .map(|e| e.class)
     }
 
     /// Remembers that `topic` passed the checks, with its class.
@@ -766,7 +800,11 @@ impl TopicMemo {
         if topic.len() > TOPIC_MEMO_TOPIC_BYTES {
             return;
         }
-        let entry = (Box::from(topic), class);
+        let entry = MemoEntry {
+            key: TopicKey::of(topic),
+            topic: Box::from(topic),
+            class,
+        };
         if self.topics.len() < TOPIC_MEMO_TOPICS {
             self.topics.push(entry);
         } else if let Some(slot) = self.topics.get_mut(self.next) {
@@ -1242,6 +1280,14 @@ mod tests {
         assert_eq!(memo.class_of("ward/1/h"), None);
         assert_eq!(memo.class_of("ward/1/hr/x"), None);
         assert_eq!(memo.class_of("ward/2/hr"), None);
+        // Same length and last 8 bytes, different elsewhere.
+        memo.remember("a/devices/x/vitals", class(1));
+        assert_eq!(memo.class_of("b/devices/x/vitals"), None);
+        assert_eq!(
+            TopicKey::of("a/devices/x/vitals"),
+            TopicKey::of("b/devices/x/vitals")
+        );
+        assert_eq!(memo.class_of(""), None);
     }
 
     #[test]
