@@ -94,17 +94,54 @@ pub struct RecordContext<'a> {
     pub format: u8,
 }
 
+/// Associated data up to this long is built on the stack (every keyspace
+/// name Vigil uses is far shorter than the 64 bytes this leaves for it).
+const AAD_INLINE: usize = 8 + 16 + 1 + 64 + 8 + 1;
+
+/// A record's associated data: on the stack when it fits, which it does for
+/// every keyspace Vigil names (one allocation fewer per record sealed or
+/// opened).
+enum Aad {
+    Inline([u8; AAD_INLINE], usize),
+    Heap(Vec<u8>),
+}
+
+impl Aad {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Aad::Inline(buf, len) => buf.get(..*len).unwrap_or_default(),
+            Aad::Heap(v) => v,
+        }
+    }
+}
+
 impl RecordContext<'_> {
-    fn aad(&self) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(16 + 1 + self.keyspace.len() + 8 + 1 + 8);
-        aad.extend_from_slice(b"vigil-v1");
-        aad.extend_from_slice(self.store_id);
+    fn aad(&self) -> Aad {
         // Length-prefix the name so ("p1", seq) can never alias ("p", ...).
-        aad.push(u8::try_from(self.keyspace.len()).unwrap_or(u8::MAX));
-        aad.extend_from_slice(self.keyspace.as_bytes());
-        aad.extend_from_slice(&self.seq.to_be_bytes());
-        aad.push(self.format);
-        aad
+        let name_len = [u8::try_from(self.keyspace.len()).unwrap_or(u8::MAX)];
+        let seq = self.seq.to_be_bytes();
+        let format = [self.format];
+        let parts: [&[u8]; 6] = [
+            b"vigil-v1",
+            self.store_id,
+            &name_len,
+            self.keyspace.as_bytes(),
+            &seq,
+            &format,
+        ];
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total > AAD_INLINE {
+            return Aad::Heap(parts.concat());
+        }
+        let mut buf = [0u8; AAD_INLINE];
+        let mut at = 0;
+        for part in parts {
+            if let Some(dst) = buf.get_mut(at..at + part.len()) {
+                dst.copy_from_slice(part);
+            }
+            at += part.len();
+        }
+        Aad::Inline(buf, total)
     }
 }
 
@@ -154,7 +191,7 @@ impl DataKey {
             .ok_or(CryptoError::SealFailed { len })?;
         let tag = self
             .cipher
-            .encrypt_inout_detached(&gcm_nonce, &ctx.aad(), body.into())
+            .encrypt_inout_detached(&gcm_nonce, ctx.aad().as_slice(), body.into())
             .map_err(|_| CryptoError::SealFailed { len })?;
         tag_out.copy_from_slice(tag.as_slice());
         Ok(())
@@ -177,7 +214,12 @@ impl DataKey {
         let mut plain = ciphertext.to_vec();
         let gcm_nonce = GcmNonce::<aes_gcm::aead::consts::U12>::from(nonce.to_bytes());
         self.cipher
-            .decrypt_inout_detached(&gcm_nonce, &ctx.aad(), plain.as_mut_slice().into(), &tag)
+            .decrypt_inout_detached(
+                &gcm_nonce,
+                ctx.aad().as_slice(),
+                plain.as_mut_slice().into(),
+                &tag,
+            )
             .map_err(|_| CryptoError::Authentication)?;
         Ok(plain)
     }
@@ -226,7 +268,16 @@ mod tests {
     #[test]
     fn associated_data_keeps_its_layout() {
         let id = [7u8; 16];
-        for name in ["p0", "dead-letter", "quarantine", ""] {
+        let (inline_max, long, longer) = ("x".repeat(64), "y".repeat(65), "z".repeat(300));
+        for name in [
+            "p0",
+            "dead-letter",
+            "quarantine",
+            "",
+            &inline_max,
+            &long,
+            &longer,
+        ] {
             let c = RecordContext {
                 store_id: &id,
                 keyspace: name,
@@ -239,7 +290,7 @@ mod tests {
             want.extend_from_slice(name.as_bytes());
             want.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
             want.push(3);
-            assert_eq!(c.aad(), want, "name {name:?}");
+            assert_eq!(c.aad().as_slice(), want, "name {name:?}");
         }
     }
 
