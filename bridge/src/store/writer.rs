@@ -298,7 +298,10 @@ pub(super) struct Writer {
     durability: Durability,
     commit_interval: Duration,
     max_batch: usize,
-    devices: HashMap<String, u64>,
+    /// Each device's last number (a cache of the store's counters), looked
+    /// up twice per message: ahash rather than SipHash, still keyed at random
+    /// so device names cannot be chosen to collide.
+    devices: HashMap<String, u64, ahash::RandomState>,
     gaps: HashMap<(u8, String), Option<GapState>>,
     fatal: Option<String>,
     /// `store.min_free_bytes`; 0: no check.
@@ -414,7 +417,7 @@ impl Writer {
             durability: options.durability,
             commit_interval: options.commit_interval,
             max_batch: options.max_batch,
-            devices: HashMap::new(),
+            devices: HashMap::default(),
             gaps: HashMap::new(),
             fatal: None,
             min_free: options.min_free_bytes,
