@@ -245,7 +245,7 @@ pub struct BenchOptions {
     pub local_filters: usize,
     /// Topics each simulated device publishes to, in turn (1, as in the
     /// table: `devices/<id>/vitals`; more: `devices/<id>/vitals/<k>`). Above
-    /// the gate's per-connection topic memo (8), every publish misses it.
+    /// the gate's per-connection topic memo (32), every publish misses it.
     pub topics_per_device: u16,
 }
 

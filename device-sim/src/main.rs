@@ -183,7 +183,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         local_filters: usize,
         /// Topics each simulated device publishes to, in turn (1, the
-        /// default and the table's: `devices/<id>/vitals`). Above 8, the
+        /// default and the table's: `devices/<id>/vitals`). Above 32, the
         /// gate's per-connection topic memo misses on every publish.
         #[arg(long, default_value_t = 1,
               value_parser = clap::value_parser!(u16).range(1..))]
