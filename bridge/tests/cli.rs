@@ -129,6 +129,44 @@ fn status_without_a_running_vigil_says_what_to_check() {
     );
 }
 
+/// A taken operator port stops `vigil run` with a message naming the
+/// setting and the fix, once, before the embedded broker takes any free
+/// port: bound first, the operator's port cannot be one the broker picked
+/// (a CI run once saw the broker take it).
+#[test]
+fn a_taken_operator_port_is_refused_before_the_embedded_broker_starts() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = vigil()
+        .arg("run")
+        .env(
+            "VIGIL_STORAGE_KEY",
+            "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=",
+        )
+        .env("VIGIL__HTTP__LISTEN", addr.to_string())
+        .env("VIGIL__STORE__DIR", dir.path().join("store"))
+        .env("VIGIL__GATE__TCP_LISTEN", "127.0.0.1:0")
+        .env("VIGIL_LOG", "info")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    let line = format!("vigil: http.listen {addr}: ");
+    assert!(err.contains(&line), "{err}");
+    assert!(err.contains("set http.enabled = false"), "{err}");
+    assert_eq!(
+        err.matches("os error").count(),
+        1,
+        "the OS error once:\n{err}"
+    );
+    assert!(
+        !err.contains("embedded broker listening"),
+        "the embedded broker started before the operator's port was bound:\n{err}"
+    );
+}
+
 /// The shipped systemd unit is valid (checked by `systemd-analyze verify`
 /// where systemd is installed) and starts `vigil run` as the README says.
 #[test]
