@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// The lowest port handed out (below it live many well-known services).
 const FLOOR: u32 = 10_000;
 
-/// Fewer candidate ports than this below the ephemeral range, and the range
-/// is used as a fallback (`bind(0)`).
+/// With fewer candidate ports than this below the ephemeral range, a port
+/// the kernel picks (`bind(0)`) is used instead.
 const MIN_SPAN: u32 = 1_000;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
