@@ -745,7 +745,7 @@ const TOPIC_MEMO_TOPIC_BYTES: usize = 128;
 /// 20,100 with it; device-sim/BENCHMARKS.md). Every input to them (the
 /// topic, the device, the settings) is fixed for the connection, so a
 /// remembered answer is the answer. At most [`TOPIC_MEMO_TOPICS`] topics of
-/// at most [`TOPIC_MEMO_TOPIC_BYTES`]: about 5 KiB per connection at worst.
+/// at most [`TOPIC_MEMO_TOPIC_BYTES`]: about 6 KiB per connection at worst.
 /// A lookup compares each entry's length and last 8 bytes (where a device's
 /// topics differ: `.../hr`, `.../spo2`) before the whole topic.
 #[derive(Debug, Default)]
