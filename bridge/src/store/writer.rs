@@ -222,6 +222,39 @@ struct GapNoticePayload<'a> {
     reason: &'static str,
 }
 
+/// The vectors of a committed batch, emptied, for the next one to fill.
+#[derive(Default)]
+struct Spare {
+    ops: Vec<Op>,
+    replies: Vec<Deferred>,
+    fresh: VecDeque<Arc<super::StoredEvent>>,
+}
+
+impl Spare {
+    /// Vectors with room for more than this many entries are dropped rather
+    /// than kept (a batch of many acknowledgements can hold a large `ops`).
+    const MAX_KEPT: usize = 4096;
+
+    /// The batch's vectors emptied, each unless it has room for more than
+    /// [`Self::MAX_KEPT`] entries.
+    fn of(batch: &mut Batch) -> Self {
+        let mut spare = Self::default();
+        if batch.ops.capacity() <= Self::MAX_KEPT {
+            batch.ops.clear();
+            std::mem::swap(&mut spare.ops, &mut batch.ops);
+        }
+        if batch.replies.capacity() <= Self::MAX_KEPT {
+            batch.replies.clear();
+            std::mem::swap(&mut spare.replies, &mut batch.replies);
+        }
+        if batch.fresh.capacity() <= Self::MAX_KEPT {
+            batch.fresh.clear();
+            std::mem::swap(&mut spare.fresh, &mut batch.fresh);
+        }
+        spare
+    }
+}
+
 struct Batch {
     ops: Vec<Op>,
     replies: Vec<Deferred>,
@@ -249,9 +282,16 @@ struct Batch {
 
 impl Batch {
     fn new(lanes: usize) -> Self {
+        Self::reusing(lanes, Spare::default())
+    }
+
+    /// A batch in the emptied vectors of an earlier one: growing them from
+    /// empty in every batch cost about 400 instructions per message in
+    /// reallocations.
+    fn reusing(lanes: usize, spare: Spare) -> Self {
         Self {
-            ops: Vec::new(),
-            replies: Vec::new(),
+            ops: spare.ops,
+            replies: spare.replies,
             deleted: HashSet::new(),
             commands: 0,
             sync: false,
@@ -263,7 +303,7 @@ impl Batch {
             scan_from: vec![None; lanes],
             ingested: vec![0; lanes],
             put_bytes: 0,
-            fresh: VecDeque::new(),
+            fresh: spare.fresh,
         }
     }
 
@@ -298,6 +338,8 @@ pub(super) struct Writer {
     durability: Durability,
     commit_interval: Duration,
     max_batch: usize,
+    /// The last committed batch's vectors, emptied, for the next batch.
+    spare: Spare,
     /// Each device's last number (a cache of the store's counters), looked
     /// up twice per message: ahash rather than SipHash, still keyed at random
     /// so device names cannot be chosen to collide.
@@ -417,6 +459,7 @@ impl Writer {
             durability: options.durability,
             commit_interval: options.commit_interval,
             max_batch: options.max_batch,
+            spare: Spare::default(),
             devices: HashMap::default(),
             gaps: HashMap::new(),
             fatal: None,
@@ -454,7 +497,8 @@ impl Writer {
             self.free = (self.min_free > 0)
                 .then(|| super::space::free_bytes(&self.shared.dir))
                 .flatten();
-            let mut batch = Batch::new(self.state.lanes.len());
+            let spare = std::mem::take(&mut self.spare);
+            let mut batch = Batch::reusing(self.state.lanes.len(), spare);
             let mut closing = None;
             let mut next = Some(first);
             while let Some(cmd) = next.take() {
@@ -1731,9 +1775,10 @@ impl Writer {
         for (counter, n) in self.shared.metrics.ingested.iter().zip(&batch.ingested) {
             counter.fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
         }
-        for reply in batch.replies {
+        for reply in batch.replies.drain(..) {
             reply.send(None);
         }
+        self.spare = Spare::of(&mut batch);
         self.deleted_since_reclaim |= deleted;
         if deleted || self.disk_low() {
             self.maybe_reclaim();
@@ -1803,7 +1848,7 @@ impl Writer {
             _ => PersistMode::Buffer,
         };
         // What the batch does to the lanes, for `recent` once committed.
-        let mut changes = Vec::new();
+        let mut changes = Vec::with_capacity(batch.ops.len());
         for op in &batch.ops {
             match op {
                 Op::Put(Area::Lane(p), seq, _) => changes.push(
@@ -1829,7 +1874,9 @@ impl Writer {
         #[cfg(not(any(test, feature = "ablation")))]
         let logged = false;
         if !logged {
-            let mut wb = self.shared.db.batch().durability(Some(mode));
+            let items = batch.ops.len() + batch.devices.len() + 1;
+            let mut wb = fjall::OwnedWriteBatch::with_capacity(self.shared.db.clone(), items)
+                .durability(Some(mode));
             for op in batch.ops.drain(..) {
                 match op {
                     Op::Put(area, seq, value) => {
