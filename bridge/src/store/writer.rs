@@ -232,7 +232,10 @@ struct Spare {
 
 impl Spare {
     /// Vectors with room for more than this many entries are dropped rather
-    /// than kept (a batch of many acknowledgements can hold a large `ops`).
+    /// than kept (a batch of many acknowledgements can hold a large `ops`):
+    /// what is kept between batches is at most 4,096 × (48 + 72 + 8) bytes,
+    /// 512 KiB (an `Op`, a `Deferred`, an `Arc`). A batch of appends holds
+    /// at most `max_batch` (1,024 by default).
     const MAX_KEPT: usize = 4096;
 
     /// The batch's vectors emptied, each unless it has room for more than
@@ -1947,5 +1950,37 @@ impl Writer {
         log.push(STATE_KEY, state);
         log.commit(mode == PersistMode::SyncData)?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deletes(n: u64) -> impl Iterator<Item = Op> {
+        (0..n).map(|seq| Op::Delete(Area::Lane(0), seq))
+    }
+
+    #[test]
+    fn a_batch_starts_in_the_last_batchs_emptied_vectors() {
+        let mut batch = Batch::new(3);
+        batch.ops.extend(deletes(100));
+        batch.dirty = true;
+        let spare = Spare::of(&mut batch);
+        let next = Batch::reusing(3, spare);
+        assert!(
+            next.ops.is_empty(),
+            "nothing of the last batch is carried over"
+        );
+        assert!(next.ops.capacity() >= 100, "its room is");
+        assert!(!next.dirty && next.replies.is_empty() && next.fresh.is_empty());
+    }
+
+    #[test]
+    fn a_vector_past_the_bound_is_dropped_not_kept() {
+        let mut batch = Batch::new(3);
+        batch.ops.extend(deletes(Spare::MAX_KEPT as u64 + 1));
+        let spare = Spare::of(&mut batch);
+        assert_eq!(spare.ops.capacity(), 0);
     }
 }
